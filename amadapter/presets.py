@@ -1,0 +1,131 @@
+"""Model presets: the diffusers configs of every component, as plain data.
+
+``PRESETS[name]`` holds one config dict per component (``unet``, ``vae``, ``scheduler``,
+``structure_net``, ``matcher``, ``text_embeds``) plus a few sampling facts. Building a
+model from a preset never downloads anything: weights are random until loaded.
+"""
+from __future__ import annotations
+
+import copy
+
+# DDIM with SD1.5's betas, as the release samples (method.md, "Sampling").
+_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "prediction_type": "epsilon",
+}
+
+_TOY = {
+    "description": "CPU-sized AM-Adapter at 64x128 (toy-town); no text encoder, one learned null embedding",
+    "image_size": (64, 128),
+    "unet": {
+        "sample_size": (16, 32),
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "cross_attention_dim": 64,
+        "attention_head_dim": 4,  # diffusers' legacy name: the number of heads
+        "norm_num_groups": 16,
+    },
+    "vae": {
+        "sample_size": (64, 128),
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
+        "block_out_channels": (32, 64, 64),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 16,
+        # A VAE trained from scratch has its own latent scale; training sets it from data.
+        "scaling_factor": 0.18215,
+    },
+    "scheduler": _SCHEDULER,
+    "structure_net": {
+        "in_channels": 3,
+        "stem_channels": (16, 16, 32),
+        "stem_strides": (2, 1, 1),  # x2 stem, x4 stages: 64x128 map -> 8x16 = UNet block-0 output
+        "stage_channels": (32, 64),
+        "out_channels": 32,  # width of the UNet's first down block
+        "time_embed_dim": 64,
+        "norm_num_groups": 8,
+        "scale": 1.0,
+    },
+    "matcher": {
+        "num_heads": 4,
+        "hidden_channels": (16, 32, 16),
+        "max_side": 32,
+        "cost_transposed": False,
+    },
+    "text_embeds": {"kind": "learned_null", "seq_len": 4, "cross_attention_dim": 64},
+}
+
+_SD15 = {
+    "description": "Stable Diffusion 1.5 backbone (paper/release scale, 512x512 default)",
+    "image_size": (512, 512),
+    "unet": {
+        "sample_size": 64,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+        "norm_num_groups": 32,
+    },
+    "vae": {
+        "sample_size": 512,
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (128, 256, 512, 512),
+        "layers_per_block": 2,
+        "latent_channels": 4,
+        "norm_num_groups": 32,
+        "scaling_factor": 0.18215,
+    },
+    "scheduler": _SCHEDULER,
+    "structure_net": {
+        "in_channels": 3,
+        "stem_channels": (64, 64, 128),
+        "stem_strides": (2, 2, 1),  # x4 stem, x4 stages: 512 map -> 32 = UNet block-0 output
+        "stage_channels": (128, 256),
+        "out_channels": 320,
+        "time_embed_dim": 256,
+        "norm_num_groups": 32,
+        "scale": 1.0,
+    },
+    "matcher": {
+        "num_heads": 8,
+        "hidden_channels": (16, 32, 16),
+        "max_side": 32,
+        "cost_transposed": False,
+    },
+    "text_embeds": {
+        "kind": "prompt",
+        "prompt": "A photo of a <sks> driving scene",
+        "negative_prompt": "",
+        "seq_len": 77,
+        "cross_attention_dim": 768,
+    },
+}
+
+PRESETS: dict[str, dict] = {"toy": _TOY, "sd15": _SD15}
+
+
+def get_preset(name: str) -> dict:
+    """A deep copy of preset ``name`` (callers may edit it freely)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
