@@ -1,0 +1,1 @@
+"""Evaluation against toy-town ground truth: metrics, the judge segmenter, the quality benchmark."""
