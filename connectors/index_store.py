@@ -1,0 +1,579 @@
+"""Sharded FAISS index of exemplar layout embeddings, on disk as one folder.
+
+Layout of an index folder::
+
+    manifest.json               dim, metric, kind, nlist/nprobe, embedding version, shard list
+    shard-00000.faiss           one FAISS index per shard (IndexFlatIP or IndexIVFFlat, inner product)
+    shard-00000.parquet         the shard's id table: ``id`` (str) and ``meta`` (JSON object)
+    shard-00000.labels.npy      optional small label maps for the exact rerank (N, h, w) uint8
+
+Rows are split into contiguous shards, so global row ``r`` lives in shard ``s`` at local
+position ``r - offset[s]``; results merge on (score desc, global row asc), which makes a
+sharded flat index return exactly what one flat index would.
+
+Large shards are IVF: ONE coarse quantizer is trained on a sample of all vectors, and every
+shard is a copy of that empty trained IVF with its own vectors added (the FAISS recipe for
+building shards independently). Because the quantizer is shared, a query's probe lists are
+computed once and reused for every shard (``search_preassigned``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MANIFEST = "manifest.json"
+FORMAT = "amgen-sharded-index"
+FORMAT_VERSION = 1
+METRIC = "inner_product"
+DEFAULT_IVF_THRESHOLD = 20_000   # rows per shard above which a shard is IVF instead of flat
+KMEANS_ITERATIONS = 12
+TRAIN_POINTS_PER_LIST = 32       # k-means sample = nlist * this (faiss warns below 39; 32 is enough here)
+
+Filter = Mapping[str, Any] | Callable[[dict], bool] | None
+
+
+class IndexNotFoundError(FileNotFoundError):
+    """The index folder or its manifest does not exist."""
+
+
+class IndexFormatError(ValueError):
+    """An index folder that exists but cannot be used: bad manifest, corrupt or mismatched shard."""
+
+
+@dataclass
+class SearchHits:
+    """Results for ``nq`` queries, best first. Missing slots: score ``-inf``, row ``-1``."""
+
+    scores: np.ndarray          # (nq, k) float32
+    rows: np.ndarray            # (nq, k) int64, global row numbers
+    ids: list[list[str]]        # per query, only the hits that exist
+
+
+def default_nlist(n: int) -> int:
+    """Coarse lists for ``n`` vectors: a power of two near 2*sqrt(n), with >= 39 points per list."""
+    target = 2.0 * math.sqrt(max(n, 1))
+    nlist = 2 ** int(round(math.log2(max(target, 1.0))))
+    return int(max(1, min(nlist, n // 39 if n >= 39 else 1)))
+
+
+def default_nprobe(nlist: int) -> int:
+    return int(max(1, min(nlist, nlist // 8)))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _shard_names(i: int) -> dict[str, str]:
+    stem = f"shard-{i:05d}"
+    return {"index": f"{stem}.faiss", "table": f"{stem}.parquet", "labels": f"{stem}.labels.npy"}
+
+
+def _num_gpus() -> int:
+    get = getattr(faiss, "get_num_gpus", None)
+    return int(get()) if get else 0
+
+
+def _json_meta(m: Mapping[str, Any] | None, row: int) -> str:
+    try:
+        return json.dumps(dict(m or {}), sort_keys=True)
+    except TypeError as exc:
+        raise ValueError(f"meta[{row}] is not JSON-serialisable: {exc}") from exc
+
+
+def _search_preassigned(shard, q: np.ndarray, k: int, probes: tuple[np.ndarray, np.ndarray],
+                        sel) -> tuple[np.ndarray, np.ndarray]:
+    """IVF search with coarse probes computed by the caller (the shared quantizer).
+
+    Calls the C++ method directly: the Python wrapper accepts no SearchParameters, which the
+    per-call nprobe and the filter selector need.
+    """
+    cdis, assign = (np.ascontiguousarray(a) for a in probes)
+    params = faiss.SearchParametersIVF(nprobe=assign.shape[1])
+    if sel is not None:
+        params.sel = sel
+    n = len(q)
+    dist = np.empty((n, k), np.float32)
+    idx = np.empty((n, k), np.int64)
+    shard.search_preassigned_c(n, faiss.swig_ptr(q), k, faiss.swig_ptr(assign.astype(np.int64, copy=False)),
+                               faiss.swig_ptr(cdis.astype(np.float32, copy=False)), faiss.swig_ptr(dist),
+                               faiss.swig_ptr(idx), False, params)
+    return dist, idx
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Move a finished ``tmp`` folder to ``out``; an old index at ``out`` is replaced, other data never."""
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file()):
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{out}: exists and is not an amgen index; refusing to overwrite it")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+class ShardedIndex:
+    """S FAISS shards + id tables behind one ``search``. Build with :meth:`build`, open with :meth:`load`."""
+
+    def __init__(self, path: Path, manifest: dict, shards: list, ids: list[np.ndarray],
+                 metas: list[list[str]], labels: list[np.ndarray | None], device: str = "cpu"):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.dim = int(manifest["dim"])
+        self.kind = str(manifest["kind"])
+        self.nlist = manifest.get("nlist")
+        self.nprobe = int(manifest.get("nprobe") or 1)
+        self.embedding_version = str(manifest.get("embedding_version", ""))
+        self._shards = shards
+        counts = [int(s["count"]) for s in manifest["shards"]]
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self.ids = np.concatenate(ids) if ids else np.empty(0, object)
+        self._meta_json = [m for shard in metas for m in shard]
+        self._meta_cache: list[dict] | None = None
+        self._labels = labels
+        self._row_of = {s: i for i, s in enumerate(self.ids.tolist())}
+        self._mask_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.device = device
+        # Shared coarse quantizer (CPU IVF): probe lists are computed once per query batch.
+        self._quantizer = faiss.downcast_index(shards[0].quantizer) if (self.kind == "ivf" and device == "cpu") else None
+
+    # ------------------------------------------------------------------ build
+    @classmethod
+    def build(cls, vectors: np.ndarray, ids: Sequence[str], meta: Sequence[Mapping[str, Any]] | None,
+              out_dir: str | os.PathLike, num_shards: int = 1, *,
+              ivf_threshold: int = DEFAULT_IVF_THRESHOLD, nlist: int | None = None, nprobe: int | None = None,
+              labels: np.ndarray | None = None, embedding_version: str = "", seed: int = 0,
+              workers: int | None = None, device: str = "cpu",
+              progress: Callable[[int, int], None] | None = None) -> "ShardedIndex":
+        """Write an index of ``vectors`` (N, D) to ``out_dir`` and return it loaded.
+
+        ``ids``: N unique strings. ``meta``: N JSON-able dicts (e.g. domain, source, split) or None.
+        ``labels``: optional (N, h, w) uint8 small label maps kept for the exact rerank.
+        Shards are IVF when a shard would hold >= ``ivf_threshold`` rows, flat otherwise.
+        The folder appears atomically (built under a temporary name, then renamed).
+        """
+        t0 = time.perf_counter()
+        out = Path(out_dir)
+        x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
+        if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"index build {out}: vectors must be a non-empty (N, D) array, got shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"index build {out}: vectors contain NaN or inf")
+        n, d = x.shape
+        id_arr = np.array([str(i) for i in ids], dtype=object)
+        if len(id_arr) != n:
+            raise ValueError(f"index build {out}: {len(id_arr)} ids for {n} vectors")
+        if len(set(id_arr.tolist())) != n:
+            seen, dup = set(), None
+            for i in id_arr:
+                if i in seen:
+                    dup = i
+                    break
+                seen.add(i)
+            raise ValueError(f"index build {out}: duplicate id {dup!r}")
+        meta = list(meta) if meta is not None else [{}] * n
+        if len(meta) != n:
+            raise ValueError(f"index build {out}: {len(meta)} meta rows for {n} vectors")
+        meta_json = [_json_meta(m, i) for i, m in enumerate(meta)]
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.ndim != 3 or labels.shape[0] != n or labels.dtype != np.uint8:
+                raise ValueError(f"index build {out}: labels must be (N, h, w) uint8, got {labels.shape} {labels.dtype}")
+        if num_shards < 1:
+            raise ValueError(f"index build {out}: num_shards must be >= 1, got {num_shards}")
+
+        bounds = np.linspace(0, n, num_shards + 1).round().astype(np.int64)
+        largest = int(np.diff(bounds).max())
+        kind = "ivf" if largest >= ivf_threshold else "flat"
+        template = None
+        if kind == "ivf":
+            nlist = int(nlist or default_nlist(n))
+            if not 1 <= nlist <= n:
+                raise ValueError(f"index build {out}: nlist={nlist} must be in 1..{n}")
+            nprobe = int(min(nprobe or default_nprobe(nlist), nlist))
+            template = cls._train_ivf(x, nlist, seed)
+        else:
+            nlist, nprobe = None, None
+
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        done = [0]
+
+        def write_shard(s: int) -> dict:
+            lo, hi = int(bounds[s]), int(bounds[s + 1])
+            index = faiss.clone_index(template) if template is not None else faiss.IndexFlatIP(d)
+            if hi > lo:
+                index.add(x[lo:hi])
+            names = _shard_names(s)
+            faiss.write_index(index, str(tmp / names["index"]))
+            table = pa.table({"id": pa.array(id_arr[lo:hi].tolist(), pa.string()),
+                              "meta": pa.array(meta_json[lo:hi], pa.string())})
+            pq.write_table(table, tmp / names["table"])
+            entry = {"index": names["index"], "table": names["table"], "count": hi - lo,
+                     "labels": names["labels"] if labels is not None else None}
+            if labels is not None:
+                np.save(tmp / names["labels"], labels[lo:hi])
+            entry["sha256"] = {key: _sha256(tmp / entry[key]) for key in ("index", "table", "labels") if entry[key]}
+            done[0] += 1
+            if progress:
+                progress(done[0], num_shards)
+            return entry
+
+        n_workers = max(1, min(num_shards, workers or os.cpu_count() or 1))
+        try:
+            with ThreadPoolExecutor(n_workers) as pool:   # faiss releases the GIL in add/write
+                entries = list(pool.map(write_shard, range(num_shards)))
+            manifest = {
+                "format": FORMAT, "format_version": FORMAT_VERSION, "dim": d, "metric": METRIC,
+                "kind": kind, "count": n, "num_shards": num_shards, "nlist": nlist, "nprobe": nprobe,
+                "embedding_version": embedding_version, "seed": seed,
+                "label_size": list(labels.shape[1:]) if labels is not None else None,
+                "faiss_version": faiss.__version__,
+                "build_seconds": round(time.perf_counter() - t0, 3), "shards": entries,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.load(out, device=device, verify=False)
+
+    @staticmethod
+    def _train_ivf(x: np.ndarray, nlist: int, seed: int) -> faiss.Index:
+        """An empty IVF whose coarse quantizer is spherical k-means on a seeded sample of ``x``."""
+        n, d = x.shape
+        rng = np.random.default_rng(seed)
+        size = min(n, nlist * TRAIN_POINTS_PER_LIST)
+        sample = x[np.sort(rng.choice(n, size=size, replace=False))] if size < n else x
+        km = faiss.Kmeans(d, nlist, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
+                          max_points_per_centroid=TRAIN_POINTS_PER_LIST, min_points_per_centroid=1,
+                          verbose=False)
+        km.train(np.ascontiguousarray(sample))
+        quantizer = faiss.IndexFlatIP(d)
+        quantizer.add(km.centroids)
+        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        if not ivf.is_trained:
+            raise RuntimeError("IVF quantizer was not trained")
+        template = faiss.clone_index(ivf)   # owns a copy of the quantizer (ours goes out of scope)
+        return template
+
+    # ------------------------------------------------------------------ load
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, expected_dim: int | None = None,
+             embedding_version: str | None = None, device: str = "cpu", nprobe: int | None = None,
+             verify: bool = True) -> "ShardedIndex":
+        """Open an index folder. ``device``: "cpu", "cuda" (faiss-gpu required) or "auto".
+
+        Raises IndexNotFoundError (no folder / no manifest) or IndexFormatError (bad manifest,
+        dimension or embedding-version mismatch, missing or corrupt shard), naming the file.
+        """
+        root = Path(path)
+        if not root.is_dir():
+            raise IndexNotFoundError(f"{root}: index folder not found")
+        mpath = root / MANIFEST
+        if not mpath.is_file():
+            raise IndexNotFoundError(f"{mpath}: manifest not found; {root} is not an amgen index "
+                                     "(build one with `amgen index build`)")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise IndexFormatError(f"{mpath}: unreadable manifest: {exc}") from exc
+        cls._check_manifest(manifest, mpath, expected_dim, embedding_version)
+        device = cls._resolve_device(device)
+        dim = int(manifest["dim"])
+        shards, ids, metas, labels = [], [], [], []
+        for i, entry in enumerate(manifest["shards"]):
+            shard, shard_ids, shard_meta, shard_labels = cls._load_shard(root, i, entry, dim, manifest, verify)
+            shards.append(shard)
+            ids.append(shard_ids)
+            metas.append(shard_meta)
+            labels.append(shard_labels)
+        if manifest["kind"] == "ivf":
+            cls._check_shared_quantizer(root, shards, manifest)
+        index = cls(root, manifest, shards, ids, metas, labels, device="cpu")
+        if nprobe is not None:
+            index.nprobe = int(nprobe)
+        if device == "cuda":
+            index._to_gpu()
+        return index
+
+    @staticmethod
+    def _check_manifest(m: Any, mpath: Path, expected_dim: int | None, embedding_version: str | None) -> None:
+        if not isinstance(m, dict) or m.get("format") != FORMAT:
+            raise IndexFormatError(f"{mpath}: not an {FORMAT} manifest")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise IndexFormatError(f"{mpath}: format_version {m.get('format_version')} unsupported (want {FORMAT_VERSION})")
+        for key in ("dim", "metric", "kind", "count", "shards"):
+            if key not in m:
+                raise IndexFormatError(f"{mpath}: manifest lacks {key!r}")
+        if m["metric"] != METRIC or m["kind"] not in ("flat", "ivf"):
+            raise IndexFormatError(f"{mpath}: unsupported metric/kind {m['metric']}/{m['kind']}")
+        if not isinstance(m["shards"], list) or not m["shards"]:
+            raise IndexFormatError(f"{mpath}: manifest lists no shards")
+        if sum(int(s.get("count", -1)) for s in m["shards"]) != int(m["count"]):
+            raise IndexFormatError(f"{mpath}: shard counts do not add up to count={m['count']}")
+        if expected_dim is not None and int(m["dim"]) != int(expected_dim):
+            raise IndexFormatError(f"{mpath}: dimension mismatch: index has dim={m['dim']}, expected {expected_dim}")
+        if embedding_version is not None and m.get("embedding_version") != embedding_version:
+            raise IndexFormatError(f"{mpath}: embedding version mismatch: index has "
+                                   f"{m.get('embedding_version')!r}, expected {embedding_version!r}; rebuild the index")
+
+    @staticmethod
+    def _load_shard(root: Path, i: int, entry: dict, dim: int, manifest: dict, verify: bool):
+        sums = entry.get("sha256", {})
+        for key in ("index", "table", "labels"):
+            name = entry.get(key)
+            if key != "labels" and not name:
+                raise IndexFormatError(f"{root / MANIFEST}: shard {i} lacks {key!r}")
+            if name and not (root / name).is_file():
+                raise IndexFormatError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
+            if name and verify and key in sums and _sha256(root / name) != sums[key]:
+                raise IndexFormatError(f"{root / name}: corrupt shard (checksum does not match the manifest)")
+        ipath = root / entry["index"]
+        try:
+            shard = faiss.read_index(str(ipath))
+        except RuntimeError as exc:
+            raise IndexFormatError(f"{ipath}: corrupt shard: faiss cannot read it ({str(exc).splitlines()[0]})") from exc
+        count = int(entry["count"])
+        if shard.d != dim:
+            raise IndexFormatError(f"{ipath}: dimension mismatch: shard has d={shard.d}, manifest says {dim}")
+        if shard.ntotal != count:
+            raise IndexFormatError(f"{ipath}: shard holds {shard.ntotal} vectors, manifest says {count}")
+        if manifest["kind"] == "ivf":
+            # read_index already returns the concrete class (re-downcasting would drop ownership).
+            if not isinstance(shard, faiss.IndexIVF):
+                raise IndexFormatError(f"{ipath}: manifest says IVF but the shard is {type(shard).__name__}")
+        tpath = root / entry["table"]
+        try:
+            table = pq.read_table(tpath, columns=["id", "meta"])
+        except Exception as exc:  # pyarrow raises several types for damaged files
+            raise IndexFormatError(f"{tpath}: unreadable id table: {exc}") from exc
+        if table.num_rows != count:
+            raise IndexFormatError(f"{tpath}: id table has {table.num_rows} rows, manifest says {count}")
+        ids = np.array(table.column("id").to_pylist(), dtype=object)
+        metas = table.column("meta").to_pylist()
+        labels = None
+        if entry.get("labels"):
+            lpath = root / entry["labels"]
+            try:
+                labels = np.load(lpath, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise IndexFormatError(f"{lpath}: unreadable label maps: {exc}") from exc
+            if labels.shape[0] != count or labels.dtype != np.uint8:
+                raise IndexFormatError(f"{lpath}: expected ({count}, h, w) uint8, got {labels.shape} {labels.dtype}")
+        return shard, ids, metas, labels
+
+    @staticmethod
+    def _check_shared_quantizer(root: Path, shards: list, manifest: dict) -> None:
+        nlist = int(manifest.get("nlist") or 0)
+        ref = None
+        for i, shard in enumerate(shards):
+            if shard.nlist != nlist:
+                raise IndexFormatError(f"{root / manifest['shards'][i]['index']}: nlist={shard.nlist}, manifest says {nlist}")
+            cents = faiss.downcast_index(shard.quantizer).reconstruct_n(0, shard.nlist)
+            if ref is None:
+                ref = cents
+            elif not np.array_equal(ref, cents):
+                raise IndexFormatError(f"{root / manifest['shards'][i]['index']}: coarse quantizer differs from "
+                                       "shard 0 (shards must share one trained quantizer)")
+
+    @staticmethod
+    def _resolve_device(device: str) -> str:
+        if device not in ("cpu", "cuda", "auto"):
+            raise ValueError(f"index device must be 'cpu', 'cuda' or 'auto', got {device!r}")
+        if device == "auto":
+            return "cuda" if _num_gpus() > 0 else "cpu"
+        if device == "cuda" and _num_gpus() == 0:
+            raise RuntimeError("index device 'cuda' requested but faiss sees no GPU "
+                               "(install faiss-gpu-cu12 on a GPU host, or use device='cpu')")
+        return device
+
+    def _to_gpu(self) -> None:
+        """Same shards on every visible GPU; searches then go through the plain ``search`` path."""
+        gpu_shards = []
+        for shard in self._shards:
+            g = faiss.index_cpu_to_all_gpus(shard)
+            if self.kind == "ivf":
+                faiss.GpuParameterSpace().set_index_parameter(g, "nprobe", self.nprobe)
+            gpu_shards.append(g)
+        self._shards = gpu_shards
+        self._quantizer = None
+        self.device = "cuda"
+
+    # ------------------------------------------------------------------ lookup
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._shards)
+
+    @property
+    def has_labels(self) -> bool:
+        return all(lab is not None for lab in self._labels)
+
+    def row_of(self, id_: str) -> int | None:
+        return self._row_of.get(str(id_))
+
+    def _locate(self, row: int) -> tuple[int, int]:
+        s = int(np.searchsorted(self._offsets, row, side="right") - 1)
+        return s, int(row - self._offsets[s])
+
+    def meta(self, row: int) -> dict:
+        if self._meta_cache is not None:
+            return self._meta_cache[row]
+        return json.loads(self._meta_json[row])
+
+    def metas(self) -> list[dict]:
+        if self._meta_cache is None:
+            self._meta_cache = [json.loads(m) for m in self._meta_json]
+        return self._meta_cache
+
+    def label(self, row: int) -> np.ndarray:
+        """The stored small label map of ``row`` (needs an index built with ``labels=``)."""
+        s, local = self._locate(row)
+        if self._labels[s] is None:
+            raise LookupError(f"{self.path}: index was built without label maps")
+        return np.asarray(self._labels[s][local])
+
+    # ------------------------------------------------------------------ search
+    def filter_mask(self, filters: Filter) -> np.ndarray | None:
+        """Bool mask over rows for ``filters``: {"key": value | [values]} (all must match) or a
+        callable(meta) -> bool. None means no filter."""
+        if filters is None:
+            return None
+        if callable(filters):
+            return np.fromiter((bool(filters(m)) for m in self.metas()), bool, len(self))
+        if not isinstance(filters, Mapping):
+            raise TypeError(f"filters must be a mapping or a callable, got {type(filters).__name__}")
+        key = json.dumps(filters, sort_keys=True, default=str)
+        if key in self._mask_cache:
+            self._mask_cache.move_to_end(key)
+            return self._mask_cache[key]
+        mask = np.ones(len(self), bool)
+        for field, want in filters.items():
+            allowed = set(want) if isinstance(want, (list, tuple, set, frozenset)) else {want}
+            mask &= np.fromiter((m.get(field) in allowed for m in self.metas()), bool, len(self))
+        self._mask_cache[key] = mask
+        if len(self._mask_cache) > 16:
+            self._mask_cache.popitem(last=False)
+        return mask
+
+    def _exclusions(self, exclude_ids: Any, nq: int) -> list[set[int]]:
+        if exclude_ids is None:
+            return [set() for _ in range(nq)]
+        if isinstance(exclude_ids, str) or len(exclude_ids) != nq:
+            raise ValueError(f"exclude_ids must hold one entry per query ({nq}), got {exclude_ids!r:.80}")
+        out = []
+        for ex in exclude_ids:
+            items = [] if ex is None else [ex] if isinstance(ex, str) else list(ex)
+            out.append({r for r in (self._row_of.get(str(i)) for i in items) if r is not None})
+        return out
+
+    def _search_shard(self, s: int, q: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int,
+                      probes: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
+        shard = self._shards[s]
+        lo, hi = int(self._offsets[s]), int(self._offsets[s + 1])
+        kk = min(k, hi - lo)
+        if kk <= 0:
+            return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
+        sel, bits = None, None
+        if mask is not None and self.device == "cpu":
+            bits = np.packbits(mask[lo:hi], bitorder="little")
+            sel = faiss.IDSelectorBitmap(hi - lo, faiss.swig_ptr(bits))
+        if self.kind == "ivf" and probes is not None:
+            dist, idx = _search_preassigned(shard, q, kk, probes, sel)
+        elif sel is not None:
+            dist, idx = shard.search(q, kk, params=faiss.SearchParameters(sel=sel))
+        else:
+            dist, idx = shard.search(q, kk)
+        del bits  # the selector reads this buffer; keep it alive until here
+        rows = np.where(idx >= 0, idx + lo, -1)
+        return dist, rows
+
+    def _fan_out(self, q: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Search every shard for its top ``k``; return all hits sorted by (score desc, row asc)."""
+        probes = None
+        if self._quantizer is not None:
+            probes = self._quantizer.search(q, min(nprobe, self.nlist))
+        parts = [self._search_shard(s, q, k, mask, nprobe, probes) for s in range(self.num_shards)]
+        dist = np.concatenate([p[0] for p in parts], axis=1)
+        rows = np.concatenate([p[1] for p in parts], axis=1)
+        missing = rows < 0
+        dist = np.where(missing, -np.inf, dist).astype(np.float32)
+        order = np.lexsort((np.where(missing, np.iinfo(np.int64).max, rows), -dist), axis=-1)
+        return np.take_along_axis(dist, order, 1), np.take_along_axis(rows, order, 1)
+
+    def search(self, queries: np.ndarray, k: int, *, exclude_ids: Sequence[Any] | None = None,
+               filters: Filter = None, nprobe: int | None = None) -> SearchHits:
+        """Top-``k`` rows by inner product for each query row.
+
+        ``exclude_ids``: one entry per query (an id, a list of ids, or None), e.g. the target itself.
+        ``filters``: {"domain": "night"}, {"domain": ["day", "dusk"]} or callable(meta) -> bool.
+        Shards are asked for more than ``k`` so that exclusions and filters still leave ``k`` hits;
+        a query that comes up short is asked again with a larger fetch.
+        """
+        q = np.ascontiguousarray(np.asarray(queries, dtype=np.float32))
+        if q.ndim == 1:
+            q = q[None]
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"{self.path}: queries must be (nq, {self.dim}), got {q.shape}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        nq, n = len(q), len(self)
+        nprobe = int(nprobe or self.nprobe)
+        excl = self._exclusions(exclude_ids, nq)
+        mask = self.filter_mask(filters)
+        fetch = k + max((len(e) for e in excl), default=0)
+        if mask is not None and self.device != "cpu":   # GPU: no selector, filter after the search
+            fetch = int(math.ceil(fetch * n / max(int(mask.sum()), 1)))
+        scores = np.full((nq, k), -np.inf, np.float32)
+        rows = np.full((nq, k), -1, np.int64)
+        counts = np.diff(self._offsets)
+        todo = np.arange(nq)
+        while len(todo):
+            fetch = min(fetch, int(counts.max()))
+            expected = int(np.minimum(counts, fetch).sum())   # hits the shards can return at this fetch
+            dist, cand = self._fan_out(q[todo], fetch, mask, nprobe)
+            short = []
+            for j, qi in enumerate(todo):
+                keep = cand[j] >= 0
+                if mask is not None:
+                    keep &= mask[np.maximum(cand[j], 0)]
+                if excl[qi]:
+                    keep &= np.fromiter((r not in excl[qi] for r in cand[j]), bool, len(cand[j]))
+                got = np.flatnonzero(keep)[:k]
+                scores[qi, :len(got)] = dist[j, got]
+                rows[qi, :len(got)] = cand[j, got]
+                # Short, yet every shard returned all it was asked for: a larger fetch can help.
+                # (A shard returning fewer means its probed lists or the filter ran dry.)
+                if len(got) < k and fetch < counts.max() and int((cand[j] >= 0).sum()) == expected:
+                    short.append(qi)
+            todo = np.array(short, dtype=np.int64)
+            fetch *= 4
+        ids = [[str(self.ids[r]) for r in row if r >= 0] for row in rows]
+        return SearchHits(scores=scores, rows=rows, ids=ids)
