@@ -1,0 +1,308 @@
+"""The run configuration: YAML validated by pydantic, with ``--set a.b=c`` overrides.
+
+Every model forbids unknown keys, so a typo is an error rather than a silently ignored setting.
+Errors are ``ConfigError`` and always name the file and the dotted key.
+
+``config_hash`` fingerprints what decides the output bytes; where the output goes and how many
+workers compute it are left out, so moving OUT or adding actors does not invalidate a resume.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+SourceKind = Literal["toytown", "cityscapes", "bdd100k", "folder", "parquet"]
+
+
+class ToytownMake(_Strict):
+    """How to create a toy-town tree at ``source.root`` when it is absent (toytown sources only)."""
+
+    n: int = Field(96, ge=1)
+    seed: int = 0
+    domain: str | None = None  # None = mixed domains (toy-town draws one per scene)
+    height: int = Field(64, ge=8)
+    width: int = Field(128, ge=8)
+
+
+class SourceConfig(_Strict):
+    kind: SourceKind = "toytown"
+    root: str
+    split: str = "train"
+    limit: int | None = Field(None, ge=1)  # first N items in the connector's (sorted) order
+    options: dict[str, Any] = Field(default_factory=dict)  # extra keyword arguments of the connector
+    make: ToytownMake | None = None  # toytown only: create the tree if root is missing
+
+    @model_validator(mode="after")
+    def _make_only_for_toytown(self) -> "SourceConfig":
+        if self.make is not None and self.kind != "toytown":
+            raise ValueError("'make' is only allowed for kind: toytown")
+        return self
+
+
+class ExemplarsConfig(_Strict):
+    source: SourceConfig | None = None  # None: exemplars come from the target dataset itself
+    index: str | None = None  # index folder; None: build one into OUT/index
+    index_shards: int = Field(1, ge=1)  # shards when the index is built here
+    k: int = Field(1, ge=1)  # exemplars per target = samples per target
+    candidates: int = Field(32, ge=1)  # ANN candidates reranked exactly
+    diversity: float = Field(0.0, ge=0.0, le=1.0)  # 0 = pure score, higher = more varied top-k
+    filters: dict[str, Any] = Field(default_factory=dict)  # metadata equality filters, e.g. {domain: night}
+    exclude_self: bool = True  # never use a target as its own exemplar
+
+
+class HFlipOp(_Strict):
+    op: Literal["hflip"] = "hflip"
+    p: float = Field(0.5, ge=0.0, le=1.0)
+
+
+class CropOp(_Strict):
+    """Crop a random window of ``scale`` of the area (same aspect), resized back to the output size."""
+
+    op: Literal["random_resized_crop"] = "random_resized_crop"
+    p: float = Field(1.0, ge=0.0, le=1.0)
+    scale: tuple[float, float] = (0.8, 1.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "CropOp":
+        lo, hi = self.scale
+        if not 0.25 <= lo <= hi <= 1.0:
+            raise ValueError("scale must satisfy 0.25 <= low <= high <= 1 (mild crops only)")
+        return self
+
+
+class ZoomOutOp(_Strict):
+    """Shrink around the centre by a factor in ``scale``; the border becomes ignore (0, unlabeled)."""
+
+    op: Literal["zoom_out"] = "zoom_out"
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    scale: tuple[float, float] = (0.9, 1.0)
+
+    @model_validator(mode="after")
+    def _range(self) -> "ZoomOutOp":
+        lo, hi = self.scale
+        if not 0.5 <= lo <= hi <= 1.0:
+            raise ValueError("scale must satisfy 0.5 <= low <= high <= 1 (mild zoom only)")
+        return self
+
+
+class BrightnessContrastOp(_Strict):
+    """Photometric change of the target's own image (when it has one); labels are untouched."""
+
+    op: Literal["brightness_contrast"] = "brightness_contrast"
+    p: float = Field(0.5, ge=0.0, le=1.0)
+    brightness: float = Field(0.1, ge=0.0, le=0.5)
+    contrast: float = Field(0.1, ge=0.0, le=0.5)
+
+
+AugmentOp = Annotated[Union[HFlipOp, CropOp, ZoomOutOp, BrightnessContrastOp], Field(discriminator="op")]
+
+
+class AugmentConfig(_Strict):
+    enabled: bool = True
+    seed: int = 0  # mixed with each target id: every target has its own stable draw
+    size: tuple[int, int] | None = None  # (H, W) of every target after augmentation; None = keep
+    ops: list[AugmentOp] = Field(default_factory=lambda: [HFlipOp(), CropOp()])
+
+
+class ModelConfig(_Strict):
+    path: str = "toy"  # "toy" (bundled toy weights), "sd15" (sd15_dir + adapter_dir) or a saved folder
+    sd15_dir: str | None = None  # local Stable Diffusion 1.5 (diffusers layout), path: sd15 only
+    adapter_dir: str | None = None  # trained AM-Adapter parts for SD1.5, path: sd15 only
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(7.5, ge=0.0)
+    mode: Literal["am_adapter", "sa_aug", "structure_only"] = "am_adapter"
+    granularity: Literal["class", "instance"] = "class"
+
+    @model_validator(mode="after")
+    def _sd15_needs_dirs(self) -> "ModelConfig":
+        if self.path == "sd15" and not self.sd15_dir:
+            raise ValueError("path: sd15 needs sd15_dir (a local Stable Diffusion 1.5 folder)")
+        return self
+
+
+class SynthesisConfig(_Strict):
+    actors: int = Field(1, ge=1)  # size of the model actor pool
+    num_gpus: float = Field(0.0, ge=0.0)  # GPUs per actor
+    num_cpus: float = Field(1.0, gt=0.0)  # CPUs per actor
+    torch_threads: int | None = Field(None, ge=1)  # None: = num_cpus of the actor
+    batch_size: int = Field(8, ge=1)  # targets per model call; a batch shares one exemplar
+    allow_cpu_fallback: bool = False  # no GPU in the cluster: run on CPU instead of failing
+    bank_cache_size: int = Field(64, ge=0)  # exemplar banks kept per actor (LRU)
+    prefetch_batches: int = Field(2, ge=0)  # batches loaded ahead of the actors
+
+
+class ScoreConfig(_Strict):
+    enabled: bool = False
+    segmenter: str | None = None  # checkpoint of the scoring segmenter (amadapter.eval)
+
+
+class OutputConfig(_Strict):
+    dir: str = "out"
+    rows_per_shard: int = Field(64, ge=1)
+    export_cityscapes: bool = False  # also write a Cityscapes-format tree under OUT/cityscapes
+    preview: bool = True  # write preview.png
+    preview_rows: int = Field(8, ge=1)
+    license: str = "other"  # license field of the dataset card
+
+
+class RayConfig(_Strict):
+    address: str | None = None  # None: a local Ray (or RAY_ADDRESS under `ray job submit`)
+    num_cpus: int | None = Field(None, ge=1)  # local Ray only; None = all cores
+
+
+class RunConfig(_Strict):
+    name: str = "amgen"
+    seed: int = 0  # base of every per-sample seed
+    source: SourceConfig
+    exemplars: ExemplarsConfig = Field(default_factory=ExemplarsConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    # Where the config came from, for error messages (not part of the config itself).
+    _origin: str = "<config>"
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self._origin}: {key}: {problem}")
+
+
+# Keys that do not change a single output byte: where it goes, how it is computed in parallel.
+_NOT_HASHED = {
+    "name": None,
+    "output": {"dir", "export_cityscapes", "preview", "preview_rows"},
+    "ray": None,
+    "synthesis": {"actors", "num_cpus", "num_gpus", "allow_cpu_fallback", "bank_cache_size", "prefetch_batches"},
+}
+
+
+def config_hash(cfg: RunConfig) -> str:
+    data = cfg.model_dump(mode="json")
+    for key, sub in _NOT_HASHED.items():
+        if sub is None:
+            data.pop(key, None)
+        else:
+            for k in sub:
+                data[key].pop(k, None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])}: is not a section, cannot set {dotted}")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str] | None, where: str) -> dict:
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ConfigError(f"{where}: --set {ov!r}: expected key=value")
+        key, raw = ov.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"{where}: --set {ov!r}: empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{where}: {key}: cannot parse value {raw!r} from --set ({e})") from e
+        _set_dotted(tree, key, value, where)
+    return tree
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: {key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: {key}: required key is missing")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"{where}: {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+# Discriminated-union tags that pydantic puts in error locations; they are not user keys.
+_UNION_TAGS = {"hflip", "random_resized_crop", "zoom_out", "brightness_contrast"}
+
+
+def config_from_dict(tree: dict, where: str = "<config>", overrides: list[str] | None = None) -> RunConfig:
+    tree = apply_overrides(json.loads(json.dumps(tree)), overrides, where)
+    try:
+        cfg = RunConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, where)) from None
+    cfg._origin = where
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML run config. Paths inside are checked by ``check_paths``."""
+    p = Path(path)
+    where = str(p)
+    if not p.is_file():
+        raise ConfigError(f"{where}: config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from e
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: <root>: expected a mapping of sections, got {type(tree).__name__}")
+    return config_from_dict(tree, where, overrides)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Paths must exist when a run starts (a toytown root with ``make`` may be created instead)."""
+    sources = [("source", cfg.source)]
+    if cfg.exemplars.source is not None:
+        sources.append(("exemplars.source", cfg.exemplars.source))
+    for key, src in sources:
+        if src.kind == "toytown" and src.make is not None:
+            continue
+        if not Path(src.root).exists():
+            raise cfg.error(f"{key}.root", f"path does not exist: {src.root}")
+    if cfg.exemplars.index is not None and not Path(cfg.exemplars.index).is_dir():
+        raise cfg.error("exemplars.index", f"index folder does not exist: {cfg.exemplars.index}")
+    m = cfg.model
+    if m.path == "sd15":
+        if not Path(m.sd15_dir).is_dir():
+            raise cfg.error("model.sd15_dir", f"folder does not exist: {m.sd15_dir}")
+        if m.adapter_dir is not None and not Path(m.adapter_dir).is_dir():
+            raise cfg.error("model.adapter_dir", f"folder does not exist: {m.adapter_dir}")
+    elif m.path != "toy" and not Path(m.path).is_dir():
+        raise cfg.error("model.path", f"model folder does not exist: {m.path}")
+    if cfg.score.enabled and cfg.score.segmenter is not None and not Path(cfg.score.segmenter).exists():
+        raise cfg.error("score.segmenter", f"path does not exist: {cfg.score.segmenter}")

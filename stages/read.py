@@ -1,0 +1,93 @@
+"""Read stage: source config -> connector -> item descriptors -> layouts, one bad item at a time.
+
+A source lists cheap, JSON-able item descriptors (``connectors.source_api``); each item is decoded on
+its own, so a corrupt PNG, an unknown label id or an image/label size mismatch becomes an error row
+(``{input_id, source, stage, reason, path}``) and the run goes on.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from amadapter.labels import check_label_ids
+from connectors.image_io import SizeMismatchError
+from connectors.source_api import BAD_INPUT_ERRORS, Item, LayoutSource
+from stages.records import Layout
+
+# kind -> (module, class); toy-town is written as a Cityscapes tree and read by the same connector.
+_CONNECTORS = {
+    "toytown": ("connectors.cityscapes", "CityscapesSource"),
+    "cityscapes": ("connectors.cityscapes", "CityscapesSource"),
+    "bdd100k": ("connectors.bdd100k", "BDD100KSource"),
+    "folder": ("connectors.folder", "FolderSource"),
+    "parquet": ("connectors.parquet_source", "ParquetSource"),
+}
+
+
+def make_source(kind: str, root: str, split: str = "train", options: dict[str, Any] | None = None) -> LayoutSource:
+    """Build the connector of ``kind`` reading ``root``; connector-specific kwargs come from ``options``."""
+    if kind not in _CONNECTORS:
+        raise ValueError(f"unknown source kind {kind!r} (expected one of {sorted(_CONNECTORS)})")
+    module, cls_name = _CONNECTORS[kind]
+    cls = getattr(importlib.import_module(module), cls_name)
+    kwargs = dict(options or {})
+    if kind != "parquet":
+        kwargs.setdefault("split", split)
+    return cls(root, **kwargs)
+
+
+def source_from_config(src: Any) -> LayoutSource:
+    """``src`` is a ``pipeline.config.SourceConfig`` (or anything with kind/root/split/options)."""
+    return make_source(src.kind, str(Path(src.root)), src.split, src.options)
+
+
+def list_items(source: LayoutSource, limit: int | None = None) -> list[Item]:
+    """Descriptors sorted by item id (a deterministic order whatever the file system says), capped."""
+    items = sorted(source.list_items(), key=lambda it: str(it["item_id"]))
+    ids = [str(it["item_id"]) for it in items]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"source {getattr(source, 'name', '?')}: duplicate item id {dup!r}")
+    return items[:limit] if limit is not None else items
+
+
+def item_json(item: Item) -> str:
+    return json.dumps(item, sort_keys=True, default=str)
+
+
+def error_row(item: Item, stage: str, error: BaseException | str) -> dict[str, Any]:
+    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+    return {"input_id": str(item.get("item_id")), "source": item.get("source"), "stage": stage,
+            "reason": reason, "path": None if item.get("path") is None else str(item.get("path"))}
+
+
+def validate_layout(layout: Layout, where: str) -> Layout:
+    """What every later stage relies on: known ids, uint8 label, aligned instance and image."""
+    layout.label = check_label_ids(layout.label, f"{where} label")
+    h, w = layout.label.shape
+    if layout.instance is not None:
+        inst = np.asarray(layout.instance)
+        if inst.shape != (h, w):
+            raise SizeMismatchError(f"{where}: label and instance differ in size ({h}x{w} vs {inst.shape[0]}x{inst.shape[1]})")
+        layout.instance = inst.astype(np.int32, copy=False)
+    if layout.image is not None:
+        img = np.asarray(layout.image)
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise SizeMismatchError(f"{where}: image must be HxWx3, got shape {img.shape}")
+        if img.shape[:2] != (h, w):
+            raise SizeMismatchError(f"{where}: image and label differ in size ({img.shape[0]}x{img.shape[1]} vs {h}x{w})")
+    return layout
+
+
+def read_item(source: LayoutSource, item: Item, stage: str = "read") -> tuple[Layout | None, dict | None]:
+    """(layout, None) or (None, error row). Only bad-input errors are quarantined; bugs still raise."""
+    where = str(item.get("path") or item.get("item_id"))
+    try:
+        layout = source.read_item(item)
+        return validate_layout(layout, where), None
+    except BAD_INPUT_ERRORS as e:
+        return None, error_row(item, stage, e)
