@@ -158,14 +158,18 @@ def check_same_size(a: np.ndarray, b: np.ndarray, where: str, what: str = "image
         raise SizeMismatchError(f"{where}: {what} differ in size ({ha}x{wa} vs {hb}x{wb})")
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """Write to a hidden temp name in the same folder, then rename: readers never see half a file."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, fsync: bool = True) -> Path:
+    """Write to a hidden temp name in the same folder, then rename: readers never see half a file.
+
+    ``fsync=False`` keeps the rename atomicity but skips the disk flush (many small export files).
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, p)
     return p
