@@ -11,7 +11,9 @@ appearance renders on any layout:
 from .appearance import DOMAINS, N_SLOTS, Appearance, sample_appearance
 from .layout import ToyLayout, sample_layout
 from .render import render
+from .triples import GroundTruthTriple, make_triple, make_triples, read_triples, write_triples
 from .tree import TreeSummary, make_scene, make_tree
 
 __all__ = ["DOMAINS", "N_SLOTS", "Appearance", "ToyLayout", "render", "sample_appearance", "sample_layout",
-           "TreeSummary", "make_scene", "make_tree"]
+           "TreeSummary", "make_scene", "make_tree",
+           "GroundTruthTriple", "make_triple", "make_triples", "read_triples", "write_triples"]

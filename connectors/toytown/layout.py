@@ -241,11 +241,14 @@ def _paint_objects(canvas: _Canvas, objects: list[dict], horizon: float, unit: f
         elif kind == "pole":
             _paint_pole(canvas, o, cx, bottom, px, lamps)
         else:
-            iid = kind * 1000 + counts[kind]
-            counts[kind] += 1
             w, h = _SIZES[kind]
             w, h = w * px * o["scale"], h * px * o["scale"]
-            box = _paint_thing(canvas, kind, iid, cx, bottom, w, h)
+            box = _bounding_box(cx, bottom, w, h)
+            if box[2] <= 0 or box[0] >= canvas.h or box[3] <= 0 or box[1] >= canvas.w:
+                continue                             # wholly outside the image: not an instance
+            iid = kind * C.INSTANCE_BASE + counts[kind]
+            counts[kind] += 1
+            _paint_thing(canvas, kind, iid, cx, bottom, w, h)
             placed.append({"cls": kind, "id": iid, "box": box, "s": s})
     return placed, lamps
 
@@ -266,8 +269,15 @@ def _paint_pole(canvas: _Canvas, o: dict, cx: float, bottom: float, px: float, l
         lamps.append([top + 0.2 * px, head_x, o["s"]])
 
 
-def _paint_thing(canvas: _Canvas, cls: int, iid: int, cx: float, bottom: float, w: float, h: float) -> list[int]:
-    """Rear view silhouettes; returns the full bounding box [y0, x0, y1, x1]."""
+def _bounding_box(cx: float, bottom: float, w: float, h: float) -> list[int]:
+    """[y0, x0, y1, x1] (unclipped) of a w x h object standing on row ``bottom``."""
+    x0, x1 = _span(cx, w)
+    y1 = math.floor(bottom + 0.5)
+    return [min(y1 - 1, math.floor(bottom - h + 0.5)), x0, y1, x1]
+
+
+def _paint_thing(canvas: _Canvas, cls: int, iid: int, cx: float, bottom: float, w: float, h: float) -> None:
+    """Rear-view silhouettes made of a few rectangles."""
     if cls == C.CAR:
         canvas.box(cx, bottom, w, 0.55 * h, cls, iid)                 # body
         canvas.box(cx, bottom - 0.5 * h, 0.76 * w, 0.5 * h, cls, iid)  # cabin
@@ -280,6 +290,3 @@ def _paint_thing(canvas: _Canvas, cls: int, iid: int, cx: float, bottom: float, 
         canvas.box(cx, bottom, 0.75 * w, 0.45 * h, cls, iid)
         canvas.box(cx, bottom - 0.42 * h, w, 0.42 * h, cls, iid)
         canvas.box(cx, bottom - 0.82 * h, 0.5 * w, 0.18 * h, cls, iid)
-    x0, x1 = _span(cx, w)
-    y1 = math.floor(bottom + 0.5)
-    return [min(y1 - 1, math.floor(bottom - h + 0.5)), x0, y1, x1]

@@ -13,7 +13,6 @@ underscores: Cityscapes splits names on them), so the domain is also visible in 
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from amadapter.labels import colorize
 
 from .appearance import DOMAINS, sample_appearance
 from .layout import sample_layout
-from .pngio import write_png
+from .files import write_json, write_png
 from .render import render
 from .seeds import STREAM_TREE, as_int, scene_streams
 
@@ -95,20 +94,14 @@ def make_tree(out_dir: str | os.PathLike, n: int, seed: int = 0, domain: str | N
         sidecar = {"generator": "toytown", "version": GENERATOR_VERSION, "seed": seed, "index": index,
                    "domain": look.domain, "render_seed": render_seed, "layout_meta": layout.meta,
                    "appearance": look.to_dict()}
-        _write_json(gt_dir / f"{stem}{SIDECAR_SUFFIX}", sidecar)
+        write_json(gt_dir / f"{stem}{SIDECAR_SUFFIX}", sidecar)
         domains[look.domain] = domains.get(look.domain, 0) + 1
         if progress is not None:
             progress(1)
     seconds = time.perf_counter() - t0
-    _write_json(root / f"toytown_{split}.json", {
+    write_json(root / f"toytown_{split}.json", {
         "generator": "toytown", "version": GENERATOR_VERSION, "split": split, "seed": seed, "start": start, "n": n,
         "domain": domain, "city_prefix": city_prefix, "height": height, "width": width,
         "domains": dict(sorted(domains.items())),
     })
     return TreeSummary(root, split, n, seconds, dict(sorted(domains.items())))
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True, indent=1))
-    os.replace(tmp, path)

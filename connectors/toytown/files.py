@@ -1,8 +1,10 @@
-"""PNG writing for toy-town files: atomic (tmp + rename) and byte-deterministic."""
+"""Toy-town file writing: atomic (tmp + rename) and byte-deterministic PNG and JSON."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -22,3 +24,22 @@ def write_png(path: str | os.PathLike, arr: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
     Image.fromarray(np.ascontiguousarray(a)).save(tmp, format="PNG", compress_level=6)
     os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, sort_keys=True, indent=1))
+    os.replace(tmp, path)
+
+
+def read_png(path: str | os.PathLike) -> np.ndarray:
+    """Fully decoded PNG as an array; clear errors for missing or corrupt files."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file does not exist") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"{path}: unreadable PNG ({exc})") from None
