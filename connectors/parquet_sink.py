@@ -209,8 +209,10 @@ def _write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int, stat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden: the data/train-* glob skips it
     try:
-        pq.write_table(table, tmp, row_group_size=row_group_size, write_statistics=stats_columns,
-                       **_PARQUET_OPTIONS)
+        with pq.ParquetWriter(tmp, table.schema, write_statistics=stats_columns, **_PARQUET_OPTIONS) as w:
+            # An empty shard gets no row group at all: datasets fails on a 0-row row group.
+            if table.num_rows:
+                w.write_table(table, row_group_size=row_group_size)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -146,3 +146,17 @@ def test_errors_manifest_and_card(tmp_path):
     # label PNGs are 8-bit single channel as written
     cell = pq.read_table(tmp_path / stats[0].name).column("label")[0].as_py()
     assert decode_png(cell["bytes"]).dtype == np.uint8
+
+
+def test_an_all_quarantined_shard_is_empty_but_loadable(tmp_path):
+    from connectors.parquet_sink import write_dataset_card, write_errors
+    from connectors.verify import verify_dataset
+    s0 = write_shard(make_rows(2), tmp_path, 0, 2)
+    s1 = write_shard([], tmp_path, 1, 2)
+    assert (s1.rows, s1.row_groups) == (0, 0)  # a 0-row row group would break datasets' reader
+    write_errors([], tmp_path, "empty")
+    write_dataset_card(tmp_path, {"num_samples": 2, "num_shards": 2})
+    write_manifest(tmp_path, {"shards": [s0, s1]})
+    assert verify_dataset(tmp_path).ok
+    assert len(_load(str(tmp_path), tmp_path=tmp_path)) == 2
+    assert read_errors(tmp_path) == []
