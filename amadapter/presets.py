@@ -53,10 +53,13 @@ _TOY = {
         "in_channels": 3,
         "stem_channels": (16, 16, 32),
         "stem_strides": (2, 1, 1),  # x2 stem, x4 stages: 64x128 map -> 8x16 = UNet block-0 output
+        "stem_groups": 2,
         "stage_channels": (32, 64),
+        "stage_groups": (4, 8),
+        "mid_groups": 8,
         "out_channels": 32,  # width of the UNet's first down block
+        "time_proj_dim": 32,
         "time_embed_dim": 64,
-        "norm_num_groups": 8,
         "scale": 1.0,
     },
     "matcher": {
@@ -99,11 +102,14 @@ _SD15 = {
     "structure_net": {
         "in_channels": 3,
         "stem_channels": (64, 64, 128),
-        "stem_strides": (2, 2, 1),  # x4 stem, x4 stages: 512 map -> 32 = UNet block-0 output
+        "stem_strides": (2, 1, 1),  # as ControlNeXt: x8 in all; pooled to the block-0 size (x16)
+        "stem_groups": 2,
         "stage_channels": (128, 256),
+        "stage_groups": (4, 8),
+        "mid_groups": 8,
         "out_channels": 320,
+        "time_proj_dim": 128,
         "time_embed_dim": 256,
-        "norm_num_groups": 32,
         "scale": 1.0,
     },
     "matcher": {

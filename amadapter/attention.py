@@ -1,0 +1,206 @@
+"""Attention processors for the appearance net (recording) and the generation net
+(augmented self-attention, optionally refined by the matcher).
+
+One UNet serves both nets (they share weights). A shared :class:`AttentionState` tells the
+attn1 processors what the current UNet call is:
+
+* ``record``: keep each layer's normalized attn1 input (the tokens the generation net will
+  attend to) for the conditional rows, then plain attention;
+* ``generate``: conditional rows attend to [own ; exemplar] tokens, keys/values of both
+  projected with the layer's own to_k/to_v; unconditional rows use plain attention;
+  with a matcher, the exemplar logits get the adapter's refinement first;
+* ``None``: plain attention everywhere.
+
+Plain attention is torch's scaled_dot_product_attention. With the adapter, only the
+exemplar logits (B, H, Nq, Ne) are materialized (they are the matcher's input); the
+joint softmax over [self ; exemplar] runs in query chunks, so the self logits exist one
+chunk at a time and nothing is concatenated.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from amadapter.matcher import Matcher, block_of
+
+CHUNK_ELEMENTS = 1 << 25  # logits per query chunk (128 MB in fp32)
+
+
+class AttentionState:
+    """What the attn1 processors of one UNet do during the current call."""
+
+    def __init__(self):
+        self.phase: str | None = None
+        self.latent_hw: tuple[int, int] | None = None
+        self.cond_start = 0  # rows [cond_start:] are conditional; rows before use plain attention
+        self.keep_grad = False
+        self.recorded: dict[str, torch.Tensor] = {}
+        self.tokens: dict[str, torch.Tensor] | None = None
+        self.exemplar_hw: tuple[int, int] | None = None
+        self.matcher: Matcher | None = None
+        self.cost_fn: Callable | None = None
+
+    @contextlib.contextmanager
+    def recording(self, latent_hw, cond_start: int = 0, keep_grad: bool = False):
+        """Yields the dict that fills with {layer name: (B_cond, N, C) tokens}."""
+        self.phase, self.latent_hw, self.cond_start, self.keep_grad = "record", tuple(latent_hw), cond_start, keep_grad
+        self.recorded = {}
+        try:
+            yield self.recorded
+        finally:
+            self.phase, self.recorded = None, {}
+
+    @contextlib.contextmanager
+    def generating(self, tokens, latent_hw, exemplar_hw, cond_start: int = 0, matcher=None, cost_fn=None):
+        """Conditional rows read ``tokens`` {layer name: (1 or B_cond, Ne, C)}; with ``matcher``
+        and ``cost_fn(q_grid, e_grid) -> (B_cond or 1, Nq, Ne)`` the adapter is on."""
+        self.phase, self.tokens, self.cond_start = "generate", tokens, cond_start
+        self.latent_hw, self.exemplar_hw = tuple(latent_hw), tuple(exemplar_hw)
+        self.matcher, self.cost_fn = matcher, cost_fn
+        try:
+            yield
+        finally:
+            self.phase, self.tokens, self.matcher, self.cost_fn = None, None, None, None
+
+
+def token_grid(n_tokens: int, latent_hw) -> tuple[int, int]:
+    """The (h, w) grid of a layer with ``n_tokens`` tokens in a UNet fed ``latent_hw``."""
+    h, w = latent_hw
+    while h * w > n_tokens:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != n_tokens:
+        raise ValueError(f"cannot place {n_tokens} tokens on a grid derived from latent size {tuple(latent_hw)}")
+    return h, w
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def joint_attention(q, k_self, v_self, k_ex, v_ex, scale: float, refine=None) -> torch.Tensor:
+    """softmax([q k_self^T ; refine(q k_ex^T)] * scale) @ [v_self ; v_ex], without concatenating.
+
+    q, k_self, v_self: (B, H, N, d); k_ex, v_ex: (1 or B, H, Ne, d) (broadcast, never copied).
+    Only the exemplar logits are materialized in full; ``refine`` edits them in place.
+    """
+    qs = q * scale
+    logits_ex = qs @ k_ex.transpose(-1, -2)
+    if refine is not None:
+        refine(logits_ex)
+    B, H, N, _ = q.shape
+    chunk = max(1, CHUNK_ELEMENTS // max(1, B * H * (N + k_ex.shape[-2])))
+    inplace = not torch.is_grad_enabled()
+    outs = []
+    for a in range(0, N, chunk):
+        ls = qs[:, :, a : a + chunk] @ k_self.transpose(-1, -2)
+        le = logits_ex[:, :, a : a + chunk]
+        with torch.no_grad():
+            m = torch.maximum(ls.amax(-1, keepdim=True), le.amax(-1, keepdim=True))
+        ps = ls.sub_(m).exp_()
+        pe = le.sub_(m).exp_() if inplace else (le - m).exp()
+        den = ps.sum(-1, keepdim=True) + pe.sum(-1, keepdim=True)
+        outs.append((ps @ v_self + pe @ v_ex) / den)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+class AMAttnProcessor:
+    """attn1 processor of every transformer block: records, augments or runs plain SDPA."""
+
+    def __init__(self, name: str, state: AttentionState):
+        self.name = name
+        self.block = block_of(name)
+        self.state = state
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        st = self.state
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if st.phase == "record":
+            rec = hidden_states[st.cond_start :]
+            st.recorded[self.name] = rec if st.keep_grad else rec.detach()
+
+        B, N, _ = hidden_states.shape
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        q = _heads(attn.to_q(hidden_states), attn.heads)
+        k = _heads(attn.to_k(context), attn.heads)
+        v = _heads(attn.to_v(context), attn.heads)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+
+        if st.phase == "generate" and st.tokens is not None and self.name in st.tokens:
+            if attention_mask is not None:
+                raise ValueError(f"{self.name}: augmented self-attention does not take an attention mask")
+            out = self._augmented(attn, q, k, v)
+        else:
+            mask = None
+            if attention_mask is not None:
+                mask = attn.prepare_attention_mask(attention_mask, context.shape[1], B)
+                mask = mask.view(B, attn.heads, -1, mask.shape[-1])
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+
+        out = out.transpose(1, 2).reshape(B, N, -1).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _augmented(self, attn, q, k, v):
+        st = self.state
+        c = st.cond_start
+        tokens = st.tokens[self.name].to(dtype=q.dtype)
+        k_ex = _heads(attn.to_k(tokens), attn.heads)  # once per layer per step, for the whole batch
+        v_ex = _heads(attn.to_v(tokens), attn.heads)
+        if attn.norm_k is not None:
+            k_ex = attn.norm_k(k_ex)
+        qc, kc, vc = q[c:], k[c:], v[c:]
+        if st.matcher is None:
+            n = qc.shape[0]
+            keys = torch.cat([kc, k_ex.expand(n, -1, -1, -1)], dim=2)
+            values = torch.cat([vc, v_ex.expand(n, -1, -1, -1)], dim=2)
+            out_c = F.scaled_dot_product_attention(qc, keys, values, scale=attn.scale)
+        else:
+            q_hw = token_grid(q.shape[2], st.latent_hw)
+            e_hw = token_grid(k_ex.shape[2], st.exemplar_hw)
+
+            def refine(logits):
+                st.matcher.refine_(logits, st.cost_fn, q_hw, e_hw, self.block)
+
+            out_c = joint_attention(qc, kc, vc, k_ex, v_ex, attn.scale, refine)
+        if c == 0:
+            return out_c
+        out_u = F.scaled_dot_product_attention(q[:c], k[:c], v[:c], scale=attn.scale)
+        return torch.cat([out_u, out_c], dim=0)
+
+
+def install_processors(unet, state: AttentionState) -> list[str]:
+    """AMAttnProcessor on every self-attention (attn1), AttnProcessor2_0 elsewhere.
+    Returns the names of the attn1 layers (the keys of recorded token dicts)."""
+    procs, names = {}, []
+    for name in unet.attn_processors:
+        layer = name[: -len(".processor")]
+        if layer.endswith("attn1"):
+            procs[name] = AMAttnProcessor(layer, state)
+            names.append(layer)
+        else:
+            procs[name] = AttnProcessor2_0()
+    unet.set_attn_processor(procs)
+    return names

@@ -1,0 +1,486 @@
+"""AMAdapterPipeline: exemplar-based semantic image synthesis on stock diffusers parts.
+
+Components: ``unet`` (one UNet2DConditionModel serving as both the appearance net and the
+generation net, which share weights), ``vae``, ``scheduler`` (DDIM), ``structure_net``
+(hooked in after the UNet's first down block), ``matcher`` (the adapter) and
+``text_embeds`` (fixed cond/uncond embeddings).
+
+Sampling: the exemplar is VAE-encoded and DDIM-inverted; step by step the appearance net
+denoises the exemplar trajectory and records its attn1 tokens (:meth:`encode_exemplar` ->
+:class:`ExemplarBank`); the generation net then denoises any number of targets reading
+that bank. Exemplars may have a different size from the targets (both must be
+multiples of :attr:`stride`): the matching works across grids, nothing is resized.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+from amadapter.attention import AttentionState, install_processors
+from amadapter.bank import BankCache, ExemplarBank
+from amadapter.cost import CostSpec
+from amadapter.labels import check_label_ids, colorize
+from amadapter.matcher import Matcher
+from amadapter.presets import get_preset
+from amadapter.structure_net import StructureInjector, StructureNet
+from amadapter.text_embeds import TextEmbeds
+
+MODES = ("structure_only", "sa_aug", "am_adapter")
+FORMAT_VERSION = 1
+_MODEL_COMPONENTS = ("unet", "vae", "structure_net", "matcher", "text_embeds")
+_CLASSES = {
+    "unet": UNet2DConditionModel,
+    "vae": AutoencoderKL,
+    "scheduler": DDIMScheduler,
+    "structure_net": StructureNet,
+    "matcher": Matcher,
+    "text_embeds": TextEmbeds,
+}
+
+
+class InputError(ValueError):
+    """An input the pipeline cannot use (shape, size, dtype, mode); the message names it."""
+
+
+@dataclass
+class AMAdapterOutput:
+    images: np.ndarray  # (N, H, W, 3) uint8
+
+
+def _as_maps(maps, where: str, dtype=None) -> list[np.ndarray]:
+    if maps is None:
+        return None
+    if isinstance(maps, np.ndarray) and maps.ndim == 2:
+        maps = [maps]
+    out = [np.asarray(m) for m in maps]
+    if not out:
+        raise InputError(f"{where}: no maps given")
+    return out
+
+
+class AMAdapterPipeline:
+    def __init__(self, unet, vae, scheduler, structure_net, matcher, text_embeds, *, preset: str | None = None,
+                 bank_cache_size: int = 8):
+        self.unet, self.vae, self.scheduler = unet, vae, scheduler
+        self.structure_net, self.matcher, self.text_embeds = structure_net, matcher, text_embeds
+        self.preset = preset
+        self.attn_state = AttentionState()
+        self.attn_layers = install_processors(unet, self.attn_state)
+        self.injector = StructureInjector(unet)
+        self.bank_cache = BankCache(bank_cache_size)
+        for module in self._modules().values():
+            module.eval()
+            module.requires_grad_(False)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_preset(cls, name: str | Mapping, seed: int = 0, **kwargs) -> "AMAdapterPipeline":
+        """Random-weight pipeline from ``PRESETS[name]`` (or a preset-shaped dict),
+        deterministic in ``seed``."""
+        p = get_preset(name) if isinstance(name, str) else dict(name)
+        name = name if isinstance(name, str) else p.get("name")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(**p["unet"])
+            vae = AutoencoderKL(**p["vae"])
+            structure_net = StructureNet(**p["structure_net"])
+            matcher = Matcher(**p["matcher"])
+            te = dict(p["text_embeds"])
+            text_embeds = TextEmbeds(**te)
+        return cls(unet, vae, DDIMScheduler(**p["scheduler"]), structure_net, matcher, text_embeds,
+                   preset=name, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **kwargs) -> "AMAdapterPipeline":
+        """Load a folder written by :meth:`save_pretrained` (one subfolder per component)."""
+        path = Path(path)
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
+            raise FileNotFoundError(f"{index_file}: not an amgen model folder (model_index.json missing)")
+        index = json.loads(index_file.read_text())
+        if index.get("_class_name") != cls.__name__:
+            raise ValueError(f"{index_file}: holds a {index.get('_class_name')!r}, not an {cls.__name__}")
+        parts = {}
+        for name, klass in _CLASSES.items():
+            sub = path / name
+            if not sub.is_dir():
+                raise FileNotFoundError(f"{sub}: component folder missing")
+            if name == "scheduler":
+                parts[name] = klass.from_pretrained(sub)
+            else:
+                parts[name] = klass.from_pretrained(sub, torch_dtype=dtype) if dtype else klass.from_pretrained(sub)
+        pipe = cls(**parts, preset=index.get("preset"), **kwargs)
+        return pipe.to(device, dtype)
+
+    def save_pretrained(self, path) -> Path:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        for name in _CLASSES:
+            getattr(self, name).save_pretrained(path / name)
+        index = {
+            "_class_name": type(self).__name__,
+            "format_version": FORMAT_VERSION,
+            "preset": self.preset,
+            "model_hash": self.model_hash(),
+            "components": {n: c.__name__ for n, c in _CLASSES.items()},
+        }
+        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return path
+
+    @classmethod
+    def from_sd15(cls, sd_dir, adapter_dir=None, *, device=None, dtype=None, seed: int = 0,
+                  prompt: str | None = None, negative_prompt: str | None = None, **kwargs) -> "AMAdapterPipeline":
+        """SD1.5 backbone from a local diffusers folder (unet/, vae/, scheduler/, text_encoder/,
+        tokenizer/). The structure net and matcher come from ``adapter_dir`` (an amgen folder
+        or one holding structure_net/ and matcher/), else random (seeded) from the sd15 preset.
+        The prompt is encoded once here; no text encoder is kept."""
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        sd_dir = Path(sd_dir)
+        for sub in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
+            if not (sd_dir / sub).is_dir():
+                raise FileNotFoundError(f"{sd_dir / sub}: missing from the SD1.5 folder")
+        p = get_preset("sd15")
+        unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
+        vae = AutoencoderKL.from_pretrained(sd_dir, subfolder="vae")
+        base = DDIMScheduler.from_pretrained(sd_dir, subfolder="scheduler")
+        scheduler = DDIMScheduler.from_config(base.config, **{k: p["scheduler"][k] for k in
+                                                              ("steps_offset", "clip_sample", "set_alpha_to_one")})
+        tokenizer = CLIPTokenizer.from_pretrained(sd_dir, subfolder="tokenizer", local_files_only=True)
+        encoder = CLIPTextModel.from_pretrained(sd_dir, subfolder="text_encoder", local_files_only=True)
+        text_embeds = TextEmbeds.from_text_encoder(
+            encoder, tokenizer,
+            prompt if prompt is not None else p["text_embeds"]["prompt"],
+            negative_prompt if negative_prompt is not None else p["text_embeds"]["negative_prompt"],
+        )
+        del encoder
+        if adapter_dir is not None:
+            adapter_dir = Path(adapter_dir)
+            structure_net = StructureNet.from_pretrained(adapter_dir / "structure_net")
+            matcher = Matcher.from_pretrained(adapter_dir / "matcher")
+        else:
+            heads = unet.config.attention_head_dim
+            heads = heads[0] if isinstance(heads, (list, tuple)) else heads
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                sn_cfg = dict(p["structure_net"], out_channels=unet.config.block_out_channels[0])
+                structure_net = StructureNet(**sn_cfg)
+                matcher = Matcher(**dict(p["matcher"], num_heads=heads))
+        pipe = cls(unet, vae, scheduler, structure_net, matcher, text_embeds, preset="sd15", **kwargs)
+        return pipe.to(device, dtype)
+
+    # ----------------------------------------------------------------- basics
+    def _modules(self) -> dict[str, torch.nn.Module]:
+        return {n: getattr(self, n) for n in _MODEL_COMPONENTS}
+
+    def to(self, device=None, dtype=None) -> "AMAdapterPipeline":
+        for module in self._modules().values():
+            module.to(device=device, dtype=dtype)
+        if device is not None or dtype is not None:
+            self.bank_cache.clear()
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def stride(self) -> int:
+        """Image sizes must be multiples of this (VAE factor x UNet downsampling)."""
+        return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def model_hash(self) -> str:
+        """sha256 over every component's config and weights (names, dtypes, shapes, bytes)."""
+        h = hashlib.sha256()
+        for name in _CLASSES:
+            comp = getattr(self, name)
+            h.update(name.encode())
+            h.update(json.dumps(dict(comp.config), sort_keys=True, default=str).encode())
+            if isinstance(comp, torch.nn.Module):
+                for key, t in sorted(comp.state_dict().items()):
+                    t = t.detach().cpu().contiguous()
+                    h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+                    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    # ----------------------------------------------------------------- conversions
+    def prepare_condition(self, label_ids) -> torch.Tensor:
+        """Label ids (H, W) or (N, H, W) -> colourised maps (N, 3, H, W) in [0, 1], what the
+        structure net reads (matching costs use the ids, never these colours)."""
+        ids = label_ids.cpu().numpy() if torch.is_tensor(label_ids) else np.asarray(label_ids)
+        if ids.ndim == 2:
+            ids = ids[None]
+        rgb = torch.from_numpy(colorize(ids)).permute(0, 3, 1, 2)
+        return rgb.to(device=self.device, dtype=self.dtype) / 255.0
+
+    @torch.no_grad()
+    def encode_images(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 (N, H, W, 3) -> scaled latents (N, 4, H/f, W/f); the posterior mean."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+        x = x.to(device=self.device, dtype=self.dtype) / 127.5 - 1.0
+        return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> np.ndarray:
+        x = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()
+
+    def _scheduler(self, num_inference_steps: int) -> DDIMScheduler:
+        sched = DDIMScheduler.from_config(self.scheduler.config)
+        sched.set_timesteps(num_inference_steps, device=self.device)
+        return sched
+
+    def _embeds(self, n: int, cfg: bool) -> tuple[torch.Tensor, int]:
+        """Encoder states for n samples; with CFG [uncond x n ; cond x n]. Returns (states, cond_start)."""
+        uncond, cond = self.text_embeds.pair()
+        cond = cond.to(self.dtype).expand(n, -1, -1)
+        if not cfg:
+            return cond, 0
+        return torch.cat([uncond.to(self.dtype).expand(n, -1, -1), cond]), n
+
+    # ----------------------------------------------------------------- UNet passes (training-facing)
+    def _unet(self, latents, timestep, states, guidance):
+        with self.injector.guide(guidance, self.structure_net.config.scale):
+            return self.unet(latents, timestep, encoder_hidden_states=states).sample
+
+    def appearance_tokens(self, noisy_latents: torch.Tensor, timestep, exemplar_cond: torch.Tensor, *,
+                          encoder_hidden_states: torch.Tensor | None = None, cond_start: int = 0,
+                          grad: bool = False, guidance: torch.Tensor | None = None):
+        """Appearance net: run the UNet on noisy exemplar latents (B, 4, h, w) guided by the
+        exemplar's colourised map (B, 3, H, W) and record every attn1 input.
+
+        Returns (noise prediction, {layer: (B - cond_start, N, C) tokens}); tokens keep their
+        graph when ``grad`` (stage-1 training through the shared UNet)."""
+        if encoder_hidden_states is None:
+            encoder_hidden_states, cond_start = self._embeds(noisy_latents.shape[0], cfg=False)
+        if guidance is None:
+            guidance = self.structure_net(exemplar_cond, timestep)
+        with self.attn_state.recording(noisy_latents.shape[-2:], cond_start, keep_grad=grad) as rec:
+            eps = self._unet(noisy_latents, timestep, encoder_hidden_states, guidance)
+            tokens = dict(rec)
+        return eps, tokens
+
+    def generation_eps(self, noisy_latents: torch.Tensor, timestep, target_cond: torch.Tensor, *,
+                       tokens: Mapping[str, torch.Tensor] | None = None, exemplar_hw=None,
+                       mode: str = "am_adapter", cost: CostSpec | Callable | None = None,
+                       encoder_hidden_states: torch.Tensor | None = None, cond_start: int = 0,
+                       guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Generation net: noise prediction for noisy target latents (B, 4, h, w) guided by the
+        target's colourised map, reading exemplar ``tokens`` (from :meth:`appearance_tokens`,
+        batch 1 or B) in mode "sa_aug" or "am_adapter" (needs ``cost``: a CostSpec or a
+        callable (q_grid, e_grid) -> (B or 1, Nq, Ne)); "structure_only" ignores tokens.
+        ``exemplar_hw`` is the exemplar's latent size (default: the target's)."""
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if encoder_hidden_states is None:
+            encoder_hidden_states, cond_start = self._embeds(noisy_latents.shape[0], cfg=False)
+        if guidance is None:
+            guidance = self.structure_net(target_cond, timestep)
+        latent_hw = tuple(noisy_latents.shape[-2:])
+        if mode == "structure_only" or tokens is None:
+            if mode != "structure_only":
+                raise InputError(f"mode {mode!r} needs exemplar tokens")
+            return self._unet(noisy_latents, timestep, encoder_hidden_states, guidance)
+        matcher = cost_fn = None
+        if mode == "am_adapter":
+            if cost is None:
+                raise InputError("mode 'am_adapter' needs a matching cost")
+            matcher = self.matcher
+            cost_fn = cost
+            if isinstance(cost, CostSpec):
+                def cost_fn(q_hw, e_hw):
+                    return cost.cost(q_hw, e_hw, device=noisy_latents.device, dtype=noisy_latents.dtype)
+        with self.attn_state.generating(tokens, latent_hw, exemplar_hw or latent_hw, cond_start, matcher, cost_fn):
+            return self._unet(noisy_latents, timestep, encoder_hidden_states, guidance)
+
+    # ----------------------------------------------------------------- validation
+    def _check_size(self, hw, where: str) -> None:
+        s = self.stride
+        if hw[0] == 0 or hw[1] == 0:
+            raise InputError(f"{where}: empty ({hw[0]}x{hw[1]})")
+        if hw[0] % s or hw[1] % s:
+            raise InputError(f"{where}: size {hw[0]}x{hw[1]} is not a multiple of the model stride {s}")
+
+    def _check_exemplar(self, image, label, instance) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        if image is None or label is None:
+            raise InputError("exemplar: both exemplar_image and exemplar_label are required for this mode")
+        image, label = np.asarray(image), np.asarray(label)
+        if image.size == 0 or label.size == 0:
+            raise InputError(f"exemplar: empty exemplar (image shape {image.shape}, label shape {label.shape})")
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise InputError(f"exemplar_image: expected HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
+        label = check_label_ids(label, "exemplar_label")
+        if image.shape[:2] != label.shape:
+            raise InputError(f"exemplar: image is {image.shape[0]}x{image.shape[1]} but its label map is "
+                             f"{label.shape[0]}x{label.shape[1]}")
+        if instance is not None:
+            instance = np.asarray(instance)
+            if instance.shape != label.shape:
+                raise InputError(f"exemplar_instance: shape {instance.shape} differs from the label map's {label.shape}")
+        self._check_size(label.shape, "exemplar")
+        return image, label, instance
+
+    # ----------------------------------------------------------------- exemplar bank
+    def _invert(self, z0: torch.Tensor, guidance_at, sched: DDIMScheduler) -> torch.Tensor:
+        """Deterministic DDIM inversion (uncond embedding, exemplar structure guidance)."""
+        uncond, _ = self.text_embeds.pair()
+        states = uncond.to(self.dtype).expand(z0.shape[0], -1, -1)
+        alphas = sched.alphas_cumprod.to(device=z0.device)
+        a_prev = torch.as_tensor(sched.final_alpha_cumprod, device=z0.device)
+        z = z0
+        for t in sched.timesteps.flip(0):
+            eps = self._unet(z, t, states, guidance_at(t))
+            a_t = alphas[int(t)]
+            x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+            z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
+            a_prev = a_t
+        return z
+
+    @torch.no_grad()
+    def encode_exemplar(self, image, label, instance=None, *, num_inference_steps: int = 20,
+                        guidance_scale: float = 7.5, key=None, callback=None) -> ExemplarBank:
+        """VAE encode, DDIM inversion and the step-locked appearance pass of one exemplar.
+
+        With ``key`` the bank is cached (bounded LRU) under (key, steps, guidance, size,
+        device, dtype); change weights -> call ``pipe.bank_cache.clear()``."""
+        image, label, instance = self._check_exemplar(image, label, instance)
+        cache_key = None
+        if key is not None:
+            cache_key = (key, int(num_inference_steps), float(guidance_scale), label.shape, str(self.device), str(self.dtype))
+            hit = self.bank_cache.get(cache_key)
+            if hit is not None:
+                return hit
+        sched = self._scheduler(num_inference_steps)
+        cond_map = self.prepare_condition(label)
+        guidance_cache: dict[int, torch.Tensor] = {}
+
+        def guidance_at(t):
+            if int(t) not in guidance_cache:
+                guidance_cache[int(t)] = self.structure_net(cond_map, t)
+            return guidance_cache[int(t)]
+
+        z = self._invert(self.encode_images(image[None]), guidance_at, sched)
+        cfg = guidance_scale > 1.0 and not self.text_embeds.identical_halves
+        states, cond_start = self._embeds(1, cfg)
+        tokens = []
+        n = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
+            latents = torch.cat([z, z]) if cfg else z
+            eps, rec = self.appearance_tokens(latents, t, cond_map, encoder_hidden_states=states,
+                                              cond_start=cond_start, guidance=guidance_at(t))
+            tokens.append(rec)
+            if cfg:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            if i + 1 < n:
+                z = sched.step(eps, t, z).prev_sample
+            if callback is not None:
+                callback(i + 1, n)
+        bank = ExemplarBank(
+            timesteps=tuple(int(t) for t in sched.timesteps), tokens=tokens, label=label,
+            instance=None if instance is None else np.asarray(instance), latent_hw=tuple(z.shape[-2:]),
+            guidance_scale=float(guidance_scale), key=key,
+        )
+        if cache_key is not None:
+            self.bank_cache.put(cache_key, bank)
+        return bank
+
+    # ----------------------------------------------------------------- sampling
+    def initial_noise(self, seeds: Sequence[int], latent_hw) -> torch.Tensor:
+        """One CPU generator per sample, so a sample never depends on its batch neighbours."""
+        c = self.unet.config.in_channels
+        noise = [torch.randn((c, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(device=self.device, dtype=self.dtype)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        target_labels,
+        exemplar_image=None,
+        exemplar_label=None,
+        *,
+        bank: ExemplarBank | None = None,
+        exemplar_instance=None,
+        target_instances=None,
+        instance_mapping: Mapping[int, Sequence[int]] | None = None,
+        granularity: str = "class",
+        seeds,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        mode: str = "am_adapter",
+        callback: Callable[[int, int], None] | None = None,
+        exemplar_key=None,
+        label_sampling: str = "majority",
+    ) -> AMAdapterOutput:
+        if mode not in MODES:
+            raise InputError(f"unknown mode {mode!r}; choose one of {MODES}")
+        targets = [check_label_ids(t, f"target_labels[{i}]") for i, t in enumerate(_as_maps(target_labels, "target_labels"))]
+        hw = targets[0].shape
+        for i, t in enumerate(targets):
+            if t.shape != hw:
+                raise InputError(f"target_labels[{i}]: size {t.shape} differs from target_labels[0]'s {hw}")
+        self._check_size(hw, "target_labels")
+        seeds = [int(s) for s in (seeds if isinstance(seeds, (Sequence, np.ndarray)) else [seeds])]
+        if len(seeds) != len(targets):
+            raise InputError(f"seeds: {len(seeds)} seeds for {len(targets)} targets")
+        instances = _as_maps(target_instances, "target_instances")
+        if instances is not None:
+            if len(instances) != len(targets):
+                raise InputError(f"target_instances: {len(instances)} maps for {len(targets)} targets")
+            for i, m in enumerate(instances):
+                if m.shape != hw:
+                    raise InputError(f"target_instances[{i}]: shape {m.shape} differs from the label map's {hw}")
+
+        cost = None
+        if mode != "structure_only":
+            if bank is None:
+                bank = self.encode_exemplar(exemplar_image, exemplar_label, exemplar_instance,
+                                            num_inference_steps=num_inference_steps,
+                                            guidance_scale=guidance_scale, key=exemplar_key)
+            elif bank.num_inference_steps != num_inference_steps:
+                raise InputError(f"bank: made for {bank.num_inference_steps} steps, sampling asks for {num_inference_steps}")
+            if mode == "am_adapter":
+                ex_instance = bank.instance if exemplar_instance is None else np.asarray(exemplar_instance)
+                cost = CostSpec(targets, bank.label, target_instances=instances, exemplar_instance=ex_instance,
+                                granularity=granularity, instance_mapping=instance_mapping, sampling=label_sampling)
+
+        sched = self._scheduler(num_inference_steps)
+        n = len(targets)
+        f = self.vae_scale_factor
+        latent_hw = (hw[0] // f, hw[1] // f)
+        z = self.initial_noise(seeds, latent_hw)
+        cond_map = self.prepare_condition(np.stack(targets))
+        cfg = guidance_scale > 1.0 and not (mode == "structure_only" and self.text_embeds.identical_halves)
+        states, cond_start = self._embeds(n, cfg)
+        steps = len(sched.timesteps)
+        for i, t in enumerate(sched.timesteps):
+            latents = torch.cat([z, z]) if cfg else z
+            eps = self.generation_eps(
+                latents, t, cond_map, tokens=None if bank is None else bank.tokens[i],
+                exemplar_hw=None if bank is None else bank.latent_hw, mode=mode, cost=cost,
+                encoder_hidden_states=states, cond_start=cond_start,
+            )
+            if cfg:
+                eps_u, eps_c = eps.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            z = sched.step(eps, t, z).prev_sample
+            if callback is not None:
+                callback(i + 1, steps)
+        return AMAdapterOutput(images=self.decode_latents(z))

@@ -1,0 +1,57 @@
+"""A tiny preset-shaped config for fast tests (CPU, seconds): 32x32 images, stride 4.
+
+Not a product preset (hence not in PRESETS). Its matcher aggregates on at most 8x8 per
+side so that the 16x16 layers exercise the resize-aggregate-resize path.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from amadapter.presets import get_preset
+
+TINY_SIZE = (32, 32)
+
+
+def tiny_config(heads: int = 2) -> dict:
+    p = get_preset("toy")
+    p["name"] = "tiny"
+    p["image_size"] = TINY_SIZE
+    p["unet"].update(
+        sample_size=(16, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32),
+        cross_attention_dim=16, attention_head_dim=heads, norm_num_groups=8,
+    )
+    p["vae"].update(
+        sample_size=TINY_SIZE, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), norm_num_groups=4,
+    )
+    p["structure_net"].update(
+        stem_channels=(8, 8, 16), stem_strides=(1, 1, 1), stem_groups=2, stage_channels=(16, 16),
+        stage_groups=(4, 4), mid_groups=4, out_channels=16, time_proj_dim=16, time_embed_dim=16,
+    )
+    p["matcher"].update(num_heads=heads, max_side=8)
+    p["text_embeds"].update(seq_len=2, cross_attention_dim=16)
+    return p
+
+
+def tiny_pipeline(seed: int = 0, heads: int = 2, **kwargs):
+    from amadapter.pipeline import AMAdapterPipeline
+
+    return AMAdapterPipeline.from_preset(tiny_config(heads), seed=seed, **kwargs)
+
+
+def tiny_scene(seed: int = 0, size=TINY_SIZE, cars: int = 2):
+    """(image uint8 HxWx3, label ids HxW, instance int32 HxW): sky, building, road, cars."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    label = np.full((h, w), 23, np.uint8)  # sky
+    label[h // 4 : h // 2] = 11  # building
+    label[h // 2 :] = 7  # road
+    instance = label.astype(np.int32)
+    for k in range(cars):
+        y = int(rng.integers(h // 2, h - 6))
+        x = int(rng.integers(0, w - 8))
+        label[y : y + 5, x : x + 8] = 26
+        instance[y : y + 5, x : x + 8] = 26000 + k
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return image, label, instance
