@@ -353,11 +353,14 @@ def _label_table_md(label_pixels: Sequence[int] | None) -> list[str]:
 def write_dataset_card(out_dir: str | os.PathLike, info: DatasetCardInfo | Mapping[str, Any]) -> Path:
     """README.md: YAML header (configs, features, task, licence) + counts, label table, how to load."""
     if isinstance(info, Mapping):
+        unknown = sorted(set(info) - set(DatasetCardInfo.__dataclass_fields__))
+        if unknown:
+            raise SinkError(f"dataset card info: unknown keys {unknown} (see DatasetCardInfo)")
         info = DatasetCardInfo(**info)
     scores = ", ".join(f"`{s}`" for s in info.score_columns) or "none"
     body = [
         f"# {info.pretty_name}", "",
-        "Semantic segmentation pairs synthesized by [amgen](https://github.com/) with AM-Adapter: each "
+        "Semantic segmentation pairs synthesized by amgen with AM-Adapter: each "
         "image is generated from a target label layout and the appearance of a retrieved exemplar, "
         "so `label` is pixel-aligned with `image` by construction.", "",
         "## Contents", "",
