@@ -25,10 +25,12 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
+from connectors.image_io import read_image, read_label_png
+
 from . import classes as C
 from .appearance import N_SLOTS, Appearance, sample_appearance
 from .layout import ToyLayout, sample_layout
-from .files import read_png, write_json, write_png
+from .files import write_json, write_png
 from .render import render
 from .seeds import STREAM_TRIPLES, as_int, scene_streams
 
@@ -141,7 +143,8 @@ def read_triples(in_dir: str | os.PathLike) -> Iterator[GroundTruthTriple]:
     for tid in index["ids"]:
         d = root / tid
         side = json.loads((d / "triple.json").read_text())
-        arrays = {name: read_png(d / f"{name}.png") for name in _ARRAYS}
+        arrays = {name: (read_image if name.endswith("image") else read_label_png)(d / f"{name}.png")
+                  for name in _ARRAYS}
         for name in ("exemplar_instance", "target_instance"):
             arrays[name] = arrays[name].astype(np.int32)
         yield GroundTruthTriple(
