@@ -1,0 +1,163 @@
+"""Training the judge segmenter: a plain seeded PyTorch loop on one CPU, with checkpoint/resume.
+
+Data comes from *sample sources*: objects with ``__getitem__(i) -> (image HxWx3 uint8,
+label HxW uint8 Cityscapes ids)`` and ``size`` (how many samples; ``None`` for an endless
+procedural source). The batch of step ``s`` is a pure function of ``(seed, s)``: a resumed run sees
+exactly the batches an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from amadapter.eval.metrics import ConfusionAccumulator
+from amadapter.eval.segmenter import Segmenter, SegmenterConfig
+from amadapter.labels import IGNORE_TRAIN_ID, to_train_ids
+
+# Seed ranges of toy-town scenes, disjoint from one another and from TRAIN's generative-model
+# data (documented in docs/quality.md). A scene's seed is ``base + index``.
+SEGMENTER_TRAIN_SEED_BASE = 50_000_000   # segmenter training scenes (endless, index = step*batch + j)
+SEGMENTER_HELDOUT_SEED_BASE = 60_000_000  # segmenter held-out scenes (its own mIoU)
+
+
+class SampleSource(Protocol):
+    size: int | None
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class ToyTownScenes:
+    """Endless real toy-town scenes: layout and appearance (all domains) drawn from ``base + i``."""
+
+    def __init__(self, seed_base: int, height: int = 64, width: int = 128, limit: int | None = None):
+        self.seed_base, self.height, self.width, self.size = seed_base, height, width, limit
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        from connectors.toytown import render, sample_appearance, sample_layout
+
+        rng = np.random.default_rng(self.seed_base + int(i))
+        layout = sample_layout(rng, height=self.height, width=self.width)
+        appearance = sample_appearance(rng)
+        return render(layout, appearance, seed=int(rng.integers(2**31))), layout.label
+
+
+class ConcatSource:
+    """Finite sources side by side; index i runs through them in order."""
+
+    def __init__(self, *sources: SampleSource):
+        if any(s.size is None for s in sources):
+            raise ValueError("ConcatSource: every source must be finite")
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [s.size for s in sources])
+        self.size = int(self.offsets[-1])
+
+    def __getitem__(self, i: int):
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return self.sources[k][i - int(self.offsets[k])]
+
+
+@dataclass
+class SegmenterTrainConfig:
+    steps: int = 1200
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    threads: int = 1
+
+
+def _batch(source: SampleSource, cfg: SegmenterTrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([cfg.seed, step])
+    n = source.size
+    if n is None:
+        idx = [step * cfg.batch_size + j for j in range(cfg.batch_size)]
+    else:
+        idx = rng.integers(0, n, cfg.batch_size).tolist()
+    images, labels = zip(*(source[i] for i in idx))
+    images, labels = np.stack(images), to_train_ids(np.stack(labels))
+    flip = rng.random(cfg.batch_size) < 0.5  # horizontal flips keep a driving scene plausible
+    images[flip], labels[flip] = images[flip][:, :, ::-1], labels[flip][:, :, ::-1]
+    return images, labels
+
+
+def _lr_at(cfg: SegmenterTrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, frac)))
+
+
+def train_segmenter(
+    source: SampleSource,
+    run_dir: str | Path,
+    cfg: SegmenterTrainConfig | None = None,
+    model_config: SegmenterConfig | None = None,
+    log: Callable[[str], None] = print,
+) -> Segmenter:
+    """Train (or resume) in ``run_dir``: ``checkpoint.pt``, ``log.jsonl``; returns the model."""
+    cfg = cfg or SegmenterTrainConfig()
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _train(source, Path(run_dir), cfg, model_config, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) -> Segmenter:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = Segmenter(model_config)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ckpt_path = run_dir / "checkpoint.pt"
+    start = 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        if state["train_config"] != asdict(cfg):
+            raise ValueError(f"{ckpt_path}: checkpoint was made with a different training config; use a new run dir")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+        log(f"resumed from {ckpt_path} at step {start}")
+    model.train()
+    t0 = time.time()
+    with open(run_dir / "log.jsonl", "a") as logf:
+        for step in range(start, cfg.steps):
+            images, labels = _batch(source, cfg, step)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, step)
+            logits = model(model.to_input(images))
+            loss = F.cross_entropy(logits, torch.from_numpy(labels.astype(np.int64)), ignore_index=IGNORE_TRAIN_ID)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            done = step + 1
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                tmp = ckpt_path.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "train_config": asdict(cfg)}, tmp)
+                tmp.replace(ckpt_path)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                rec = {"step": done, "loss": round(loss.item(), 5), "lr": _lr_at(cfg, step), "elapsed_s": round(time.time() - t0, 1)}
+                logf.write(json.dumps(rec) + "\n")
+                logf.flush()
+                log(f"step {done}/{cfg.steps} loss {rec['loss']:.4f} ({rec['elapsed_s']} s)")
+    return model.eval()
+
+
+def evaluate_segmenter(model: Segmenter, source: SampleSource, n: int, batch_size: int = 32) -> ConfusionAccumulator:
+    """Pooled confusion of ``model`` on the first ``n`` samples of ``source``."""
+    acc = ConfusionAccumulator(model.config.num_classes)
+    for lo in range(0, n, batch_size):
+        images, labels = zip(*(source[i] for i in range(lo, min(n, lo + batch_size))))
+        for pred, label in zip(model.predict(np.stack(images)), labels):
+            acc.add(pred, label)
+    return acc
