@@ -65,7 +65,7 @@ class Appearance:
     lit_windows: float         # fraction of building windows lit from inside
 
     def slot_table(self) -> np.ndarray:
-        """(256, N_SLOTS, 3): the colour of thing class c, slot j (stuff rows repeat the palette)."""
+        """(256, N_SLOTS, 3): the colour of thing class c, slot j (other rows repeat the palette)."""
         table = np.repeat(self.palette[:, None, :], N_SLOTS, axis=1)
         for cls in C.VEHICLES:
             table[cls] = self.vehicle_slots

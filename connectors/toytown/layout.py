@@ -103,10 +103,10 @@ def sample_layout(rng: np.random.Generator, height: int = 64, width: int = 128) 
 
     canvas = _Canvas(H, W)
     _paint_ground_and_sky(canvas, horizon, unit, vx, street)
-    for side in (-1, 1):
-        _paint_blocks(canvas, rng, horizon, unit, vx, side, street["face"][side > 0])
+    for i in (0, 1):                          # left, right
+        _paint_blocks(canvas, rng, horizon, unit, vx, street["face"][i])
         if rng.random() < 0.3:
-            _paint_barrier(canvas, rng, horizon, unit, vx, side, street["side"][side > 0])
+            _paint_barrier(canvas, rng, horizon, unit, vx, street["side"][i])
 
     objects = _sample_objects(rng, street)
     objects.sort(key=lambda o: o["s"])    # far to near: nearer objects occlude farther ones
@@ -144,7 +144,7 @@ def _paint_ground_and_sky(canvas: _Canvas, horizon: float, unit: float, vx: floa
     canvas.instance[:] = canvas.label
 
 
-def _facade_columns(canvas: _Canvas, horizon: float, unit: float, vx: float, side: int, plane: float):
+def _facade_columns(canvas: _Canvas, unit: float, vx: float, plane: float):
     """For a vertical plane at lateral ``plane``: per-column depth s and mask of columns that see it."""
     _, xs = pixel_grid(canvas.h, canvas.w)
     s = (xs[0] - vx) / (plane * unit)
@@ -153,13 +153,13 @@ def _facade_columns(canvas: _Canvas, horizon: float, unit: float, vx: float, sid
 
 
 def _paint_blocks(canvas: _Canvas, rng: np.random.Generator, horizon: float, unit: float, vx: float,
-                  side: int, face: float) -> None:
+                  face: float) -> None:
     """A row of buildings (or tall greenery, or gaps) standing on the facade plane of one side."""
     n = 48
     z_edges = 0.6 + np.cumsum(rng.uniform(0.35, 1.6, n))           # block ends along the street
     kinds = rng.choice(3, size=n + 1, p=_BLOCK_P)
     heights = np.where(kinds == 0, rng.uniform(2.5, 9.0, n + 1), rng.uniform(0.8, 2.5, n + 1))
-    s, cols = _facade_columns(canvas, horizon, unit, vx, side, face)
+    s, cols = _facade_columns(canvas, unit, vx, face)
     block = np.searchsorted(z_edges, 1.0 / s)
     kind = kinds[block]
     roof = horizon - heights[block] * unit * s
@@ -173,13 +173,13 @@ def _paint_blocks(canvas: _Canvas, rng: np.random.Generator, horizon: float, uni
 
 
 def _paint_barrier(canvas: _Canvas, rng: np.random.Generator, horizon: float, unit: float, vx: float,
-                   side: int, plane: float) -> None:
+                   plane: float) -> None:
     """A wall or fence along the outer sidewalk edge, over a stretch of the street."""
     cls = C.WALL if rng.random() < 0.5 else C.FENCE
     height = rng.uniform(0.35, 0.8)
     z0 = rng.uniform(0.6, 3.0)
     z1 = z0 + rng.uniform(2.0, 20.0)
-    s, cols = _facade_columns(canvas, horizon, unit, vx, side, plane)
+    s, cols = _facade_columns(canvas, unit, vx, plane)
     z = 1.0 / s
     ys, _ = pixel_grid(canvas.h, canvas.w)
     base = horizon + unit * s
