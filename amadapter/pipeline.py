@@ -53,6 +53,7 @@ class InputError(ValueError):
 @dataclass
 class AMAdapterOutput:
     images: np.ndarray  # (N, H, W, 3) uint8
+    latents: torch.Tensor | None = None  # (N, 4, h, w) final latents, before decoding
 
 
 def _as_maps(maps, where: str, dtype=None) -> list[np.ndarray]:
@@ -211,7 +212,8 @@ class AMAdapterPipeline:
         for name in _CLASSES:
             comp = getattr(self, name)
             h.update(name.encode())
-            h.update(json.dumps(dict(comp.config), sort_keys=True, default=str).encode())
+            config = {k: v for k, v in dict(comp.config).items() if not k.startswith("_")}  # no paths/versions
+            h.update(json.dumps(config, sort_keys=True, default=str).encode())
             if isinstance(comp, torch.nn.Module):
                 for key, t in sorted(comp.state_dict().items()):
                     t = t.detach().cpu().contiguous()
@@ -483,4 +485,4 @@ class AMAdapterPipeline:
             z = sched.step(eps, t, z).prev_sample
             if callback is not None:
                 callback(i + 1, steps)
-        return AMAdapterOutput(images=self.decode_latents(z))
+        return AMAdapterOutput(images=self.decode_latents(z), latents=z)
