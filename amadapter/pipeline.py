@@ -183,10 +183,11 @@ class AMAdapterPipeline:
         return {n: getattr(self, n) for n in _MODEL_COMPONENTS}
 
     def to(self, device=None, dtype=None) -> "AMAdapterPipeline":
+        if device is None and dtype is None:
+            return self
         for module in self._modules().values():
             module.to(device=device, dtype=dtype)
-        if device is not None or dtype is not None:
-            self.bank_cache.clear()
+        self.bank_cache.clear()  # banks hold tensors of the old device/dtype
         return self
 
     @property

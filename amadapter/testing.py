@@ -55,3 +55,39 @@ def tiny_scene(seed: int = 0, size=TINY_SIZE, cars: int = 2):
         instance[y : y + 5, x : x + 8] = 26000 + k
     image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     return image, label, instance
+
+
+def make_tiny_sd15_folder(path, seed: int = 0, heads: int = 2):
+    """Write a tiny random SD1.5-shaped diffusers folder (unet, vae, scheduler, text_encoder,
+    tokenizer) for offline tests of :meth:`AMAdapterPipeline.from_sd15` and the importer."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = Path(path)
+    cfg = tiny_config(heads)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        UNet2DConditionModel(**dict(cfg["unet"], cross_attention_dim=32)).save_pretrained(path / "unet")
+        AutoencoderKL(**cfg["vae"]).save_pretrained(path / "vae")
+        # SD1.5 ships a PNDM config; from_sd15 must turn it into our DDIM settings
+        PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      skip_prk_steps=True, steps_offset=1).save_pretrained(path / "scheduler")
+        letters = "abcdefghijklmnopqrstuvwxyz<>"
+        vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+        for ch in letters:
+            vocab.setdefault(ch, len(vocab))
+            vocab.setdefault(ch + "</w>", len(vocab))
+        tok_dir = path / "tokenizer"
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        (tok_dir / "vocab.json").write_text(json.dumps(vocab))
+        (tok_dir / "merges.txt").write_text("#version: 0.2\n")
+        CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=77).save_pretrained(tok_dir)
+        text_cfg = CLIPTextConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                  num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                  pad_token_id=1)
+        CLIPTextModel(text_cfg).save_pretrained(path / "text_encoder")
+    return path
