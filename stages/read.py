@@ -6,6 +6,7 @@ its own, so a corrupt PNG, an unknown label id or an image/label size mismatch b
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from pathlib import Path
@@ -45,9 +46,32 @@ def source_from_config(src: Any) -> LayoutSource:
     return make_source(src.kind, str(Path(src.root)), src.split, src.options)
 
 
+def as_item(raw: Any, source_name: str) -> Item:
+    """A connector's descriptor as a plain dict with ``item_id``, ``source`` and ``path``.
+
+    Connectors may list dataclasses (e.g. ``CityscapesItem``) keyed by ``layout_id``; the dict form
+    ships through Ray and goes back to the connector's ``read_item`` unchanged.
+    """
+    if isinstance(raw, dict):
+        d = dict(raw)
+    elif hasattr(raw, "to_row"):
+        d = dict(raw.to_row())
+    elif dataclasses.is_dataclass(raw):
+        d = dataclasses.asdict(raw)
+    else:
+        raise TypeError(f"source {source_name}: cannot use item descriptor of type {type(raw).__name__}")
+    d.setdefault("item_id", d.get("layout_id"))
+    d.setdefault("source", source_name)
+    d.setdefault("path", d.get("label") or d.get("polygons") or d.get("image"))
+    if d["item_id"] is None:
+        raise ValueError(f"source {source_name}: item descriptor without an id: {d}")
+    return d
+
+
 def list_items(source: LayoutSource, limit: int | None = None) -> list[Item]:
     """Descriptors sorted by item id (a deterministic order whatever the file system says), capped."""
-    items = sorted(source.list_items(), key=lambda it: str(it["item_id"]))
+    name = str(getattr(source, "name", type(source).__name__))
+    items = sorted((as_item(it, name) for it in source.list_items()), key=lambda it: str(it["item_id"]))
     ids = [str(it["item_id"]) for it in items]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)

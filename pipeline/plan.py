@@ -1,0 +1,142 @@
+"""The plan: every sample of a run, decided before any pixel is synthesized.
+
+A plan row is one sample: target, exemplar, the target's augmentation record, seed, its stable
+``sample_id`` and its place (``position``, ``shard``). Samples are ordered by (exemplar, target,
+rank), so targets that share an exemplar sit next to each other: they land in the same shard and
+the same model batch, and the exemplar bank is computed once for all of them.
+
+The plan is stored as ``OUT/plan.parquet`` with the config hash in its metadata; a rerun reads it
+back instead of re-planning, which is what makes resume exact.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from stages.records import sample_id, stable_seed
+
+PLAN_FILE = "plan.parquet"
+PLAN_VERSION = "1"
+PLAN_SCHEMA = pa.schema([
+    ("position", pa.int64()), ("shard", pa.int64()), ("sample_id", pa.string()),
+    ("target_id", pa.string()), ("target_item", pa.string()),
+    ("exemplar_id", pa.string()), ("exemplar_item", pa.string()), ("exemplar_rank", pa.int64()),
+    ("exemplar_score", pa.float64()), ("augment", pa.string()), ("seed", pa.int64()),
+])
+
+
+class PlanError(ValueError):
+    pass
+
+
+@dataclass
+class Plan:
+    rows: list[dict[str, Any]]          # in position order
+    config_hash: str
+    rows_per_shard: int
+    errors: list[dict[str, Any]] = field(default_factory=list)   # quarantined while planning
+    num_targets: int = 0                # targets that were read and augmented
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.rows)
+
+    @property
+    def num_shards(self) -> int:
+        return math.ceil(len(self.rows) / self.rows_per_shard) if self.rows else 0
+
+    def shard_rows(self, shard: int) -> list[dict[str, Any]]:
+        return self.rows[shard * self.rows_per_shard:(shard + 1) * self.rows_per_shard]
+
+    def shard_sizes(self) -> list[int]:
+        return [len(self.shard_rows(s)) for s in range(self.num_shards)]
+
+    def num_exemplars(self) -> int:
+        return len({r["exemplar_id"] for r in self.rows})
+
+
+def make_plan(targets: Iterable[dict[str, Any]], exemplar_items: dict[str, str], *, k: int, seed: int,
+              rows_per_shard: int, config_hash: str) -> Plan:
+    """``targets``: {target_id, target_item, augment, matches: [{id, score}] best first}.
+
+    A target with no exemplar, or whose exemplar the exemplar source does not list, is quarantined
+    (stage "retrieve"); a target with fewer than ``k`` matches keeps the ones it has.
+    """
+    samples, errors, n_targets = [], [], 0
+    for t in targets:
+        n_targets += 1
+        item = json.loads(t["target_item"])
+        matches = list(t["matches"])[:k]
+        if not matches:
+            errors.append({"input_id": t["target_id"], "source": item.get("source"), "stage": "retrieve",
+                           "reason": "missing exemplar: the index returned no match (filters too strict?)",
+                           "path": item.get("path")})
+            continue
+        for rank, m in enumerate(matches):
+            ex_id = str(m["id"])
+            if ex_id not in exemplar_items:
+                errors.append({"input_id": t["target_id"], "source": item.get("source"), "stage": "retrieve",
+                               "reason": f"missing exemplar: {ex_id!r} is in the index but not in the exemplar source",
+                               "path": item.get("path")})
+                continue
+            s = stable_seed("sample", t["target_id"], ex_id, rank, base=seed)
+            samples.append({
+                "sample_id": sample_id(t["target_id"], ex_id, t["augment"], s),
+                "target_id": t["target_id"], "target_item": t["target_item"],
+                "exemplar_id": ex_id, "exemplar_item": exemplar_items[ex_id], "exemplar_rank": rank,
+                "exemplar_score": float(m.get("score", 0.0)), "augment": t["augment"], "seed": s,
+            })
+    samples.sort(key=lambda r: (r["exemplar_id"], r["target_id"], r["exemplar_rank"]))
+    ids = [r["sample_id"] for r in samples]
+    if len(set(ids)) != len(ids):
+        raise PlanError("two planned samples share a sample_id (duplicate target ids in the source?)")
+    for i, r in enumerate(samples):
+        r["position"], r["shard"] = i, i // rows_per_shard
+    errors.sort(key=lambda e: (e["input_id"], e["stage"], e["reason"]))
+    return Plan(rows=samples, config_hash=config_hash, rows_per_shard=rows_per_shard, errors=errors,
+                num_targets=n_targets)
+
+
+def save_plan(plan: Plan, out_dir: str | os.PathLike) -> Path:
+    path = Path(out_dir) / PLAN_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pylist([{k: r[k] for k in PLAN_SCHEMA.names} for r in plan.rows], schema=PLAN_SCHEMA)
+    table = table.replace_schema_metadata({
+        "amgen.plan_version": PLAN_VERSION, "amgen.config_hash": plan.config_hash,
+        "amgen.rows_per_shard": str(plan.rows_per_shard), "amgen.num_targets": str(plan.num_targets),
+        "amgen.errors": json.dumps(plan.errors, sort_keys=True),
+    })
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def plan_config_hash(out_dir: str | os.PathLike) -> str | None:
+    """The config hash a folder's plan was made with, or None when there is no plan."""
+    path = Path(out_dir) / PLAN_FILE
+    if not path.is_file():
+        return None
+    meta = pq.read_schema(path).metadata or {}
+    return meta.get(b"amgen.config_hash", b"").decode() or None
+
+
+def load_plan(out_dir: str | os.PathLike) -> Plan:
+    path = Path(out_dir) / PLAN_FILE
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise PlanError(f"{path}: unreadable plan ({e}); rerun with --overwrite") from e
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    if meta.get("amgen.plan_version") != PLAN_VERSION:
+        raise PlanError(f"{path}: plan version {meta.get('amgen.plan_version')!r} != {PLAN_VERSION}; rerun with --overwrite")
+    rows = table.to_pylist()
+    return Plan(rows=rows, config_hash=meta["amgen.config_hash"], rows_per_shard=int(meta["amgen.rows_per_shard"]),
+                errors=json.loads(meta.get("amgen.errors", "[]")), num_targets=int(meta.get("amgen.num_targets", 0)))

@@ -1,0 +1,83 @@
+"""Score stage (optional): how well a judge segmenter recovers each sample's own label.
+
+Per sample, ``score_miou`` is the mean IoU (trainIds, classes present) between the segmenter's
+prediction on the synthesized image and the label the image was generated from. It is a cheap
+controllability signal for filtering a dataset; the segmenter comes from amadapter.eval.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from connectors.image_io import decode_png
+
+SCORE_COLUMNS = ("score_miou",)
+
+
+class ScoreUnavailableError(ValueError):
+    """score.enabled is set but no usable segmenter exists."""
+
+
+def segmenter_path(configured: str | None) -> Path:
+    if configured:
+        return Path(configured)
+    from amadapter.eval.segmenter import DEFAULT_DIR
+
+    return Path(DEFAULT_DIR)
+
+
+def check_scorer(configured: str | None, where: str = "score.segmenter") -> Path:
+    """Fail before any synthesis if scoring was asked for but cannot run."""
+    try:
+        from amadapter.eval.segmenter import Segmenter
+    except ImportError as e:
+        raise ScoreUnavailableError(f"score.enabled: the judge segmenter (amadapter.eval) is not installed ({e})") from e
+    path = segmenter_path(configured)
+    try:
+        Segmenter.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ScoreUnavailableError(f"{where}: no usable segmenter at {path} ({e}); "
+                                    "train one with `amgen eval segmenter` or set score.enabled: false") from e
+    return path
+
+
+def sample_miou(pred_train_ids: np.ndarray, label_ids: np.ndarray) -> float:
+    from amadapter.eval.metrics import confusion_matrix, mean_iou
+    from amadapter.labels import to_train_ids
+
+    return mean_iou(confusion_matrix(pred_train_ids, to_train_ids(label_ids)))
+
+
+class Scorer:
+    """Ray Data batch function: adds ``score_miou`` (NaN for quarantined rows) to sample rows."""
+
+    def __init__(self, segmenter: str | None = None, torch_threads: int | None = None):
+        import torch
+        from amadapter.eval.segmenter import Segmenter
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.model = Segmenter.from_pretrained(segmenter_path(segmenter))
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        n = len(batch["sample_id"])
+        scores = np.full(n, np.nan, np.float64)
+        ok = [i for i in range(n) if not batch["error"][i]]
+        by_shape: dict[tuple, list[int]] = {}
+        images, labels = {}, {}
+        for i in ok:
+            images[i] = decode_png(bytes(batch["image"][i]), f"sample {batch['sample_id'][i]} image", "rgb")
+            labels[i] = decode_png(bytes(batch["label"][i]), f"sample {batch['sample_id'][i]} label", "label")
+            by_shape.setdefault(images[i].shape, []).append(i)
+        for idx in by_shape.values():
+            try:
+                preds = self.model.predict(np.stack([images[i] for i in idx]))
+            except ValueError:  # a size the segmenter cannot take: leave those unscored
+                continue
+            for j, i in enumerate(idx):
+                scores[i] = sample_miou(preds[j], labels[i])
+        out = dict(batch)
+        out["score_miou"] = scores
+        return out

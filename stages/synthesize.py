@@ -1,0 +1,180 @@
+"""Synthesize stage: the AM-Adapter model as a callable class, one instance per Ray actor.
+
+The model loads once in ``__init__``. For every group (targets sharing one exemplar) the exemplar
+bank is computed once (``encode_exemplar(key=exemplar_id)``, so the pipeline's LRU also serves
+later groups of the same exemplar) and all targets of the group are generated in one call with
+their own seeds. A group whose batch call fails is retried one sample at a time, so one bad
+sample (e.g. a size the model cannot take) becomes an error row and the others still come out.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from connectors.image_io import encode_png
+from stages.group import unpack_arrays
+
+TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "amadapter" / "weights" / "toy"
+SAMPLE_COLUMNS = ("sample_id", "shard", "position", "target_id", "exemplar_id", "image", "label", "instance",
+                  "seed", "augment", "model", "error", "bank_new", "seconds")
+# Failures of one sample that must not stop the run (shape/size problems surface as these in torch).
+SAMPLE_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
+
+
+def toy_weights_available(path: Path = TOY_WEIGHTS) -> bool:
+    """True once the trained toy model has been saved into the package (see amadapter/train)."""
+    return (path / "model_index.json").is_file()
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("model.device is 'cuda' but this worker has no CUDA device")
+    return device
+
+
+def load_pipeline(model: dict[str, Any], device: str = "cpu", bank_cache_size: int = 64):
+    """The one place that turns ``model`` config into an ``AMAdapterPipeline`` and a display name.
+
+    ``path: toy`` takes the bundled trained toy weights when they exist and a random-weight toy
+    model (seed 0) until then, so the demo switches to the trained model without a config change.
+    """
+    import torch
+    from amadapter.pipeline import AMAdapterPipeline
+
+    dtype = getattr(torch, model.get("dtype", "float32"))
+    path = model.get("path", "toy")
+    kw = {"bank_cache_size": int(bank_cache_size)}
+    if path == "toy":
+        if toy_weights_available():
+            pipe, name = AMAdapterPipeline.from_pretrained(str(TOY_WEIGHTS), device=device, dtype=dtype, **kw), "toy"
+        else:
+            pipe, name = AMAdapterPipeline.from_preset("toy", seed=0, **kw).to(device, dtype), "toy-random"
+    elif path == "sd15":
+        pipe = AMAdapterPipeline.from_sd15(model["sd15_dir"], adapter_dir=model.get("adapter_dir"),
+                                           device=device, dtype=dtype, **kw)
+        name = "sd15"
+    else:
+        pipe, name = AMAdapterPipeline.from_pretrained(path, device=device, dtype=dtype, **kw), Path(path).name
+    return pipe, name
+
+
+def _error(member: dict, stage: str, reason: str) -> dict[str, Any]:
+    return {"input_id": member["target_id"], "source": None, "stage": stage, "reason": reason, "path": None,
+            "sample_id": member["sample_id"]}
+
+
+class Synthesizer:
+    """Ray Data batch function over loaded groups (see stages/group.py) -> one row per sample."""
+
+    def __init__(self, model: dict[str, Any], *, device: str = "cpu", torch_threads: int | None = None,
+                 bank_cache_size: int = 64):
+        import torch
+
+        if torch_threads:
+            torch.set_num_threads(int(torch_threads))
+        self.settings = dict(model)
+        self.device = resolve_device(device)
+        self.pipe, name = load_pipeline(model, self.device, bank_cache_size)
+        self.model_id = f"{name}@{self.pipe.model_hash()[:16]}"
+
+    # -- one group
+    def _bank(self, arrays: dict[str, np.ndarray], key: str):
+        m = self.settings
+        if m["mode"] == "structure_only":  # the baseline ignores the exemplar
+            return None
+        return self.pipe.encode_exemplar(
+            arrays["exemplar_image"], arrays["exemplar_label"], arrays.get("exemplar_instance"),
+            num_inference_steps=m["steps"], guidance_scale=m["guidance_scale"], key=key)
+
+    def _generate(self, bank, labels: list[np.ndarray], instances: list[np.ndarray | None], seeds: list[int],
+                  exemplar_instance: np.ndarray | None, exemplar_key: str) -> np.ndarray:
+        m = self.settings
+        kwargs: dict[str, Any] = {}
+        if m.get("granularity", "class") == "instance":
+            kwargs.update(exemplar_instance=exemplar_instance, granularity="instance",
+                          target_instances=None if any(i is None for i in instances) else np.stack(instances))
+        out = self.pipe(np.stack(labels), bank=bank, seeds=[int(s) for s in seeds],
+                        num_inference_steps=m["steps"], guidance_scale=m["guidance_scale"], mode=m["mode"],
+                        exemplar_key=exemplar_key, **kwargs)
+        images = np.asarray(out.images)
+        if images.shape[:3] != (len(labels), *labels[0].shape):
+            raise ValueError(f"model returned images of shape {images.shape} for {len(labels)} targets "
+                             f"of size {labels[0].shape}")
+        return images
+
+    def synthesize_group(self, group: dict[str, Any], payload: bytes) -> list[dict[str, Any]]:
+        members = group["members"]
+        if not members:
+            return []
+        t0 = time.perf_counter()
+        arrays = unpack_arrays(payload)
+        labels = [arrays[f"label_{i}"] for i in range(len(members))]
+        instances = [arrays.get(f"instance_{i}") for i in range(len(members))]
+        key = group["exemplar_id"]
+        misses_before = self._bank_misses()
+        try:
+            bank = self._bank(arrays, key)
+        except SAMPLE_ERRORS as e:
+            return [self._row(group, m, None, None, None, _error(m, "exemplar", f"{type(e).__name__}: {e}"))
+                    for m in members]
+        bank_new = bank is not None and self._bank_misses() > misses_before
+        seeds = [m["seed"] for m in members]
+        ex_inst = arrays.get("exemplar_instance")
+        results: list[tuple[np.ndarray | None, dict | None]]
+        try:
+            images = self._generate(bank, labels, instances, seeds, ex_inst, key)
+            results = [(images[i], None) for i in range(len(members))]
+        except SAMPLE_ERRORS:
+            results = []  # isolate the failing sample(s): one at a time
+            for i, m in enumerate(members):
+                try:
+                    results.append((self._generate(bank, [labels[i]], [instances[i]], [seeds[i]], ex_inst, key)[0], None))
+                except SAMPLE_ERRORS as e:
+                    results.append((None, _error(m, "synthesize", f"{type(e).__name__}: {e}")))
+        seconds = (time.perf_counter() - t0) / len(members)
+        rows = []
+        for i, (m, (img, err)) in enumerate(zip(members, results)):
+            row = self._row(group, m, img, labels[i], instances[i], err)
+            row["bank_new"] = bool(bank_new and i == 0)
+            row["seconds"] = seconds
+            rows.append(row)
+        return rows
+
+    def _bank_misses(self) -> int:
+        return int(self.pipe.bank_cache.misses)
+
+    def _row(self, group: dict, m: dict, image, label, instance, err: dict | None) -> dict[str, Any]:
+        ok = err is None
+        return {
+            "sample_id": m["sample_id"], "shard": int(group["shard"]), "position": int(m["position"]),
+            "target_id": m["target_id"], "exemplar_id": group["exemplar_id"],
+            "image": encode_png(image) if ok else b"",
+            "label": encode_png(label) if ok else b"",
+            "instance": encode_png(instance) if ok and instance is not None else b"",
+            "seed": int(m["seed"]), "augment": m["augment"], "model": self.model_id,
+            "error": "" if ok else json.dumps(err), "bank_new": False, "seconds": 0.0,
+        }
+
+    # -- Ray Data entry point
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        out: dict[str, list] = {k: [] for k in SAMPLE_COLUMNS}
+        for g, payload, err in zip(batch["group"], batch["payload"], batch["error"]):
+            group = json.loads(g)
+            for e in json.loads(err):  # members the loader already quarantined
+                m = {"sample_id": e["sample_id"], "target_id": e["input_id"], "position": -1, "seed": 0, "augment": "{}"}
+                row = self._row(group, m, None, None, None, e)
+                row["position"] = -1
+                for k in SAMPLE_COLUMNS:
+                    out[k].append(row[k])
+            for row in self.synthesize_group(group, bytes(payload) if payload is not None else b""):
+                for k in SAMPLE_COLUMNS:
+                    out[k].append(row[k])
+        return out
