@@ -221,6 +221,13 @@ class RetrieveStage:
         return out
 
 
+def exemplar_meta(layout: Layout) -> dict[str, Any]:
+    """What the index keeps about an exemplar for filtering: source, split and scalar meta (e.g. domain)."""
+    meta: dict[str, Any] = {"source": layout.source, "split": layout.split}
+    meta.update({k: v for k, v in layout.meta.items() if isinstance(v, (str, int, float, bool)) or v is None})
+    return meta
+
+
 @dataclass
 class IndexBuildStats:
     count: int
@@ -262,9 +269,7 @@ def build_exemplar_index(layouts: Iterable[Layout], out_dir: str | os.PathLike, 
             continue
         label = check_label_ids(layout.label, where=f"layout {layout.layout_id}")
         ids.append(str(layout.layout_id))
-        meta = {"source": layout.source, "split": layout.split}
-        meta.update({k: v for k, v in layout.meta.items() if isinstance(v, (str, int, float, bool)) or v is None})
-        metas.append(meta)
+        metas.append(exemplar_meta(layout))
         thumbs.append(resize_nearest(label, thumb_size))
         pending.append(label)
         if len(pending) >= THUMB_BATCH:

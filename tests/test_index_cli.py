@@ -1,0 +1,80 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from connectors.index_store import ShardedIndex
+from pipeline.cli import app
+from pipeline.cli_index import parse_filters
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    from connectors.toytown import make_tree
+
+    root = tmp_path_factory.mktemp("toy")
+    make_tree(root, 12, seed=3, height=32, width=64)
+    return root
+
+
+def labels_of(root):
+    return sorted((root / "gtFine" / "train").rglob("*_gtFine_labelIds.png"))
+
+
+def test_build_then_query_with_filter_and_exclusion(tree, tmp_path):
+    out = tmp_path / "idx"
+    res = runner.invoke(app, ["index", "build", "--source", "toytown", "--root", str(tree), "--out", str(out),
+                              "--shards", "2"])
+    assert res.exit_code == 0, res.output
+    assert "12 layouts" in res.output and "2 shard(s), flat" in res.output
+    index = ShardedIndex.load(out)
+    assert len(index) == 12 and index.num_shards == 2 and index.has_labels
+
+    target = labels_of(tree)[0]
+    own_id = target.name.replace("_gtFine_labelIds.png", "")
+    res = runner.invoke(app, ["index", "query", "--index", str(out), "--label", str(target), "--k", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    hits = json.loads(res.stdout.strip().splitlines()[-1])
+    assert hits[0]["id"] == own_id and hits[0]["iou"] == 1.0 and len(hits) == 3
+
+    domain = index.meta(index.row_of(own_id))["domain"]
+    res = runner.invoke(app, ["index", "query", "--index", str(out), "--label", str(target), "--k", "2",
+                              "--exclude", own_id, "--filter", f"domain={domain}", "--json"])
+    hits = json.loads(res.stdout.strip().splitlines()[-1])
+    assert hits and all(h["id"] != own_id and h["meta"]["domain"] == domain for h in hits)
+
+    res = runner.invoke(app, ["index", "query", "--index", str(out), "--label", str(target), "--k", "2"])
+    assert res.exit_code == 0 and "class IoU" in res.output
+
+
+def test_unreadable_inputs_are_skipped_and_counted(tree, tmp_path):
+    import shutil
+
+    bad = tmp_path / "tree"
+    shutil.copytree(tree, bad)
+    labels_of(bad)[1].write_bytes(b"not a png")
+    res = runner.invoke(app, ["index", "build", "--source", "cityscapes", "--root", str(bad),
+                              "--out", str(tmp_path / "idx")])
+    assert res.exit_code == 0, res.output
+    assert "11 layouts" in res.output and "1 unreadable" in res.output
+    assert len(ShardedIndex.load(tmp_path / "idx")) == 11
+
+
+def test_clear_errors(tree, tmp_path):
+    res = runner.invoke(app, ["index", "query", "--index", str(tmp_path / "none"), "--label",
+                              str(labels_of(tree)[0])])
+    assert res.exit_code == 2 and "index folder not found" in res.output
+    res = runner.invoke(app, ["index", "build", "--source", "toytown", "--root", str(tmp_path / "nowhere"),
+                              "--out", str(tmp_path / "idx")])
+    assert res.exit_code == 2 and "nowhere" in res.output
+    res = runner.invoke(app, ["index", "build", "--source", "kitti", "--root", str(tree), "--out", str(tmp_path / "i")])
+    assert res.exit_code != 0 and "kitti" in res.output
+
+
+def test_parse_filters():
+    assert parse_filters(["domain=night", "year=2020", "domain=fog"]) == {"domain": ["night", "fog"], "year": 2020}
+    assert parse_filters(None) is None
+    with pytest.raises(Exception, match="key=value"):
+        parse_filters(["domain"])
