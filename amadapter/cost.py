@@ -45,6 +45,13 @@ def resample_ids(ids: np.ndarray, size: tuple[int, int], method: str = "majority
     return values[counts.reshape(h * w, len(values)).argmax(1)].reshape(h, w)
 
 
+def _maps(m) -> list:
+    """One (H, W) map or a sequence of them -> list of maps."""
+    if isinstance(m, np.ndarray) and m.ndim == 2:
+        return [m]
+    return list(m)
+
+
 def instance_class(instance: np.ndarray) -> np.ndarray:
     """Class id of each instance id (``id*1000+k`` for things, the plain id for stuff)."""
     inst = np.asarray(instance, dtype=np.int64)
@@ -71,6 +78,9 @@ class CostSpec:
     same instance id, stuff its class). ``instance_mapping`` {exemplar_instance_id:
     [target_instance_ids]}: mapped target instances match exactly their mapped exemplar
     instances (one-to-one or M-to-N); every other target position matches by class.
+
+    ``exemplar_label`` / ``exemplar_instance`` may also be sequences of N maps (training
+    batches of (target, exemplar) pairs): target i is then matched against exemplar i.
     """
 
     def __init__(
@@ -94,12 +104,11 @@ class CostSpec:
         self.granularity = granularity
         self.sampling = sampling
         self.mapping = {int(k): [int(v) for v in vs] for k, vs in (instance_mapping or {}).items()}
-        if uses_instances:
-            self.targets = [np.asarray(t, np.int64) for t in target_instances]
-            self.exemplar = np.asarray(exemplar_instance, np.int64)
-        else:
-            self.targets = [np.asarray(t, np.int64) for t in target_labels]
-            self.exemplar = np.asarray(exemplar_label, np.int64)
+        source_t, source_e = (target_instances, exemplar_instance) if uses_instances else (target_labels, exemplar_label)
+        self.targets = [np.asarray(t, np.int64) for t in source_t]
+        self.exemplars = [np.asarray(e, np.int64) for e in _maps(source_e)]
+        if len(self.exemplars) not in (1, len(self.targets)):
+            raise ValueError(f"{len(self.exemplars)} exemplar maps for {len(self.targets)} targets (need 1 or one each)")
         self.uses_instances = uses_instances
         self._cache: dict[tuple, torch.Tensor] = {}
 
@@ -128,8 +137,9 @@ class CostSpec:
         """(N, Nq, Ne) cost at target grid ``q_hw`` and exemplar grid ``e_hw``."""
         key = (tuple(q_hw), tuple(e_hw), str(device), dtype)
         if key not in self._cache:
-            e_small = resample_ids(self.exemplar, e_hw, self.sampling)
-            mats = [_pairwise(resample_ids(t, q_hw, self.sampling), e_small, self._rule) for t in self.targets]
+            e_small = [resample_ids(e, e_hw, self.sampling) for e in self.exemplars]
+            mats = [_pairwise(resample_ids(t, q_hw, self.sampling), e_small[i % len(e_small)], self._rule)
+                    for i, t in enumerate(self.targets)]
             self._cache[key] = torch.stack(mats).to(device=device, dtype=dtype)
         return self._cache[key]
 
@@ -138,5 +148,6 @@ class CostSpec:
         clone = object.__new__(CostSpec)
         clone.__dict__.update(self.__dict__)
         clone.targets = [self.targets[index]]
+        clone.exemplars = [self.exemplars[index % len(self.exemplars)]]
         clone._cache = {}
         return clone

@@ -84,3 +84,13 @@ def test_instance_modes_need_instance_maps():
         CostSpec([np.zeros((2, 2), np.uint8)], np.zeros((2, 2), np.uint8), granularity="instance")
     with pytest.raises(ValueError, match="unknown granularity"):
         CostSpec([np.zeros((2, 2), np.uint8)], np.zeros((2, 2), np.uint8), granularity="pixel")
+
+
+def test_pairs_of_targets_and_exemplars():
+    t = [np.array([[SKY, ROAD]], np.uint8)] * 2
+    e = [np.array([[SKY, SKY]], np.uint8), np.array([[ROAD, ROAD]], np.uint8)]
+    c = CostSpec(t, e).cost((1, 2), (1, 2))
+    assert torch.equal(c[0], torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+    assert torch.equal(c[1], torch.tensor([[0.0, 0.0], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="3 exemplar maps for 2 targets"):
+        CostSpec(t, e + e[:1])
