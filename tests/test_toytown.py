@@ -207,3 +207,23 @@ def test_generator_speed():
     rate = n / (time.process_time() - t0)
     print(f"\ntoy-town: {rate:.0f} scenes/s (layout + appearance + render, 64x128, CPU time of one core)")
     assert rate >= 100
+
+
+def test_render_needs_no_meta_and_checks_shapes():
+    layout, look, full = _scene(12, "day")
+    from connectors.toytown import ToyLayout
+    bare = render(ToyLayout(layout.label, layout.instance, {}), look, 12)
+    assert bare.shape == full.shape and bare.dtype == np.uint8
+    sky = layout.label == NAME_TO_ID["sky"]
+    assert np.abs(bare[sky].astype(int) - full[sky].astype(int)).mean() < 12     # same colours, less detail
+    with pytest.raises(ValueError, match="same HxW"):
+        render(ToyLayout(layout.label, layout.instance[:10], {}), look, 0)
+
+
+def test_make_tree_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="domain"):
+        make_tree(tmp_path, 1, domain="rain")
+    with pytest.raises(ValueError, match="city_prefix"):
+        make_tree(tmp_path, 1, city_prefix="bad_name")
+    with pytest.raises(ValueError, match="seed"):
+        make_tree(tmp_path, 1, seed=-1)
