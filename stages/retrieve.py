@@ -115,22 +115,27 @@ class Retriever:
         self._cache_size = int(cache_size)
 
     # -- exemplar label maps at rerank size, with their embeddings (for the diversity term)
-    def _exemplar(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        hit = self._cache.get(row)
-        if hit is not None:
+    def _exemplars(self, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(small label map, embedding) per row; misses are loaded and embedded in one batch."""
+        missing = list(dict.fromkeys(r for r in rows if r not in self._cache))
+        if missing:
+            smalls = []
+            for row in missing:
+                ex_id = str(self.index.ids[row])
+                if self.label_lookup is not None:
+                    label = check_label_ids(self.label_lookup(ex_id), where=f"exemplar {ex_id}")
+                else:
+                    label = self.index.label(row)
+                smalls.append(resize_nearest(label, self.rerank_size))
+            for row, small, emb in zip(missing, smalls, embed_layouts(np.stack(smalls))):
+                self._cache[row] = (small, emb)
+        out = []
+        for row in rows:
             self._cache.move_to_end(row)
-            return hit
-        ex_id = str(self.index.ids[row])
-        if self.label_lookup is not None:
-            label = check_label_ids(self.label_lookup(ex_id), where=f"exemplar {ex_id}")
-        else:
-            label = self.index.label(row)
-        small = resize_nearest(label, self.rerank_size)
-        hit = (small, embed_layouts(small[None])[0])
-        self._cache[row] = hit
-        if len(self._cache) > self._cache_size:
+            out.append(self._cache[row])
+        while len(self._cache) > max(self._cache_size, len(rows)):
             self._cache.popitem(last=False)
-        return hit
+        return out
 
     def _diverse_top_k(self, ids: list[str], iou: np.ndarray, emb: np.ndarray, k: int) -> list[int]:
         """Greedy MMR; candidates within ``duplicate_threshold`` of a pick go last."""
@@ -177,7 +182,7 @@ class Retriever:
                 results.append([])
                 continue
             target_small = resize_nearest(labels[i], self.rerank_size)
-            exemplars = [self._exemplar(r) for r in rows]
+            exemplars = self._exemplars(rows)
             iou = class_iou(target_small, np.stack([e[0] for e in exemplars]))
             emb = np.stack([e[1] for e in exemplars])
             ids = [str(self.index.ids[r]) for r in rows]
