@@ -23,9 +23,8 @@ import json
 import math
 import os
 import shutil
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +45,8 @@ DEFAULT_IVF_THRESHOLD = 20_000   # rows per shard above which a shard is IVF ins
 # (bench/retrieval.py); faiss's own advice of >= 39 points per list is for harder data.
 KMEANS_ITERATIONS = 10
 TRAIN_POINTS_PER_LIST = 16
+
+GPU_MAX_K = 2048                 # faiss-gpu's largest k per search call
 
 Filter = Mapping[str, Any] | Callable[[dict], bool] | None
 
@@ -177,7 +178,6 @@ class ShardedIndex:
         Shards are IVF when a shard would hold >= ``ivf_threshold`` rows, flat otherwise.
         The folder appears atomically (built under a temporary name, then renamed).
         """
-        t0 = time.perf_counter()
         out = Path(out_dir)
         x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -255,8 +255,7 @@ class ShardedIndex:
                 "kind": kind, "count": n, "num_shards": num_shards, "nlist": nlist, "nprobe": nprobe,
                 "embedding_version": embedding_version, "seed": seed,
                 "label_size": list(labels.shape[1:]) if labels is not None else None,
-                "faiss_version": faiss.__version__,
-                "build_seconds": round(time.perf_counter() - t0, 3), "shards": entries,
+                "faiss_version": faiss.__version__, "shards": entries,   # no timings: same input -> same bytes
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
             _replace_dir(tmp, out)
@@ -554,12 +553,13 @@ class ShardedIndex:
         fetch = k + max((len(e) for e in excl), default=0)
         if mask is not None and self.device != "cpu":   # GPU: no selector, filter after the search
             fetch = int(math.ceil(fetch * n / max(int(mask.sum()), 1)))
+        cap = GPU_MAX_K if self.device != "cpu" else None
         scores = np.full((nq, k), -np.inf, np.float32)
         rows = np.full((nq, k), -1, np.int64)
         counts = np.diff(self._offsets)
         todo = np.arange(nq)
         while len(todo):
-            fetch = min(fetch, int(counts.max()))
+            fetch = min(fetch, int(counts.max()), cap or fetch)
             expected = int(np.minimum(counts, fetch).sum())   # hits the shards can return at this fetch
             dist, cand = self._fan_out(q[todo], fetch, mask, nprobe)
             short = []
@@ -574,7 +574,8 @@ class ShardedIndex:
                 rows[qi, :len(got)] = cand[j, got]
                 # Short, yet every shard returned all it was asked for: a larger fetch can help.
                 # (A shard returning fewer means its probed lists or the filter ran dry.)
-                if len(got) < k and fetch < counts.max() and int((cand[j] >= 0).sum()) == expected:
+                if (len(got) < k and fetch < counts.max() and fetch != cap
+                        and int((cand[j] >= 0).sum()) == expected):
                     short.append(qi)
             todo = np.array(short, dtype=np.int64)
             fetch *= 4

@@ -167,3 +167,38 @@ def test_build_rejects_bad_input_and_foreign_folders(tmp_path, data):
     index = ShardedIndex.build(x, ids, meta, tmp_path / "ok", 1)
     with pytest.raises(ValueError, match=r"queries must be \(nq, 24\)"):
         index.search(np.zeros((2, 5), np.float32), 3)
+
+
+def test_same_input_gives_the_same_bytes(tmp_path):
+    x = unit_vectors(3000, seed=7)
+    ids = [f"v{i}" for i in range(3000)]
+    meta = [{"domain": "day"}] * 3000
+    for name in ("a", "b"):
+        ShardedIndex.build(x, ids, meta, tmp_path / name, 3, ivf_threshold=100, nlist=32, seed=1)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "b").iterdir()) and "manifest.json" in files
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_post_filter_path_used_on_gpu_matches_the_selector(tmp_path, data):
+    """On GPU filters are applied after an over-fetched search; force that path on CPU shards."""
+    x, ids, meta = data
+    index = ShardedIndex.build(x, ids, meta, tmp_path / "idx", 3)
+    q = unit_vectors(10, seed=8)
+    want = index.search(q, 6, filters={"domain": "fog"}, exclude_ids=[ids[:50]] * 10)
+    index.device = "cuda"          # shards stay CPU objects; only the search strategy changes
+    got = index.search(q, 6, filters={"domain": "fog"}, exclude_ids=[ids[:50]] * 10)
+    assert got.ids == want.ids and all(len(g) == 6 for g in got.ids)
+
+
+def test_cuda_without_gpu_is_a_clear_error(tmp_path, data):
+    import faiss
+
+    x, ids, meta = data
+    ShardedIndex.build(x, ids, meta, tmp_path / "idx", 1)
+    if faiss.get_num_gpus() > 0:
+        pytest.skip("a GPU is visible")
+    with pytest.raises(RuntimeError, match="faiss sees no GPU"):
+        ShardedIndex.load(tmp_path / "idx", device="cuda")
+    assert ShardedIndex.load(tmp_path / "idx", device="auto").device == "cpu"
