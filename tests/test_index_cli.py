@@ -78,3 +78,26 @@ def test_parse_filters():
     assert parse_filters(None) is None
     with pytest.raises(Exception, match="key=value"):
         parse_filters(["domain"])
+
+
+def test_build_from_parquet(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from connectors.image_io import encode_png
+
+    rows = []
+    for i in range(6):
+        lab = np.full((32, 64), 7, np.uint8)
+        lab[: 10 + i] = 23
+        img = np.full((32, 64, 3), 40 * i, np.uint8)
+        rows.append({"sample_id": f"s{i}", "image": {"bytes": encode_png(img), "path": None},
+                     "label": {"bytes": encode_png(lab), "path": None}, "domain": ("day", "night")[i % 2]})
+    (tmp_path / "data").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "data" / "train-00000-of-00001.parquet")
+    res = runner.invoke(app, ["index", "build", "--source", "parquet", "--root", str(tmp_path),
+                              "--out", str(tmp_path / "idx"), "--shards", "2"])
+    assert res.exit_code == 0, res.output
+    index = ShardedIndex.load(tmp_path / "idx")
+    assert len(index) == 6 and index.meta(1)["domain"] == "night"
