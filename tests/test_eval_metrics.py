@@ -36,6 +36,7 @@ def test_identical_images_have_zero_error_and_infinite_psnr():
     assert len(errs) == 3 and max(errs) == 0.0
     ierrs = M.instance_colour_errors(img, img, inst)
     assert len(ierrs) == 2 and max(ierrs) == 0.0
+    assert len(M.instance_colour_errors(img, img, inst, only={CAR * 1000 + 1})) == 1
 
 
 def test_psnr_of_a_known_error():

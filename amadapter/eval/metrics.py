@@ -122,11 +122,15 @@ def vehicle_instances(instance: np.ndarray) -> list[int]:
     return [int(i) for i in ids if i >= 1000 and (i // 1000) in VEHICLE_IDS]
 
 
-def instance_colour_errors(output: np.ndarray, gt: np.ndarray, target_instance: np.ndarray) -> list[float]:
-    """CIEDE2000 between output and ground truth mean colours, one value per target vehicle instance."""
+def instance_colour_errors(output: np.ndarray, gt: np.ndarray, target_instance: np.ndarray, only=None) -> list[float]:
+    """CIEDE2000 between output and ground truth mean colours, one value per target vehicle instance.
+
+    ``only``: restrict to these instance ids (the benchmark passes the mapped vehicles: the
+    ones whose paint the exemplar shows).
+    """
     _check_same_shape(output, gt, "instance_colour_errors(output, gt)")
     _check_same_shape(output[..., 0], target_instance, "instance_colour_errors(output, target_instance)")
-    keys = vehicle_instances(target_instance)
+    keys = [k for k in vehicle_instances(target_instance) if only is None or k in only]
     out_means = region_means(to_lab(output), target_instance, keys)
     gt_means = region_means(to_lab(gt), target_instance, keys)
     return [float(delta_e(out_means[k], gt_means[k])) for k in keys if k in out_means]

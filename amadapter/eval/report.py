@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from amadapter.eval.metrics import MIN_REGION_PIXELS
 from amadapter.eval.quality import GROUND_TRUTH, QualityReport, acceptance
 from amadapter.labels import colorize
 
@@ -84,3 +85,115 @@ def acceptance_section(rows: list[dict[str, Any]]) -> str:
     lines += [f"| {name} | **{'PASS' if ok else 'FAIL'}** | {nums} |" for name, ok, nums in checks]
     verdict = "met" if all(ok for _, ok, _ in checks) else "NOT met"
     return "\n".join(lines) + f"\n\nOverall: the acceptance bar is **{verdict}**."
+
+
+NOTES_BEGIN, NOTES_END = "<!-- notes:begin -->", "<!-- notes:end -->"
+
+
+def _kept_notes(path: Path) -> str:
+    """The hand-written analysis between the notes markers of an existing file (kept on rerun)."""
+    if path.is_file():
+        text = path.read_text()
+        if NOTES_BEGIN in text and NOTES_END in text:
+            return text.split(NOTES_BEGIN, 1)[1].split(NOTES_END, 1)[0].strip("\n")
+    return "(no analysis written yet)"
+
+
+def markdown(report: QualityReport, context: dict[str, Any], notes: str) -> str:
+    s = report.settings
+    seg = context.get("segmenter_meta", {})
+    t = report.timings
+    n = report.rows[0]["n"] if report.rows else 0
+    modes_s = {r["mode"]: r["seconds"] for r in report.rows}
+    per_mode = ", ".join(f"{m} {modes_s[m] / max(1, n):.2f} s" for m in s.modes)
+    return f"""# Quality benchmark: AM-Adapter against toy-town ground truth
+
+Made by `{context['command']}` on {context['date']} ({context['threads']} torch thread(s), CPU).
+Model: `{context['model']}` (hash `{context['model_hash'][:16]}`). Judge segmenter: `{context['segmenter']}`.
+
+## Result
+
+{table(report.rows)}
+
+![exemplar | target layout | ground truth | structure_only | sa_aug | am_adapter](quality.png)
+
+Rows of the picture: the first {len(report.examples)} held-out triples; columns: exemplar, target
+layout (Cityscapes colours), ground truth, then the three modes (same noise seed per triple).
+
+## Acceptance bar (issue 3)
+
+{acceptance_section(report.rows)}
+
+## Analysis
+
+{NOTES_BEGIN}
+{notes}
+{NOTES_END}
+
+## Setup
+
+- **Data**: {n} held-out toy-town ground-truth triples, `connectors.toytown.make_triples({n}, seed={s.seed})`.
+  Each triple draws one appearance and two independent layouts; the exemplar is the first layout
+  in that appearance, the ground truth the second layout in the same appearance, and the triple's
+  `instance_map` pairs each target vehicle with the exemplar vehicle that wears the same paint.
+  Domains are mixed (day 40%, dusk/night/fog 20% each), 64x128 pixels.
+- **Sampling**: DDIM, {s.num_inference_steps} steps, CFG {s.guidance_scale}; the initial noise of
+  triple j is seeded with {s.seed} + j in every mode. The exemplar is inverted and encoded once per
+  triple (`encode_exemplar`) and its bank serves the three modes. Every mode gets the triple's
+  `instance_map` as the user mapping (exemplar instance -> target instances) with
+  `granularity="{s.granularity}"`; `structure_only` ignores the exemplar, `sa_aug` (plain augmented
+  self-attention, no adapter) ignores the mapping.
+- **Ceiling**: the ground-truth rendering scored like an output (so its PSNR is infinite and its
+  colour errors are 0; its mIoU is the judge's own accuracy on these target layouts).
+- **Metrics**:
+  - *mIoU (%)*: the judge segmenter's prediction on the output against the target layout, over the
+    19 Cityscapes trainIds (ignore = 255), one confusion matrix pooled over all triples, classes
+    that never occur skipped (Cityscapes convention).
+  - *class ΔE00*: CIEDE2000 between the mean Lab colour of the output and of the ground truth over
+    each class region of the target, for the evaluated classes present in both the exemplar and
+    the target; mean over all (triple, class) pairs.
+  - *vehicle ΔE00*: the same per target vehicle instance that the `instance_map` pairs with an
+    exemplar vehicle (unpaired vehicles wear a paint the exemplar never shows); mean over instances.
+  - *PSNR*: per image on 8-bit RGB, mean over triples.
+  - *controllability*: for each mapped target vehicle, is its mean output colour nearest (CIEDE2000)
+    to the mean colour of its mapped exemplar vehicle among all exemplar vehicles? Fraction of hits,
+    counted only where the exemplar offers at least two vehicles (with one, a hit is guaranteed).
+    Regions under {MIN_REGION_PIXELS} pixels are skipped in all colour measures.
+- **Judge segmenter** (`amadapter/weights/segmenter`, {seg.get('parameters', '?')} parameters): a
+  compact U-Net trained with `amgen eval train-segmenter` on real toy-town renderings only:
+  {seg.get('train_scenes', '?')}. Its own mIoU on held-out real scenes
+  ({seg.get('heldout_scenes', '?')}): **{seg.get('heldout_miou', '?')}%**.
+
+## Seeds: what is held out from what
+
+| data | random streams |
+|---|---|
+| benchmark triples | children of `SeedSequence([1, {s.seed}, j])`, j < {n} (toy-town's triple stream) |
+| judge training | `default_rng(50000000 + i)` (one-word roots) |
+| judge held-out | `default_rng(60000000 + i)`, i < 500 |
+| model training (TRAIN) | `default_rng([seed, salt, step, rank, index])` (five-word roots) |
+
+Spawned children never equal a root sequence, and roots of different word counts (one vs five
+words) give different states, so no benchmark scene is a training scene of the model or of the judge.
+
+## Timings
+
+Total {t['total_s']} s for {n} triples x {len(s.modes)} modes ({t['per_triple_all_modes_s']} s per
+triple for generation, exemplar encoding included: {t['encode_s']} s in total). Generation per
+triple and mode: {per_mode}; these include the per-triple judge and metric work only in `total`.
+
+## How to rerun
+
+```
+.venv/bin/python bench/quality.py                       # writes docs/quality.{{md,png,json}}, prints the JSON
+amgen eval quality --n 200 --steps {s.num_inference_steps} --json out.json   # same benchmark, JSON to a file
+amgen eval train-segmenter                              # retrains the judge (about 10 min on 1 thread)
+```
+"""
+
+
+def write_markdown(report: QualityReport, path: str | Path, context: dict[str, Any]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, markdown(report, context, _kept_notes(path)))
+    return path

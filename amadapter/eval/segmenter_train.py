@@ -73,6 +73,25 @@ class SegmenterTrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     threads: int = 1
+    # Class-balanced loss: weight = (median frequency / frequency) ** class_balance, measured
+    # on the first ``balance_samples`` training samples. Thin classes (poles, signs) need it.
+    class_balance: float = 0.0
+    balance_samples: int = 256
+
+
+def class_weights(source: SampleSource, cfg: SegmenterTrainConfig, num_classes: int) -> torch.Tensor | None:
+    if cfg.class_balance <= 0:
+        return None
+    n = cfg.balance_samples if source.size is None else min(cfg.balance_samples, source.size)
+    counts = np.zeros(num_classes, np.float64)
+    for i in range(n):
+        ids = to_train_ids(source[i][1])
+        counts += np.bincount(ids[ids != IGNORE_TRAIN_ID], minlength=num_classes)[:num_classes]
+    present = counts > 0
+    freq = counts / counts.sum()
+    weights = np.ones(num_classes)
+    weights[present] = (np.median(freq[present]) / freq[present]) ** cfg.class_balance
+    return torch.tensor(np.clip(weights, 0.1, 10.0), dtype=torch.float32)
 
 
 def _batch(source: SampleSource, cfg: SegmenterTrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
@@ -118,6 +137,7 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
     torch.manual_seed(cfg.seed)
     model = Segmenter(model_config)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weight = class_weights(source, cfg, model.config.num_classes)
     ckpt_path = run_dir / "checkpoint.pt"
     start = 0
     if ckpt_path.exists():
@@ -136,7 +156,8 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
             logits = model(model.to_input(images))
-            loss = F.cross_entropy(logits, torch.from_numpy(labels.astype(np.int64)), ignore_index=IGNORE_TRAIN_ID)
+            loss = F.cross_entropy(logits, torch.from_numpy(labels.astype(np.int64)), weight=weight,
+                                   ignore_index=IGNORE_TRAIN_ID)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -1,0 +1,73 @@
+"""One entry point for the quality benchmark, shared by ``amgen eval quality`` and bench/quality.py."""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from amadapter.eval.quality import QualityReport, QualitySettings, run_quality
+from amadapter.eval.report import write_json, write_markdown, write_picture
+from amadapter.eval.segmenter import DEFAULT_DIR as SEGMENTER_DIR
+from amadapter.eval.segmenter import Segmenter
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "toy"
+RANDOM_TOY = "random:toy"  # a random-weight toy model: exercises the code, measures nothing
+
+
+class ModelNotFoundError(FileNotFoundError):
+    pass
+
+
+def load_pipeline(model: str | Path):
+    from amadapter.pipeline import AMAdapterPipeline
+
+    if str(model) == RANDOM_TOY:
+        return AMAdapterPipeline.from_preset("toy", seed=0)
+    path = Path(model)
+    if not path.is_dir():
+        raise ModelNotFoundError(f"{path}: no model folder here (train one with `amgen train`, or pass --model {RANDOM_TOY})")
+    return AMAdapterPipeline.from_pretrained(path)
+
+
+def run_benchmark(
+    settings: QualitySettings,
+    model: str | Path = DEFAULT_MODEL_DIR,
+    segmenter: str | Path = SEGMENTER_DIR,
+    json_path: str | Path | None = None,
+    docs_dir: str | Path | None = None,
+    threads: int = 1,
+    command: str = "amgen eval quality",
+    progress: Callable[[int, int], None] | None = None,
+) -> QualityReport:
+    """Run the benchmark on ``make_triples(settings.n, settings.seed)``; write what is asked for."""
+    from connectors.toytown import make_triples
+
+    torch.set_num_threads(threads)
+    pipe = load_pipeline(model)
+    judge = Segmenter.from_pretrained(segmenter)
+    triples = make_triples(settings.n, seed=settings.seed)
+    report = run_quality(pipe, judge, triples, settings, progress=progress)
+    if json_path is not None:
+        write_json(report, json_path)
+    if docs_dir is not None:
+        docs = Path(docs_dir)
+        write_json(report, docs / "quality.json")
+        write_picture(report, docs / "quality.png")
+        context = {
+            "command": command,
+            "date": _dt.date.today().isoformat(),
+            "threads": threads,
+            "model": str(model),
+            "model_hash": pipe.model_hash(),
+            "segmenter": str(segmenter),
+            "segmenter_meta": judge.config.meta,
+        }
+        write_markdown(report, docs / "quality.md", context)
+    return report
+
+
+def json_line(report: QualityReport) -> str:
+    return json.dumps(report.json_rows())

@@ -1,0 +1,112 @@
+"""The benchmark runner and its report on a tiny random model; the downstream test's data path."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from amadapter.eval.downstream import DatasetShapeError, ParquetSamples, run_downstream
+from amadapter.eval.quality import GROUND_TRUTH, MODES, QualitySettings, acceptance, pipeline_mapping, run_quality
+from amadapter.eval.report import picture, write_json, write_markdown
+from amadapter.eval.segmenter import Segmenter, SegmenterConfig
+from amadapter.eval.segmenter_train import SegmenterTrainConfig
+from amadapter.testing import tiny_pipeline
+from connectors.image_io import encode_png
+from connectors.toytown import make_triples
+
+
+@pytest.fixture(scope="module")
+def tiny_report():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared CPU
+    try:
+        torch.manual_seed(0)
+        pipe = tiny_pipeline(seed=0)
+        judge = Segmenter(SegmenterConfig(widths=(4, 8, 8), image_size=(32, 32)))
+        settings = QualitySettings(n=2, seed=1000, num_inference_steps=2, num_examples=2)
+        triples = list(make_triples(2, seed=1000, height=32, width=32))
+        yield run_quality(pipe, judge, triples, settings), triples
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_rows_cover_every_mode_and_the_ceiling(tiny_report):
+    report, _ = tiny_report
+    assert [r["mode"] for r in report.rows] == [*MODES, GROUND_TRUTH]
+    keys = {"mode", "n", "miou", "class_de2000", "instance_de2000", "psnr", "controllability"}
+    assert all(set(r) == keys for r in report.json_rows())
+    gt = report.rows[-1]
+    assert gt["n"] == 2 and gt["class_de2000"] == 0.0 and gt["psnr"] is None
+    for r in report.rows[:-1]:  # a random model is far from the ground truth
+        assert r["class_de2000"] > 1.0 and 0 < r["psnr"] < 40
+    assert report.timings["per_triple_all_modes_s"] > 0
+
+
+def test_report_files(tiny_report, tmp_path):
+    report, _ = tiny_report
+    rows = json.loads(write_json(report, tmp_path / "q.json").read_text())
+    assert rows == report.json_rows()
+    img = picture(report)
+    assert img.size[1] > 2 * 32 * 2 and img.size[0] == 6 * (64 + 4) + 4  # 2 rows, 6 columns of 2x tiles
+    ctx = {"command": "test", "date": "today", "threads": 1, "model": "tiny", "model_hash": "0" * 64,
+           "segmenter": "tiny", "segmenter_meta": {}}
+    md_path = tmp_path / "quality.md"
+    write_markdown(report, md_path, ctx)
+    text = md_path.read_text()
+    assert "| am_adapter | 2 |" in text and ("**PASS**" in text or "**FAIL**" in text)
+    # Hand-written analysis survives a rerun.
+    md_path.write_text(text.replace("(no analysis written yet)", "my analysis"))
+    write_markdown(report, md_path, ctx)
+    assert "my analysis" in md_path.read_text()
+
+
+def test_acceptance_bar_passes_and_fails():
+    def rows(am_de, sa_de, am_c, sa_c, am_miou, so_miou):
+        base = {"n": 1, "psnr": 20.0, "instance_de2000": 1.0}
+        return [dict(base, mode="structure_only", class_de2000=30.0, controllability=0.1, miou=so_miou),
+                dict(base, mode="sa_aug", class_de2000=sa_de, controllability=sa_c, miou=50.0),
+                dict(base, mode="am_adapter", class_de2000=am_de, controllability=am_c, miou=am_miou)]
+
+    assert all(ok for _, ok, _ in acceptance(rows(7.0, 10.0, 0.8, 0.5, 49.0, 50.5)))
+    results = [ok for _, ok, _ in acceptance(rows(8.0, 10.0, 0.5, 0.5, 47.0, 50.0))]
+    assert results == [False, False, False]  # 20% is not 25%; a tie is not a win; 3 points down
+
+
+def test_pipeline_mapping_inverts_the_triple_map():
+    assert pipeline_mapping({26001: 26000, 26002: 26000, 27000: 26003}) == {26000: [26001, 26002], 26003: [27000]}
+
+
+def _write_dataset(path, n, hw=(64, 128)):
+    triples = list(make_triples(n, seed=7, height=hw[0], width=hw[1]))
+    struct = lambda data: {"bytes": data, "path": None}  # noqa: E731
+    table = pa.table({
+        "sample_id": [f"s{i}" for i in range(n)],
+        "image": [struct(encode_png(t.target_image)) for t in triples],
+        "label": [struct(encode_png(t.target_label)) for t in triples],
+    })
+    path.mkdir(parents=True)
+    pq.write_table(table, path / "train-00000-of-00001.parquet")
+    return triples
+
+
+def test_parquet_samples_read_back_exactly(tmp_path):
+    triples = _write_dataset(tmp_path / "data", 3)
+    samples = ParquetSamples(tmp_path, (64, 128))
+    assert samples.size == 3
+    img, label = samples[2]
+    assert np.array_equal(img, triples[2].target_image) and np.array_equal(label, triples[2].target_label)
+    with pytest.raises(DatasetShapeError, match="differs"):
+        ParquetSamples(tmp_path, (32, 32))[0]
+
+
+def test_downstream_runs_both_arms(tmp_path):
+    _write_dataset(tmp_path / "ds" / "data", 2)
+    cfg = SegmenterTrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=2, threads=1)
+    result = run_downstream(tmp_path / "ds", tmp_path / "runs", cfg, real_n=3, heldout_n=2, log=lambda *_: None)
+    assert result["n_synthetic"] == 2 and result["n_real"] == 3
+    for arm in ("real_only", "real_plus_synthetic"):
+        assert 0.0 <= result[arm]["miou"] <= 100.0
+        assert (tmp_path / "runs" / arm / "checkpoint.pt").exists()
+    assert result["delta_miou"] == pytest.approx(result["real_plus_synthetic"]["miou"] - result["real_only"]["miou"], abs=0.02)
