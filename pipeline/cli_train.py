@@ -36,6 +36,8 @@ def _train(stage: str, config: Optional[Path], overrides: List[str], resume: boo
         summary = run_training(cfg, resume=resume, on_step=on_step)
         bar.update(task, completed=summary.end_step)
     table = Table(title=f"amgen train {stage}", show_header=False)
+    table.add_column("what", no_wrap=True)
+    table.add_column("value", overflow="fold")  # paths wrap instead of being cut
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     rows = [("steps", f"{summary.start_step} -> {summary.end_step} ({summary.steps_run} run)"),
             ("loss (mean of first -> last steps)", f"{fmt(summary.loss_start)} -> {fmt(summary.loss_end)}"),

@@ -84,7 +84,9 @@ class TrainConfig(BaseModel):
     use_gpu: bool = False
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
-    torch_threads: int | None = None          # per worker; None keeps torch's default
+    # per worker; None keeps torch's default; "auto" follows the machine's load every 20 steps
+    # (a shared box: fewer threads than busy cores only adds spinning). Fixed counts are bit-reproducible.
+    torch_threads: int | Literal["auto"] | None = None
     data: DataConfig = Field(default_factory=DataConfig)
 
     @model_validator(mode="after")
@@ -285,11 +287,14 @@ def read_loss_log(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+_NOT_CURVES = ("step", "lr", "dropped", "granularity_instance")
+
+
 def write_csv_and_plot(out_dir: Path, title: str) -> Path | None:
     rows = read_loss_log(out_dir / "loss.jsonl")
     if not rows:
         return None
-    keys = [k for k in rows[0] if k not in ("time",)]
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "time"))  # union, first-seen order
     with open(out_dir / "loss.csv", "w") as f:
         f.write(",".join(keys) + "\n")
         for r in rows:
@@ -299,7 +304,7 @@ def write_csv_and_plot(out_dir: Path, title: str) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = [k for k in keys if k not in ("step", "lr") and isinstance(rows[0].get(k), (int, float))]
+    curves = [k for k in keys if k not in _NOT_CURVES]
     steps = np.array([r["step"] for r in rows])
     fig, ax = plt.subplots(figsize=(7, 4))
     for k in curves:
@@ -340,7 +345,7 @@ def train_worker(task: Task, *, rank: int = 0, world_size: int = 1, resume: bool
     """
     config = task.config
     out_dir = Path(config.out_dir)
-    if config.torch_threads:
+    if isinstance(config.torch_threads, int):
         torch.set_num_threads(config.torch_threads)
     seed_everything(config.seed)
     device = _device(config, distributed)
@@ -372,6 +377,8 @@ def train_worker(task: Task, *, rank: int = 0, world_size: int = 1, resume: bool
     last_ckpt: Path | None = ckpt
     module.train()
     for step in range(start, end):
+        if config.torch_threads == "auto" and (step - start) % 20 == 0:
+            torch.set_num_threads(threads_for_load())
         batch = _to_device(task.batch(step, rank, world_size), device)
         generator = step_generator(config.seed, step, rank)
         with autocast_context(config, device):
@@ -426,6 +433,13 @@ def train_worker(task: Task, *, rank: int = 0, world_size: int = 1, resume: bool
         loss_end=float(np.mean(losses[-k:])) if losses else None,
         seconds=seconds, checkpoint=str(last_ckpt) if last_ckpt else None, export=exported, losses=losses,
     )
+
+
+def threads_for_load() -> int:
+    """Cores left over by the rest of the machine (1-minute load minus our own threads), >= 1."""
+    cores = os.cpu_count() or 1
+    others = os.getloadavg()[0] - torch.get_num_threads()
+    return int(min(cores, max(1, round(cores - others))))
 
 
 def _device(config: TrainConfig, distributed: bool) -> torch.device:

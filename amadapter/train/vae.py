@@ -25,12 +25,19 @@ class VaeConfig(TrainConfig):
     l2_weight: float = 1.0
     kl_weight: float = 1e-6
     scale_images: int = Field(256, ge=8)   # held-out images that fix the latent scaling factor
+    # "decoder": fine-tune only the decoder of ``init_from`` (encoder, latent space and scaling
+    # factor stay bit-identical), so a sharper decoder can replace the one the diffusion stages
+    # were trained with, without retraining them.
+    train: Literal["all", "decoder"] = "all"
+    init_from: str | None = None           # a VAE folder (runs/toy_vae/vae)
 
     @model_validator(mode="after")
     def _toy_only(self) -> "VaeConfig":
         if self.preset != "toy":
             raise ValueError(f"the VAE stage trains the toy preset only; preset {self.preset!r} keeps its own VAE "
                              "(SD1.5: use the VAE of your local SD1.5 folder)")
+        if self.train == "decoder" and not self.init_from:
+            raise ValueError("train: decoder fine-tunes an existing VAE: set init_from to its folder")
         return self
 
 
@@ -42,7 +49,8 @@ class VaeStep(torch.nn.Module):
 
     def forward(self, batch, generator: torch.Generator):
         x = batch["image"]
-        posterior = self.vae.encode(x).latent_dist
+        with torch.set_grad_enabled(self.config.train == "all"):
+            posterior = self.vae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
         rec = self.vae.decode(z).sample.float()
         l1 = (rec - x).abs().mean()
@@ -61,7 +69,15 @@ class VaeTask:
     def build(self, device: torch.device) -> torch.nn.Module:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL(**get_preset(self.config.preset)["vae"])
+        if self.config.init_from:
+            if not Path(self.config.init_from, "config.json").is_file():
+                raise FileNotFoundError(f"{self.config.init_from}: not a VAE folder (config.json missing)")
+            vae = AutoencoderKL.from_pretrained(self.config.init_from)
+        else:
+            vae = AutoencoderKL(**get_preset(self.config.preset)["vae"])
+        if self.config.train == "decoder":
+            vae.encoder.requires_grad_(False)
+            vae.quant_conv.requires_grad_(False)
         return VaeStep(vae, self.config).to(device)
 
     def trainable_prefixes(self) -> tuple[str, ...]:
@@ -78,6 +94,8 @@ class VaeTask:
     def export(self, module: VaeStep, out_dir: Path) -> Path:
         vae = module.vae
         scale, psnr = measure_vae(vae, self.held_out_images(self.config.scale_images))
+        if self.config.train == "decoder":
+            scale = vae.config.scaling_factor  # the latent space is the one the UNet was trained on
         vae.register_to_config(scaling_factor=scale)
         path = out_dir / "vae"
         vae.save_pretrained(path, safe_serialization=True)

@@ -1,0 +1,104 @@
+"""What stage 1 and stage 2 share: building the pipeline to train, and one noised pair.
+
+Both stages train on (exemplar, target) pairs: the target latent is noised at a random
+timestep t and the exemplar latent at the *same* t with its own noise, as the appearance net
+sees the exemplar's trajectory at the step the generation net is at during sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import model_validator
+
+from amadapter.train.loop import TrainConfig, TrainConfigError
+
+
+class DiffusionConfig(TrainConfig):
+    """Where the pipeline to train comes from (exactly one of the three, or a random toy VAE
+    for tests): a trained amgen pipeline folder, a local SD1.5 folder, or the toy preset with
+    the VAE from the VAE stage."""
+
+    init_from: str | None = None      # amgen pipeline folder (AMAdapterPipeline.save_pretrained)
+    sd15_dir: str | None = None       # local diffusers SD1.5 folder (preset sd15)
+    vae_path: str | None = None       # toy: folder written by `amgen train vae` (runs/toy_vae/vae)
+    allow_random_vae: bool = False    # tests only: train on an untrained VAE
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DiffusionConfig":
+        given = [k for k in ("init_from", "sd15_dir", "vae_path") if getattr(self, k)]
+        if len(given) > 1:
+            raise ValueError(f"give only one of init_from / sd15_dir / vae_path, got {given}")
+        if not given and not self.allow_random_vae:
+            raise ValueError("no starting point: set vae_path (toy, after `amgen train vae`), sd15_dir or init_from")
+        if self.sd15_dir and self.preset != "sd15":
+            raise ValueError(f"sd15_dir given but preset is {self.preset!r}; set preset: sd15")
+        return self
+
+
+def build_pipeline(config: DiffusionConfig, device: torch.device):
+    """The AMAdapterPipeline a stage starts from, on ``device`` (all weights frozen; stages
+    switch on what they train)."""
+    from diffusers import AutoencoderKL
+
+    from amadapter.pipeline import AMAdapterPipeline
+
+    if config.init_from:
+        _need_dir(config.init_from, "init_from")
+        pipe = AMAdapterPipeline.from_pretrained(config.init_from)
+    elif config.sd15_dir:
+        _need_dir(config.sd15_dir, "sd15_dir")
+        pipe = AMAdapterPipeline.from_sd15(config.sd15_dir, seed=config.seed)
+    else:
+        pipe = AMAdapterPipeline.from_preset(config.preset, seed=config.seed)
+        if config.vae_path:
+            _need_dir(config.vae_path, "vae_path")
+            vae = AutoencoderKL.from_pretrained(config.vae_path)
+            vae.requires_grad_(False)
+            pipe.vae = vae.eval()
+    return pipe.to(device)
+
+
+def _need_dir(path: str, key: str) -> None:
+    if not Path(path).is_dir():
+        raise TrainConfigError(f"{key}: {path} is not a folder")
+
+
+@dataclass
+class NoisedPair:
+    target: torch.Tensor        # noisy target latents (B, 4, h, w)
+    exemplar: torch.Tensor      # noisy exemplar latents, same t
+    noise_target: torch.Tensor
+    noise_exemplar: torch.Tensor
+    timesteps: torch.Tensor     # (B,)
+    target_cond: torch.Tensor   # colourised maps (B, 3, H, W) for the structure net
+    exemplar_cond: torch.Tensor
+
+
+@torch.no_grad()
+def encode(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> scaled latents (the posterior mean, as the sampler encodes)."""
+    vae = pipe.vae
+    return vae.encode(images.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+
+
+def noised_pair(pipe, batch, generator: torch.Generator) -> NoisedPair:
+    z_t = encode(pipe, batch["target_image"])
+    z_e = encode(pipe, batch["exemplar_image"])
+    B = z_t.shape[0]
+    sched = pipe.scheduler
+    t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=generator).to(z_t.device)
+    n_t = torch.randn(z_t.shape, generator=generator).to(z_t)
+    n_e = torch.randn(z_e.shape, generator=generator).to(z_e)
+    return NoisedPair(
+        target=sched.add_noise(z_t, n_t, t), exemplar=sched.add_noise(z_e, n_e, t),
+        noise_target=n_t, noise_exemplar=n_e, timesteps=t,
+        target_cond=pipe.prepare_condition(batch["target_label"]),
+        exemplar_cond=pipe.prepare_condition(batch["exemplar_label"]),
+    )
+
+
+def uniform(generator: torch.Generator) -> float:
+    """One U(0,1) draw from the step's generator (exemplar dropout, granularity choice)."""
+    return float(torch.rand((), generator=generator))

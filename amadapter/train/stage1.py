@@ -1,0 +1,94 @@
+"""Stage 1: the generation UNet, the structure net and the toy null embedding.
+
+Each step: the appearance branch (the same UNet) denoises the exemplar at timestep t, guided by
+the exemplar's label map, and records its attn1 tokens; the generation branch denoises the
+target at the same t, guided by the target's map, attending to [own ; exemplar] tokens
+(``sa_aug``; the adapter is stage 2's). Loss: epsilon-MSE on the target, plus (weighted) the
+appearance branch's own epsilon-MSE, which it computes anyway and which trains the plain
+self-attention path the sampler's unconditional half and DDIM inversion use.
+
+Condition dropout: with probability ``p_drop_exemplar`` a step drops the exemplar and the
+target is denoised with plain self-attention, which is exactly how the sampler's unconditional
+CFG half runs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from amadapter.train.data import make_source, pair_batch
+from amadapter.train.diffusion import DiffusionConfig, build_pipeline, noised_pair, uniform
+
+
+class Stage1Config(DiffusionConfig):
+    stage: Literal["stage1"] = "stage1"
+    p_drop_exemplar: float = Field(0.1, ge=0.0, le=1.0)
+    appearance_grad: bool = True          # train the UNet through the tokens it records
+    exemplar_loss_weight: float = Field(0.5, ge=0.0)
+    train_text_embeds: bool = True        # the toy's learned null embedding (no effect for prompt embeddings)
+
+
+class Stage1Step(torch.nn.Module):
+    def __init__(self, pipe, config: Stage1Config):
+        super().__init__()
+        self.unet, self.structure_net, self.text_embeds = pipe.unet, pipe.structure_net, pipe.text_embeds
+        self.vae, self.matcher = pipe.vae, pipe.matcher   # frozen; registered so .to() moves them
+        self.pipe = pipe  # not a Module: a plain attribute
+        self.config = config
+        self.unet.requires_grad_(True)
+        self.structure_net.requires_grad_(True)
+        self.text_embeds.requires_grad_(config.train_text_embeds)
+
+    def forward(self, batch, generator: torch.Generator):
+        pipe, c = self.pipe, self.config
+        x = noised_pair(pipe, batch, generator)
+        drop = uniform(generator) < c.p_drop_exemplar
+        out = {}
+        if drop:
+            eps = pipe.generation_eps(x.target, x.timesteps, x.target_cond, mode="structure_only")
+            loss = F.mse_loss(eps.float(), x.noise_target.float())
+            out["loss_target"] = loss.detach()
+        else:
+            grad_ctx = torch.enable_grad() if c.appearance_grad else torch.no_grad()
+            with grad_ctx:
+                eps_e, tokens = pipe.appearance_tokens(x.exemplar, x.timesteps, x.exemplar_cond, grad=c.appearance_grad)
+            eps = pipe.generation_eps(x.target, x.timesteps, x.target_cond, tokens=tokens, mode="sa_aug")
+            loss_t = F.mse_loss(eps.float(), x.noise_target.float())
+            out["loss_target"] = loss_t.detach()
+            loss = loss_t
+            if c.appearance_grad and c.exemplar_loss_weight > 0:
+                loss_e = F.mse_loss(eps_e.float(), x.noise_exemplar.float())
+                out["loss_exemplar"] = loss_e.detach()
+                loss = loss + c.exemplar_loss_weight * loss_e
+        out["loss"] = loss
+        out["dropped"] = float(drop)
+        return out
+
+
+class Stage1Task:
+    def __init__(self, config: Stage1Config):
+        self.config = config
+        self.source = make_source(config.data)
+
+    def build(self, device: torch.device) -> torch.nn.Module:
+        return Stage1Step(build_pipeline(self.config, device), self.config)
+
+    def trainable_prefixes(self) -> tuple[str, ...]:
+        return ("unet.", "structure_net.", "text_embeds.")
+
+    def batch(self, step: int, rank: int, world_size: int):
+        return pair_batch(self.source, self.config.seed, step, rank, self.config.batch_size)
+
+    def export(self, module: Stage1Step, out_dir: Path) -> Path:
+        return export_pipeline(module.pipe, out_dir / "pipeline")
+
+
+def export_pipeline(pipe, path: Path) -> Path:
+    """Save the pipeline with every weight frozen and in eval mode (what from_pretrained gives)."""
+    for m in (pipe.unet, pipe.vae, pipe.structure_net, pipe.matcher, pipe.text_embeds):
+        m.eval().requires_grad_(False)
+    return pipe.save_pretrained(path)

@@ -1,0 +1,95 @@
+"""Stage 2: the matcher (the adapter) only; every other weight is frozen.
+
+Same pairs and noising as stage 1; the generation branch runs with the adapter on
+(``am_adapter``). The matching cost is built per sample from the pair's own label maps; with
+probability ``p_instance`` a step matches at instance granularity (things match the same
+instance id, stuff its class), so the instance path, used for one-to-one and M-to-N transfer,
+is trained too. Toy-town gives instance ground truth for free: two crops of one image keep
+their instance ids, and one appearance paints instance k of a class with the same colour on
+any layout.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+
+from amadapter.train.data import make_source, pair_batch
+from amadapter.train.diffusion import DiffusionConfig, build_pipeline, noised_pair, uniform
+from amadapter.train.stage1 import export_pipeline
+
+
+class Stage2Config(DiffusionConfig):
+    stage: Literal["stage2"] = "stage2"
+    lr: float = Field(1e-3, gt=0)
+    p_instance: float = Field(0.5, ge=0.0, le=1.0)
+    label_sampling: Literal["majority", "nearest"] = "majority"
+
+    @model_validator(mode="after")
+    def _needs_stage1(self) -> "Stage2Config":
+        if not (self.init_from or self.sd15_dir or self.allow_random_vae):
+            raise ValueError("stage 2 starts from stage 1: set init_from to its pipeline folder (runs/.../pipeline)")
+        return self
+
+
+class Stage2Step(torch.nn.Module):
+    def __init__(self, pipe, config: Stage2Config):
+        super().__init__()
+        self.matcher = pipe.matcher
+        # frozen parts, registered so .to() moves them and a test can check they stay put
+        self.unet, self.vae, self.structure_net, self.text_embeds = pipe.unet, pipe.vae, pipe.structure_net, pipe.text_embeds
+        for m in (self.unet, self.vae, self.structure_net, self.text_embeds):
+            m.requires_grad_(False)
+        self.matcher.requires_grad_(True)
+        self.pipe = pipe
+        self.config = config
+
+    def forward(self, batch, generator: torch.Generator):
+        pipe, c = self.pipe, self.config
+        x = noised_pair(pipe, batch, generator)
+        instance = uniform(generator) < c.p_instance
+        with torch.no_grad():
+            _, tokens = pipe.appearance_tokens(x.exemplar, x.timesteps, x.exemplar_cond)
+        cost_fn = pair_costs(batch, "instance" if instance else "class", c.label_sampling, x.target.dtype)
+        eps = pipe.generation_eps(x.target, x.timesteps, x.target_cond, tokens=tokens, mode="am_adapter", cost=cost_fn)
+        loss = F.mse_loss(eps.float(), x.noise_target.float())
+        return {"loss": loss, "granularity_instance": float(instance)}
+
+
+def pair_costs(batch, granularity: str, sampling: str, dtype):
+    """cost_fn(q_grid, e_grid) -> (B, Nq, Ne): sample i's target against sample i's own exemplar."""
+    from amadapter.cost import CostSpec
+
+    labels_t = batch["target_label"].cpu().numpy()
+    labels_e = batch["exemplar_label"].cpu().numpy()
+    inst_t = batch["target_instance"].cpu().numpy()
+    inst_e = batch["exemplar_instance"].cpu().numpy()
+    specs = [CostSpec([labels_t[i]], labels_e[i], target_instances=[inst_t[i]], exemplar_instance=inst_e[i],
+                      granularity=granularity, sampling=sampling) for i in range(len(labels_t))]
+    device = batch["target_label"].device
+
+    def cost_fn(q_hw, e_hw):
+        return torch.cat([s.cost(q_hw, e_hw, device=device, dtype=dtype) for s in specs])
+
+    return cost_fn
+
+
+class Stage2Task:
+    def __init__(self, config: Stage2Config):
+        self.config = config
+        self.source = make_source(config.data)
+
+    def build(self, device: torch.device) -> torch.nn.Module:
+        return Stage2Step(build_pipeline(self.config, device), self.config)
+
+    def trainable_prefixes(self) -> tuple[str, ...]:
+        return ("matcher.",)
+
+    def batch(self, step: int, rank: int, world_size: int):
+        return pair_batch(self.source, self.config.seed, step, rank, self.config.batch_size)
+
+    def export(self, module: Stage2Step, out_dir: Path) -> Path:
+        return export_pipeline(module.pipe, out_dir / "pipeline")
