@@ -110,3 +110,25 @@ def test_downstream_runs_both_arms(tmp_path):
         assert 0.0 <= result[arm]["miou"] <= 100.0
         assert (tmp_path / "runs" / arm / "checkpoint.pt").exists()
     assert result["delta_miou"] == pytest.approx(result["real_plus_synthetic"]["miou"] - result["real_only"]["miou"], abs=0.02)
+
+
+def test_cli_quality_prints_json_last(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out = tmp_path / "rows.json"
+    res = CliRunner().invoke(app, ["eval", "quality", "--n", "1", "--steps", "1", "--model", "random:toy",
+                                   "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    last = json.loads(res.output.strip().splitlines()[-1])
+    assert [r["mode"] for r in last] == [*MODES, GROUND_TRUTH] and json.loads(out.read_text()) == last
+
+
+def test_cli_quality_names_a_missing_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    res = CliRunner().invoke(app, ["eval", "quality", "--n", "1", "--model", str(tmp_path / "nope")])
+    assert res.exit_code == 2 and "nope" in res.output

@@ -1,0 +1,50 @@
+"""Regression tests on the committed weights: real numbers with floors, so they can fail.
+
+Floors come from measured runs (docs/quality.md, amadapter/weights/segmenter/README.md) minus
+a margin for the smaller sample; lowering one needs a reason in the commit message.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from amadapter.eval.quality import QUALITY_SEED, QualitySettings, run_quality
+from amadapter.eval.segmenter import DEFAULT_DIR as JUDGE_DIR
+from amadapter.eval.segmenter import Segmenter
+from amadapter.eval.segmenter_train import SEGMENTER_HELDOUT_SEED_BASE, ToyTownScenes, evaluate_segmenter
+
+TOY_MODEL = Path(__file__).resolve().parent.parent / "amadapter" / "weights" / "toy"
+
+# The judge: 70.6% on 500 held-out scenes, 71.4% on the first 32 of them.
+JUDGE_FLOOR = 65.0
+# The bundled toy model, am_adapter mode, judge mIoU on the first held-out benchmark triples.
+MODEL_TRIPLES, MODEL_STEPS = 4, 10
+MODEL_FLOOR = 20.0
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_bundled_judge_segments_real_scenes(one_thread):
+    judge = Segmenter.from_pretrained(JUDGE_DIR)
+    acc = evaluate_segmenter(judge, ToyTownScenes(SEGMENTER_HELDOUT_SEED_BASE), 32)
+    assert 100 * acc.miou() > JUDGE_FLOOR
+
+
+@pytest.mark.skipif(not TOY_MODEL.is_dir(), reason=f"{TOY_MODEL} is absent: the trained toy model is not committed yet")
+def test_bundled_model_follows_the_layout(one_thread):
+    from amadapter.pipeline import AMAdapterPipeline
+    from connectors.toytown import make_triples
+
+    pipe = AMAdapterPipeline.from_pretrained(TOY_MODEL)
+    judge = Segmenter.from_pretrained(JUDGE_DIR)
+    settings = QualitySettings(n=MODEL_TRIPLES, num_inference_steps=MODEL_STEPS, modes=("am_adapter",), num_examples=0)
+    report = run_quality(pipe, judge, make_triples(MODEL_TRIPLES, seed=QUALITY_SEED), settings)
+    am = report.rows[0]
+    assert am["mode"] == "am_adapter" and am["n"] == MODEL_TRIPLES
+    assert am["miou"] > MODEL_FLOOR
