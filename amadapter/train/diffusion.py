@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from pydantic import model_validator
 
+from amadapter.train.data import make_source, pair_batch
 from amadapter.train.loop import TrainConfig, TrainConfigError
 
 
@@ -102,3 +103,30 @@ def noised_pair(pipe, batch, generator: torch.Generator) -> NoisedPair:
 def uniform(generator: torch.Generator) -> float:
     """One U(0,1) draw from the step's generator (exemplar dropout, granularity choice)."""
     return float(torch.rand((), generator=generator))
+
+
+class PairTask:
+    """The Task side stage 1 and stage 2 share: pairs as data, a pipeline folder as result.
+    Subclasses give ``step_class`` (the module wrapping the pipeline) and ``trainable_prefixes``."""
+
+    step_class: type
+
+    def __init__(self, config: DiffusionConfig):
+        self.config = config
+        self.source = make_source(config.data)
+
+    def build(self, device: torch.device) -> torch.nn.Module:
+        return self.step_class(build_pipeline(self.config, device), self.config)
+
+    def batch(self, step: int, rank: int, world_size: int):
+        return pair_batch(self.source, self.config.seed, step, rank, self.config.batch_size)
+
+    def export(self, module, out_dir: Path) -> Path:
+        return export_pipeline(module.pipe, out_dir / "pipeline")
+
+
+def export_pipeline(pipe, path: Path) -> Path:
+    """Save the pipeline with every weight frozen and in eval mode (what from_pretrained gives)."""
+    for m in (pipe.unet, pipe.vae, pipe.structure_net, pipe.matcher, pipe.text_embeds):
+        m.eval().requires_grad_(False)
+    return pipe.save_pretrained(path)

@@ -13,15 +13,13 @@ CFG half runs.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from amadapter.train.data import make_source, pair_batch
-from amadapter.train.diffusion import DiffusionConfig, build_pipeline, noised_pair, uniform
+from amadapter.train.diffusion import DiffusionConfig, PairTask, noised_pair, uniform
 
 
 class Stage1Config(DiffusionConfig):
@@ -69,26 +67,8 @@ class Stage1Step(torch.nn.Module):
         return out
 
 
-class Stage1Task:
-    def __init__(self, config: Stage1Config):
-        self.config = config
-        self.source = make_source(config.data)
-
-    def build(self, device: torch.device) -> torch.nn.Module:
-        return Stage1Step(build_pipeline(self.config, device), self.config)
+class Stage1Task(PairTask):
+    step_class = Stage1Step
 
     def trainable_prefixes(self) -> tuple[str, ...]:
         return ("unet.", "structure_net.", "text_embeds.")
-
-    def batch(self, step: int, rank: int, world_size: int):
-        return pair_batch(self.source, self.config.seed, step, rank, self.config.batch_size)
-
-    def export(self, module: Stage1Step, out_dir: Path) -> Path:
-        return export_pipeline(module.pipe, out_dir / "pipeline")
-
-
-def export_pipeline(pipe, path: Path) -> Path:
-    """Save the pipeline with every weight frozen and in eval mode (what from_pretrained gives)."""
-    for m in (pipe.unet, pipe.vae, pipe.structure_net, pipe.matcher, pipe.text_embeds):
-        m.eval().requires_grad_(False)
-    return pipe.save_pretrained(path)

@@ -10,16 +10,13 @@ any layout.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from amadapter.train.data import make_source, pair_batch
-from amadapter.train.diffusion import DiffusionConfig, build_pipeline, noised_pair, uniform
-from amadapter.train.stage1 import export_pipeline
+from amadapter.train.diffusion import DiffusionConfig, PairTask, noised_pair, uniform
 
 
 class Stage2Config(DiffusionConfig):
@@ -77,19 +74,8 @@ def pair_costs(batch, granularity: str, sampling: str, dtype):
     return cost_fn
 
 
-class Stage2Task:
-    def __init__(self, config: Stage2Config):
-        self.config = config
-        self.source = make_source(config.data)
-
-    def build(self, device: torch.device) -> torch.nn.Module:
-        return Stage2Step(build_pipeline(self.config, device), self.config)
+class Stage2Task(PairTask):
+    step_class = Stage2Step
 
     def trainable_prefixes(self) -> tuple[str, ...]:
         return ("matcher.",)
-
-    def batch(self, step: int, rank: int, world_size: int):
-        return pair_batch(self.source, self.config.seed, step, rank, self.config.batch_size)
-
-    def export(self, module: Stage2Step, out_dir: Path) -> Path:
-        return export_pipeline(module.pipe, out_dir / "pipeline")
