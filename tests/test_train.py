@@ -159,3 +159,15 @@ def test_vae_decoder_finetune_keeps_the_latent_space(tmp_path):
     assert any(not torch.equal(a[k], b[k]) for k in dec)
     assert AutoencoderKL.from_pretrained(summary.export).config.scaling_factor == \
         AutoencoderKL.from_pretrained(first.export).config.scaling_factor
+
+
+def test_gradient_checkpointing_and_bf16_switches(tmp_path):
+    """Whole-pass checkpointing recomputes the same graph (same losses, bit for bit); bf16 autocast
+    trains to nearby, finite losses."""
+    opts = ("steps=2", "p_drop_exemplar=0", "appearance_grad=true", "checkpoint_every=100")
+    plain = train_worker(make_task(_config("stage1", tmp_path, *opts, name="plain"))).losses
+    ckpt = train_worker(make_task(_config("stage1", tmp_path, *opts, "gradient_checkpointing=true", name="gc"))).losses
+    assert ckpt == plain
+    bf16 = train_worker(make_task(_config("stage1", tmp_path, *opts, "mixed_precision=bf16", name="bf16"))).losses
+    assert all(np.isfinite(bf16)) and bf16 != plain
+    assert np.allclose(bf16, plain, rtol=0.02)

@@ -100,6 +100,31 @@ def noised_pair(pipe, batch, generator: torch.Generator) -> NoisedPair:
     )
 
 
+def checkpointed(enabled: bool, fn, *args):
+    """``fn(*args)``, as one non-reentrant activation checkpoint when ``enabled``.
+
+    Why whole UNet passes and not diffusers' per-block ``unet.enable_gradient_checkpointing()``:
+    the attention processors read the pipeline's AttentionState (recording / generating,
+    exemplar tokens, matcher), which the pipeline sets only while a pass runs. Per-block
+    recomputation happens later, during backward, with that state gone, and computes a different
+    graph. Recomputing the whole pass re-enters the pipeline call, which sets the state again.
+    """
+    if not (enabled and torch.is_grad_enabled()):
+        return fn(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+class CheckpointSwitch:
+    """Mixin for the stage modules: the loop's gradient_checkpointing switch."""
+
+    checkpoint_passes = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.checkpoint_passes = True
+
+
 def uniform(generator: torch.Generator) -> float:
     """One U(0,1) draw from the step's generator (exemplar dropout, granularity choice)."""
     return float(torch.rand((), generator=generator))

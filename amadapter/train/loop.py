@@ -455,7 +455,11 @@ def _device(config: TrainConfig, distributed: bool) -> torch.device:
 
 
 def _enable_gradient_checkpointing(module: torch.nn.Module) -> None:
-    """diffusers models expose the switch; turn it on wherever it exists (UNet, VAE)."""
+    """The task's own switch when it has one (stage 1/2 checkpoint whole UNet passes, see
+    diffusion.py), else diffusers' switch on every submodule that supports it (the VAE)."""
+    if hasattr(module, "enable_gradient_checkpointing"):
+        module.enable_gradient_checkpointing()
+        return
     found = False
     for sub in module.modules():
         if sub is not module and hasattr(sub, "enable_gradient_checkpointing") and getattr(sub, "_supports_gradient_checkpointing", False):

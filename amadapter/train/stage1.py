@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from amadapter.train.diffusion import DiffusionConfig, PairTask, noised_pair, uniform
+from amadapter.train.diffusion import CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, noised_pair, uniform
 
 
 class Stage1Config(DiffusionConfig):
@@ -30,7 +30,7 @@ class Stage1Config(DiffusionConfig):
     train_text_embeds: bool = True        # the toy's learned null embedding (no effect for prompt embeddings)
 
 
-class Stage1Step(torch.nn.Module):
+class Stage1Step(CheckpointSwitch, torch.nn.Module):
     def __init__(self, pipe, config: Stage1Config):
         super().__init__()
         self.unet, self.structure_net, self.text_embeds = pipe.unet, pipe.structure_net, pipe.text_embeds
@@ -46,15 +46,20 @@ class Stage1Step(torch.nn.Module):
         x = noised_pair(pipe, batch, generator)
         drop = uniform(generator) < c.p_drop_exemplar
         out = {}
+        ck = self.checkpoint_passes
         if drop:
-            eps = pipe.generation_eps(x.target, x.timesteps, x.target_cond, mode="structure_only")
+            eps = checkpointed(ck, lambda z, t, cond: pipe.generation_eps(z, t, cond, mode="structure_only"),
+                               x.target, x.timesteps, x.target_cond)
             loss = F.mse_loss(eps.float(), x.noise_target.float())
             out["loss_target"] = loss.detach()
         else:
             grad_ctx = torch.enable_grad() if c.appearance_grad else torch.no_grad()
             with grad_ctx:
-                eps_e, tokens = pipe.appearance_tokens(x.exemplar, x.timesteps, x.exemplar_cond, grad=c.appearance_grad)
-            eps = pipe.generation_eps(x.target, x.timesteps, x.target_cond, tokens=tokens, mode="sa_aug")
+                eps_e, tokens = checkpointed(
+                    ck, lambda z, t, cond: pipe.appearance_tokens(z, t, cond, grad=c.appearance_grad),
+                    x.exemplar, x.timesteps, x.exemplar_cond)
+            eps = checkpointed(ck, lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="sa_aug"),
+                               x.target, x.timesteps, x.target_cond)
             loss_t = F.mse_loss(eps.float(), x.noise_target.float())
             out["loss_target"] = loss_t.detach()
             loss = loss_t

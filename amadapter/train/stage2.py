@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from amadapter.train.diffusion import DiffusionConfig, PairTask, noised_pair, uniform
+from amadapter.train.diffusion import CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, noised_pair, uniform
 
 
 class Stage2Config(DiffusionConfig):
@@ -32,7 +32,7 @@ class Stage2Config(DiffusionConfig):
         return self
 
 
-class Stage2Step(torch.nn.Module):
+class Stage2Step(CheckpointSwitch, torch.nn.Module):
     def __init__(self, pipe, config: Stage2Config):
         super().__init__()
         self.matcher = pipe.matcher
@@ -51,7 +51,10 @@ class Stage2Step(torch.nn.Module):
         with torch.no_grad():
             _, tokens = pipe.appearance_tokens(x.exemplar, x.timesteps, x.exemplar_cond)
         cost_fn = pair_costs(batch, "instance" if instance else "class", c.label_sampling, x.target.dtype)
-        eps = pipe.generation_eps(x.target, x.timesteps, x.target_cond, tokens=tokens, mode="am_adapter", cost=cost_fn)
+        eps = checkpointed(
+            self.checkpoint_passes,
+            lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="am_adapter", cost=cost_fn),
+            x.target, x.timesteps, x.target_cond)
         loss = F.mse_loss(eps.float(), x.noise_target.float())
         return {"loss": loss, "granularity_instance": float(instance)}
 
