@@ -81,7 +81,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_stage2_trains_the_matcher_only(tmp_path):
-    cfg = _config("stage2", tmp_path, "steps=2", "p_instance=0.5", "lr=1e-2")
+    cfg = _config("stage2", tmp_path, "steps=3", "p_instance=0.4", "p_mapping=0.4", "lr=1e-2")
     task = make_task(cfg)
     module = task.build(torch.device("cpu"))
     before = {k: v.clone() for k, v in module.state_dict().items()}
@@ -91,6 +91,8 @@ def test_stage2_trains_the_matcher_only(tmp_path):
     # Reuse the very module in the loop so the comparison is on the trained weights.
     task.build = lambda device: module
     train_worker(task)
+    kinds = [r["granularity"] for r in read_loss_log(tmp_path / "run" / "loss.jsonl")]
+    assert len(set(kinds)) >= 2, kinds  # more than one matching path was trained
     after = module.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed, "the matcher did not move"

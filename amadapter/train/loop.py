@@ -287,7 +287,7 @@ def read_loss_log(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-_NOT_CURVES = ("step", "lr", "dropped", "granularity_instance")
+_NOT_CURVES = ("step", "lr", "dropped", "granularity")
 
 
 def write_csv_and_plot(out_dir: Path, title: str) -> Path | None:

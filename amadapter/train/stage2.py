@@ -3,8 +3,8 @@
 Same pairs and noising as stage 1; the generation branch runs with the adapter on
 (``am_adapter``). The matching cost is built per sample from the pair's own label maps; with
 probability ``p_instance`` a step matches at instance granularity (things match the same
-instance id, stuff its class), so the instance path, used for one-to-one and M-to-N transfer,
-is trained too. Toy-town gives instance ground truth for free: two crops of one image keep
+instance id, stuff its class) and with ``p_mapping`` through an instance mapping, so the
+instance paths, used for one-to-one and M-to-N transfer, are trained too. Toy-town gives instance ground truth for free: two crops of one image keep
 their instance ids, and one appearance paints instance k of a class with the same colour on
 any layout.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
@@ -22,11 +23,17 @@ from amadapter.train.diffusion import CheckpointSwitch, DiffusionConfig, PairTas
 class Stage2Config(DiffusionConfig):
     stage: Literal["stage2"] = "stage2"
     lr: float = Field(1e-3, gt=0)
-    p_instance: float = Field(0.5, ge=0.0, le=1.0)
+    # Per step, the matching cost is: instance granularity with p_instance; class granularity
+    # plus an instance mapping (every thing instance seen in both maps -> itself) with
+    # p_mapping, the path of user-given one-to-one / M-to-N mappings; else class granularity.
+    p_instance: float = Field(0.3, ge=0.0, le=1.0)
+    p_mapping: float = Field(0.3, ge=0.0, le=1.0)
     label_sampling: Literal["majority", "nearest"] = "majority"
 
     @model_validator(mode="after")
     def _needs_stage1(self) -> "Stage2Config":
+        if self.p_instance + self.p_mapping > 1.0:
+            raise ValueError(f"p_instance + p_mapping must be <= 1, got {self.p_instance} + {self.p_mapping}")
         if not (self.init_from or self.sd15_dir or self.allow_random_vae):
             raise ValueError("stage 2 starts from stage 1: set init_from to its pipeline folder (runs/.../pipeline)")
         return self
@@ -47,19 +54,30 @@ class Stage2Step(CheckpointSwitch, torch.nn.Module):
     def forward(self, batch, generator: torch.Generator):
         pipe, c = self.pipe, self.config
         x = noised_pair(pipe, batch, generator)
-        instance = uniform(generator) < c.p_instance
+        u = uniform(generator)
+        kind = "instance" if u < c.p_instance else "mapping" if u < c.p_instance + c.p_mapping else "class"
         with torch.no_grad():
             _, tokens = pipe.appearance_tokens(x.exemplar, x.timesteps, x.exemplar_cond)
-        cost_fn = pair_costs(batch, "instance" if instance else "class", c.label_sampling, x.target.dtype)
+        cost_fn = pair_costs(batch, kind, c.label_sampling, x.target.dtype)
         eps = checkpointed(
             self.checkpoint_passes,
             lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="am_adapter", cost=cost_fn),
             x.target, x.timesteps, x.target_cond)
         loss = F.mse_loss(eps.float(), x.noise_target.float())
-        return {"loss": loss, "granularity_instance": float(instance)}
+        return {"loss": loss, "granularity": float(GRANULARITIES.index(kind))}
 
 
-def pair_costs(batch, granularity: str, sampling: str, dtype):
+GRANULARITIES = ("class", "instance", "mapping")
+
+
+def shared_things(target_instance: np.ndarray, exemplar_instance: np.ndarray) -> dict[int, list[int]]:
+    """{id: [id]} for thing instances present in both maps: two crops of one image keep their ids,
+    and toy-town paints instance k of a class alike on every layout of one appearance."""
+    common = np.intersect1d(np.unique(target_instance), np.unique(exemplar_instance))
+    return {int(i): [int(i)] for i in common if i >= 1000}
+
+
+def pair_costs(batch, kind: str, sampling: str, dtype):
     """cost_fn(q_grid, e_grid) -> (B, Nq, Ne): sample i's target against sample i's own exemplar."""
     from amadapter.cost import CostSpec
 
@@ -68,7 +86,9 @@ def pair_costs(batch, granularity: str, sampling: str, dtype):
     inst_t = batch["target_instance"].cpu().numpy()
     inst_e = batch["exemplar_instance"].cpu().numpy()
     specs = [CostSpec([labels_t[i]], labels_e[i], target_instances=[inst_t[i]], exemplar_instance=inst_e[i],
-                      granularity=granularity, sampling=sampling) for i in range(len(labels_t))]
+                      granularity="instance" if kind == "instance" else "class", sampling=sampling,
+                      instance_mapping=shared_things(inst_t[i], inst_e[i]) if kind == "mapping" else None)
+             for i in range(len(labels_t))]
     device = batch["target_label"].device
 
     def cost_fn(q_hw, e_hw):
