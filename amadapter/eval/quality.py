@@ -34,13 +34,39 @@ class QualitySettings:
     guidance_scale: float = 7.5
     granularity: str = "instance"  # the triple's instance map is the user's mapping
     modes: tuple[str, ...] = MODES
-    num_examples: int = 4  # triples kept for the picture
+    num_examples: int = 4  # triples kept for the picture: the first of each domain, then the first ones
+
+
+@dataclass
+class Measures:
+    """Everything measured on one output image."""
+
+    segmentation: np.ndarray
+    target_label: np.ndarray
+    class_errors: list[float]
+    instance_errors: list[float]
+    psnr: float
+    control: M.ControlResult
+
+
+def measure(output: np.ndarray, segmentation: np.ndarray, triple) -> Measures:
+    return Measures(
+        segmentation=segmentation,
+        target_label=triple.target_label,
+        class_errors=M.class_colour_errors(output, triple.target_image, triple.target_label, triple.exemplar_label),
+        # Only mapped vehicles: an unmapped one wears a paint the exemplar never shows.
+        instance_errors=M.instance_colour_errors(output, triple.target_image, triple.target_instance,
+                                                 only=set(triple.instance_map)),
+        psnr=M.psnr(output, triple.target_image),
+        control=M.controllability(output, triple.target_instance, triple.exemplar_image, triple.exemplar_instance,
+                                  triple.instance_map),
+    )
 
 
 class ModeScores:
-    """Running sums for one row of the table."""
+    """Running sums for one row of the table (and, one level down, for each toy-town domain)."""
 
-    def __init__(self) -> None:
+    def __init__(self, by_domain: bool = True) -> None:
         self.n = 0
         self.confusion = M.ConfusionAccumulator()
         self.class_errors: list[float] = []
@@ -48,17 +74,17 @@ class ModeScores:
         self.psnrs: list[float] = []
         self.control = M.ControlResult(0, 0)
         self.seconds = 0.0
+        self.domains: dict[str, ModeScores] | None = {} if by_domain else None
 
-    def add(self, output: np.ndarray, segmentation: np.ndarray, triple) -> None:
+    def add(self, m: Measures, domain: str | None = None) -> None:
         self.n += 1
-        self.confusion.add(segmentation, triple.target_label)
-        self.class_errors += M.class_colour_errors(output, triple.target_image, triple.target_label, triple.exemplar_label)
-        self.instance_errors += M.instance_colour_errors(output, triple.target_image, triple.target_instance,
-                                                         only=set(triple.instance_map))
-        self.psnrs.append(M.psnr(output, triple.target_image))
-        c = M.controllability(output, triple.target_instance, triple.exemplar_image, triple.exemplar_instance,
-                              triple.instance_map)
-        self.control = M.ControlResult(self.control.hits + c.hits, self.control.total + c.total)
+        self.confusion.add(m.segmentation, m.target_label)
+        self.class_errors += m.class_errors
+        self.instance_errors += m.instance_errors
+        self.psnrs.append(m.psnr)
+        self.control = M.ControlResult(self.control.hits + m.control.hits, self.control.total + m.control.total)
+        if self.domains is not None and domain is not None:
+            self.domains.setdefault(domain, ModeScores(by_domain=False)).add(m)
 
     def row(self, mode: str) -> dict[str, Any]:
         finite = [p for p in self.psnrs if math.isfinite(p)]
@@ -75,6 +101,7 @@ class ModeScores:
             "class_pairs": len(self.class_errors),
             "vehicle_instances": len(self.instance_errors),
             "seconds": round(self.seconds, 2),
+            **({"by_domain": {d: sub.row(mode) for d, sub in sorted(self.domains.items())}} if self.domains else {}),
         }
 
 
@@ -161,8 +188,9 @@ def run_quality(
         names = list(images)
         segs = segmenter.predict(np.stack([images[m] for m in names]))
         for name, seg in zip(names, segs):
-            scores[name].add(images[name], seg, triple)
-        if len(examples) < settings.num_examples:
+            scores[name].add(measure(images[name], seg, triple), triple.domain)
+        seen = {e["triple"].domain for e in examples}
+        if len(examples) < 2 * settings.num_examples or triple.domain not in seen:
             examples.append({"triple": triple, "images": images})
         if progress:
             progress(i + 1, settings.n)
@@ -172,7 +200,19 @@ def run_quality(
     t_generate = t_encode + sum(scores[m].seconds for m in settings.modes)
     timings = {"total_s": round(total, 1), "generate_s": round(t_generate, 1), "encode_s": round(t_encode, 1),
                "per_triple_all_modes_s": round(t_generate / max(1, n), 3)}
-    return QualityReport(rows, examples, settings, timings)
+    return QualityReport(rows, _pick_examples(examples, settings.num_examples), settings, timings)
+
+
+def _pick_examples(candidates: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
+    """The first example of each domain, then the earliest others, in triple order."""
+    firsts, seen = [], set()
+    for i, e in enumerate(candidates):
+        if e["triple"].domain not in seen:
+            seen.add(e["triple"].domain)
+            firsts.append(i)
+    chosen = set(firsts[:k])
+    chosen |= set([i for i in range(len(candidates)) if i not in chosen][: k - len(chosen)])
+    return [candidates[i] for i in sorted(chosen)]
 
 
 def acceptance(rows: list[dict[str, Any]]) -> list[tuple[str, bool, str]]:

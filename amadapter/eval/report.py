@@ -77,6 +77,23 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def domain_table(rows: list[dict[str, Any]]) -> str:
+    """Per domain: class ΔE00 / controllability / mIoU for each mode."""
+    domains = sorted({d for r in rows for d in r.get("by_domain", {})})
+    if not domains:
+        return ""
+    lines = ["| mode | " + " | ".join(f"{d}: n, class ΔE00, control, mIoU" for d in domains) + " |",
+             "|---|" + "---|" * len(domains)]
+    for r in rows:
+        cells = []
+        for d in domains:
+            sub = r["by_domain"].get(d)
+            cells.append("-" if sub is None else
+                         f"{sub['n']}, {_fmt(sub['class_de2000'])}, {_fmt(sub['controllability'], 2)}, {_fmt(sub['miou'], 1)}")
+        lines.append(f"| {r['mode']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def acceptance_section(rows: list[dict[str, Any]]) -> str:
     checks = acceptance(rows)
     if not checks:
@@ -114,6 +131,10 @@ Model: `{context['model']}` (hash `{context['model_hash'][:16]}`). Judge segment
 ## Result
 
 {table(report.rows)}
+
+By toy-town domain (the light of the scene):
+
+{domain_table(report.rows)}
 
 ![exemplar | target layout | ground truth | structure_only | sa_aug | am_adapter](quality.png)
 

@@ -13,7 +13,8 @@ from amadapter.eval.report import write_json, write_markdown, write_picture
 from amadapter.eval.segmenter import DEFAULT_DIR as SEGMENTER_DIR
 from amadapter.eval.segmenter import Segmenter
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "weights" / "toy"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL_DIR = REPO_ROOT / "amadapter" / "weights" / "toy"
 RANDOM_TOY = "random:toy"  # a random-weight toy model: exercises the code, measures nothing
 
 
@@ -30,6 +31,14 @@ def load_pipeline(model: str | Path):
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: no model folder here (train one with `amgen train`, or pass --model {RANDOM_TOY})")
     return AMAdapterPipeline.from_pretrained(path)
+
+
+def _shown(path: str | Path) -> str:
+    """A path as the docs show it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
 
 
 def run_benchmark(
@@ -60,9 +69,9 @@ def run_benchmark(
             "command": command,
             "date": _dt.date.today().isoformat(),
             "threads": threads,
-            "model": str(model),
+            "model": str(model) if str(model) == RANDOM_TOY else _shown(model),
             "model_hash": pipe.model_hash(),
-            "segmenter": str(segmenter),
+            "segmenter": _shown(segmenter),
             "segmenter_meta": judge.config.meta,
         }
         write_markdown(report, docs / "quality.md", context)
