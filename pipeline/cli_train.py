@@ -9,6 +9,12 @@ import typer
 from amadapter.train.stages import STAGE_NAMES
 
 
+def _quiet_diffusers() -> None:
+    from diffusers.utils import logging as dlog
+
+    dlog.set_verbosity_error()
+
+
 def _train(stage: str, config: Optional[Path], overrides: List[str], resume: bool, workers: Optional[int]) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -18,6 +24,7 @@ def _train(stage: str, config: Optional[Path], overrides: List[str], resume: boo
     from amadapter.train.stages import load_train_config
 
     console = Console()
+    _quiet_diffusers()
     try:
         cfg = load_train_config(stage, config, overrides, num_workers=workers)
     except (ValueError, FileNotFoundError) as exc:
@@ -68,4 +75,36 @@ def register(app: typer.Typer) -> None:
 
     for stage in STAGE_NAMES:
         train_app.command(stage)(make(stage))
+
+    @train_app.command("export")
+    def export(
+        pipeline_dir: Path = typer.Option(..., "--pipeline", help="stage-2 output (runs/toy_stage2/pipeline)"),
+        out: Path = typer.Option(Path("amadapter/weights/toy"), "--out", help="model folder to write"),
+        vae: Optional[Path] = typer.Option(None, "--vae", help="decoder-only fine-tuned VAE to swap in"),
+        fp16: bool = typer.Option(False, "--fp16", help="store weights in float16 (half the size)"),
+        max_mb: float = typer.Option(25.0, "--max-mb"),
+        preview: int = typer.Option(4, "--preview", help="rows of held-out toy-town triples in preview.png (0: none)"),
+    ) -> None:
+        """Assemble trained parts into one AMAdapterPipeline folder (safetensors), check it reloads."""
+        from rich.console import Console
+
+        from amadapter.train.export import ExportError, assemble, preview_grid
+
+        console = Console()
+        _quiet_diffusers()
+        try:
+            info = assemble(pipeline_dir, out, vae_dir=vae, fp16=fp16, max_mb=max_mb)
+        except (ExportError, FileNotFoundError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        console.print(f"wrote {info['path']}: {info['bytes'] / 2**20:.2f} MB ({info['dtype']}), hash {info['model_hash'][:12]}")
+        for name, size in info["safetensors"].items():
+            console.print(f"  {name}: {size / 2**20:.2f} MB")
+        if preview:
+            from amadapter.pipeline import AMAdapterPipeline
+            from connectors.toytown.triples import make_triples
+
+            pipe = AMAdapterPipeline.from_pretrained(out, dtype=None).to(dtype=__import__("torch").float32)
+            path = preview_grid(pipe, list(make_triples(preview, seed=9001)), out / "preview.png")
+            console.print(f"preview (exemplar | target | ground truth | structure_only | sa_aug | am_adapter): {path}")
     app.add_typer(train_app, name="train")

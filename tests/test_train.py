@@ -173,3 +173,29 @@ def test_gradient_checkpointing_and_bf16_switches(tmp_path):
     bf16 = train_worker(make_task(_config("stage1", tmp_path, *opts, "mixed_precision=bf16", name="bf16"))).losses
     assert all(np.isfinite(bf16)) and bf16 != plain
     assert np.allclose(bf16, plain, rtol=0.02)
+
+
+def test_export_assembles_a_loadable_pipeline(tmp_path):
+    from amadapter.pipeline import AMAdapterPipeline
+    from amadapter.train.export import ExportError, assemble
+
+    src = AMAdapterPipeline.from_preset("toy", seed=3).save_pretrained(tmp_path / "stage2")
+    vae = AMAdapterPipeline.from_pretrained(src).vae
+    with torch.no_grad():
+        vae.decoder.conv_out.bias.add_(0.5)          # a decoder-only change may be swapped in
+    vae.save_pretrained(tmp_path / "dec")
+    info = assemble(src, tmp_path / "toy", vae_dir=tmp_path / "dec", fp16=True)
+    loaded = AMAdapterPipeline.from_pretrained(tmp_path / "toy")
+    assert info["dtype"] == "float16" and loaded.vae.dtype == torch.float32  # stored half, loaded upcast
+    assert torch.equal(loaded.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias.half().float())
+    assert loaded.model_hash() == info["model_hash"]
+    assert all(name.endswith(".safetensors") for name in info["safetensors"]) and info["bytes"] < 25 * 2**20
+
+    with torch.no_grad():
+        vae.encoder.conv_in.bias.add_(0.5)           # a new latent space may not
+    vae.save_pretrained(tmp_path / "enc")
+    with pytest.raises(ExportError, match="encoder"):
+        assemble(src, tmp_path / "toy2", vae_dir=tmp_path / "enc")
+    with pytest.raises(ExportError, match="budget"):
+        assemble(src, tmp_path / "toy3", max_mb=1.0)
+    assert not (tmp_path / "toy3.tmp").exists()
