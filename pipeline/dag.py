@@ -57,8 +57,19 @@ def ensure_ray(cfg: RunConfig) -> bool:
     return True
 
 
+def _actors(n: int):
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(size=int(n))
+
+
 def _quiet_ray_data(show_progress: bool) -> None:
+    import logging
+
     from ray.data import DataContext
+
+    # Our own bars and summary speak for the run; Ray Data's per-dataset INFO lines are noise here.
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = show_progress
@@ -271,7 +282,7 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
     ds = ds.map_batches(plan_embed, batch_size=PLAN_BATCH, batch_format="numpy")
     ds = ds.map_batches(PlanRetrieve, fn_constructor_args=(index_path, ex.k, ex.candidates, ex.diversity,
                                                            dict(ex.filters), ex.exclude_self),
-                        batch_size=PLAN_BATCH, batch_format="numpy", concurrency=1)
+                        batch_size=PLAN_BATCH, batch_format="numpy", compute=_actors(1))
     rows = sorted(ds.take_all(), key=lambda r: str(r["layout_id"]))
     read_errors_ = [json.loads(r["error"]) for r in rows if r["error"]]
     planned = [{"target_id": str(r["layout_id"]), "target_item": str(r["item"]), "augment": str(r["augment"]),
@@ -307,13 +318,13 @@ def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers):
     ds = ds.map_batches(Synthesizer, fn_constructor_args=(model,),
                         fn_constructor_kwargs={"device": workers.device, "torch_threads": workers.torch_threads,
                                                "bank_cache_size": cfg.synthesis.bank_cache_size},
-                        batch_size=1, batch_format="numpy", concurrency=workers.actors,
+                        batch_size=1, batch_format="numpy", compute=_actors(workers.actors),
                         num_cpus=workers.num_cpus, num_gpus=workers.num_gpus or None)
     if cfg.score.enabled:
         from stages.score import Scorer
 
         ds = ds.map_batches(Scorer, fn_constructor_args=(cfg.score.segmenter, 1), batch_size=16,
-                            batch_format="numpy", concurrency=1, num_cpus=LOADER_CPUS)
+                            batch_format="numpy", compute=_actors(1), num_cpus=LOADER_CPUS)
     return ds
 
 
