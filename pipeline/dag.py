@@ -390,7 +390,9 @@ class Reporter:
 
     def info(self, msg: str) -> None:
         if self.console is not None:
-            self.console.print(f"[dim]amgen:[/dim] {msg}")
+            from rich.markup import escape
+
+            self.console.print(f"[dim]amgen:[/dim] {escape(msg)}")
 
     def progress(self, total: int, description: str):
         if self.console is None:

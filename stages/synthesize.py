@@ -126,19 +126,30 @@ class Synthesizer:
             return [self._row(group, m, None, None, None, _error(m, "exemplar", f"{type(e).__name__}: {e}"))
                     for m in members]
         bank_new = bank is not None and self._bank_misses() > misses_before
-        seeds = [m["seed"] for m in members]
+        results: list[tuple[np.ndarray | None, dict | None]] = [(None, None)] * len(members)
+        # Samples the model cannot take at all are quarantined up front, so the rest still run as
+        # one batch (a batch's pixels depend only on which samples are in it: deterministic).
+        good = []
+        for i, m in enumerate(members):
+            problem = self._unfit(labels[i], labels, instances[i])
+            if problem:
+                results[i] = (None, _error(m, "synthesize", problem))
+            else:
+                good.append(i)
         ex_inst = arrays.get("exemplar_instance")
-        results: list[tuple[np.ndarray | None, dict | None]]
-        try:
-            images = self._generate(bank, labels, instances, seeds, ex_inst, key)
-            results = [(images[i], None) for i in range(len(members))]
-        except SAMPLE_ERRORS:
-            results = []  # isolate the failing sample(s): one at a time
-            for i, m in enumerate(members):
-                try:
-                    results.append((self._generate(bank, [labels[i]], [instances[i]], [seeds[i]], ex_inst, key)[0], None))
-                except SAMPLE_ERRORS as e:
-                    results.append((None, _error(m, "synthesize", f"{type(e).__name__}: {e}")))
+        if good:
+            try:
+                images = self._generate(bank, [labels[i] for i in good], [instances[i] for i in good],
+                                        [members[i]["seed"] for i in good], ex_inst, key)
+                for j, i in enumerate(good):
+                    results[i] = (images[j], None)
+            except SAMPLE_ERRORS:
+                for i in good:  # an unexpected failure: find the culprit(s) one sample at a time
+                    try:
+                        img = self._generate(bank, [labels[i]], [instances[i]], [members[i]["seed"]], ex_inst, key)[0]
+                        results[i] = (img, None)
+                    except SAMPLE_ERRORS as e:
+                        results[i] = (None, _error(members[i], "synthesize", f"{type(e).__name__}: {e}"))
         seconds = (time.perf_counter() - t0) / len(members)
         rows = []
         for i, (m, (img, err)) in enumerate(zip(members, results)):
@@ -147,6 +158,20 @@ class Synthesizer:
             row["seconds"] = seconds
             rows.append(row)
         return rows
+
+    def _unfit(self, label: np.ndarray, group_labels: list[np.ndarray], instance) -> str:
+        """Why the model cannot take this target (empty string when it can)."""
+        stride = int(getattr(self.pipe, "stride", 1))
+        h, w = label.shape
+        if h % stride or w % stride:
+            return f"SizeError: target size {h}x{w} is not a multiple of the model stride {stride}"
+        sizes = [lab.shape for lab in group_labels]
+        common = max(set(sizes), key=lambda s: (sizes.count(s), s))
+        if label.shape != common:
+            return f"SizeError: target size {h}x{w} differs from its batch's {common[0]}x{common[1]}"
+        if instance is not None and instance.shape != label.shape:
+            return f"SizeError: instance map {instance.shape} differs from the label map {label.shape}"
+        return ""
 
     def _bank_misses(self) -> int:
         return int(self.pipe.bank_cache.misses)

@@ -1,0 +1,110 @@
+"""Run config: strict validation, errors that name the key and the file, overrides, the hash."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, check_paths, config_from_dict, config_hash, load_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def write(tmp_path: Path, tree: dict, name: str = "run.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def base(tmp_path: Path) -> dict:
+    (tmp_path / "src").mkdir(exist_ok=True)
+    return {"source": {"kind": "toytown", "root": str(tmp_path / "src")}, "model": {"steps": 3}}
+
+
+def test_loads_yaml_with_defaults_and_overrides(tmp_path):
+    p = write(tmp_path, base(tmp_path))
+    cfg = load_config(p, ["model.steps=7", "synthesis.batch_size=2", "exemplars.filters={domain: night}",
+                          "augment.ops=[{op: hflip, p: 1.0}]"])
+    assert cfg.model.steps == 7 and cfg.synthesis.batch_size == 2
+    assert cfg.exemplars.filters == {"domain": "night"}
+    assert [o.op for o in cfg.augment.ops] == ["hflip"] and cfg.augment.ops[0].p == 1.0
+    assert cfg.output.rows_per_shard == 64 and cfg.origin == str(p)
+    check_paths(cfg)
+
+
+@pytest.mark.parametrize("tree_edit, override, key, words", [
+    (lambda t: t["source"].update(colour="red"), None, "source.colour", "unknown key"),
+    (lambda t: t.update(synthesis={"actors": "many"}), None, "synthesis.actors", "integer"),
+    (lambda t: t.pop("source"), None, "source", "required"),
+    (lambda t: t.update(augment={"ops": [{"op": "hflip", "prob": 1}]}), None, "augment.ops.0.prob", "unknown key"),
+    (lambda t: None, "model.stepz=3", "model.stepz", "unknown key"),
+    (lambda t: None, "model.steps=lots", "model.steps", "integer"),
+    (lambda t: None, "model.mode=magic", "model.mode", "am_adapter"),
+])
+def test_errors_name_key_and_file(tmp_path, tree_edit, override, key, words):
+    tree = base(tmp_path)
+    tree_edit(tree)
+    p = write(tmp_path, tree)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, [override] if override else None)
+    msg = str(e.value)
+    assert str(p) in msg and f"{key}:" in msg and words in msg, msg
+
+
+def test_missing_paths_name_key_and_file(tmp_path):
+    tree = base(tmp_path)
+    tree["source"]["root"] = str(tmp_path / "nowhere")
+    p = write(tmp_path, tree)
+    cfg = load_config(p)  # paths are checked when a run starts, not at load
+    with pytest.raises(ConfigError, match=rf"{p}: source.root: path does not exist"):
+        check_paths(cfg)
+    cfg = load_config(write(tmp_path, base(tmp_path)), ["model.path=sd15", f"model.sd15_dir={tmp_path / 'sd'}"])
+    with pytest.raises(ConfigError, match="model.sd15_dir: folder does not exist"):
+        check_paths(cfg)
+    # A toytown source with `make` may be absent: the run creates it.
+    cfg = load_config(write(tmp_path, {"source": {"kind": "toytown", "root": str(tmp_path / "new"), "make": {"n": 2}}}))
+    check_paths(cfg)
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: [unclosed\n")
+    with pytest.raises(ConfigError, match=f"{bad}: not valid YAML"):
+        load_config(bad)
+    p = write(tmp_path, base(tmp_path))
+    with pytest.raises(ConfigError, match="expected key=value"):
+        load_config(p, ["model.steps"])
+    with pytest.raises(ConfigError, match="model.steps: is not a section"):
+        load_config(p, ["model.steps.x=1"])
+    with pytest.raises(ConfigError, match="'make' is only allowed for kind: toytown"):
+        load_config(p, ["source.kind=cityscapes", "source.make.n=3"])
+    with pytest.raises(ConfigError, match="augment.ops.0"):
+        load_config(p, ["augment.ops=[{op: random_resized_crop, scale: [0.1, 1.0]}]"])
+
+
+def test_config_hash_covers_what_changes_bytes_only(tmp_path):
+    tree = base(tmp_path)
+    h = config_hash(config_from_dict(tree))
+    assert h == config_hash(config_from_dict(tree)) and len(h) == 64
+    # Where the output goes and how many workers make it do not change a byte.
+    same = ["output.dir=/elsewhere", "synthesis.actors=4", "synthesis.num_gpus=1", "ray.num_cpus=8",
+            "output.preview=false", "name=other"]
+    for ov in same:
+        assert config_hash(config_from_dict(tree, overrides=[ov])) == h, ov
+    for ov in ["model.steps=4", "seed=1", "output.rows_per_shard=7", "augment.seed=3", "exemplars.k=2",
+               "synthesis.batch_size=3", "source.limit=5"]:
+        assert config_hash(config_from_dict(tree, overrides=[ov])) != h, ov
+
+
+@pytest.mark.parametrize("name", ["toytown_demo.yaml", "cityscapes_sd15.yaml", "bdd100k_sd15.yaml"])
+def test_shipped_configs_validate_and_comment_every_key(name):
+    path = REPO / "configs" / name
+    cfg = load_config(path)
+    assert cfg.source.root
+    for line in path.read_text().splitlines():
+        s = line.strip()
+        if s and not s.startswith("#") and not s.startswith("- ") and ":" in s and not s.endswith(":"):
+            assert "#" in s, f"{name}: key without a comment: {s}"
