@@ -1,6 +1,6 @@
 """Training loops: loss goes down, resume is exact, stage 2 trains the matcher only, configs fail clearly.
 
-Tiny runs: the toy preset at 32x64 images (8x16 latents), batch 2, untrained VAE.
+Tiny runs: the toy preset at 16x32 images (4x8 latents), batch 2, untrained VAE, one thread.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from amadapter.train.loop import make_task, read_loss_log, train_worker
 from amadapter.train.stages import load_train_config
 
-TINY = ["data.height=32", "data.width=64", "batch_size=2", "torch_threads=1"]  # 1: no spinning on a busy box
+TINY = ["data.height=16", "data.width=32", "batch_size=2", "torch_threads=1"]  # 1: no spinning on a busy box
 
 
 def _config(stage, tmp_path, *overrides, name="run"):
@@ -199,3 +199,19 @@ def test_export_assembles_a_loadable_pipeline(tmp_path):
     with pytest.raises(ExportError, match="budget"):
         assemble(src, tmp_path / "toy3", max_mb=1.0)
     assert not (tmp_path / "toy3.tmp").exists()
+
+
+def test_min_snr_weighting_only_lowers_easy_steps():
+    from diffusers import DDIMScheduler
+
+    from amadapter.presets import get_preset
+    from amadapter.train.diffusion import eps_loss
+
+    sched = DDIMScheduler(**get_preset("toy")["scheduler"])
+    g = torch.Generator().manual_seed(0)
+    pred, noise = torch.randn(2, 4, 4, 4, generator=g), torch.randn(2, 4, 4, 4, generator=g)
+    plain = [eps_loss(pred[i:i + 1], noise[i:i + 1], torch.tensor([t]), sched, None) for i, t in enumerate((10, 900))]
+    weighted = [eps_loss(pred[i:i + 1], noise[i:i + 1], torch.tensor([t]), sched, 5.0) for i, t in enumerate((10, 900))]
+    assert torch.isclose(plain[0], torch.nn.functional.mse_loss(pred[:1], noise[:1]))
+    assert weighted[0] < 0.05 * plain[0]          # t=10: SNR ~ 500, weight 5/SNR
+    assert torch.equal(weighted[1], plain[1])     # t=900: SNR < 5, weight 1

@@ -16,10 +16,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
-from amadapter.train.diffusion import CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, noised_pair, uniform
+from amadapter.train.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
+                                       uniform)
 
 
 class Stage1Config(DiffusionConfig):
@@ -28,6 +28,7 @@ class Stage1Config(DiffusionConfig):
     appearance_grad: bool = True          # train the UNet through the tokens it records
     exemplar_loss_weight: float = Field(0.5, ge=0.0)
     train_text_embeds: bool = True        # the toy's learned null embedding (no effect for prompt embeddings)
+    snr_gamma: float | None = Field(None, gt=0)  # Min-SNR loss weighting (5.0 is usual); None: plain MSE
 
 
 class Stage1Step(CheckpointSwitch, torch.nn.Module):
@@ -50,7 +51,7 @@ class Stage1Step(CheckpointSwitch, torch.nn.Module):
         if drop:
             eps = checkpointed(ck, lambda z, t, cond: pipe.generation_eps(z, t, cond, mode="structure_only"),
                                x.target, x.timesteps, x.target_cond)
-            loss = F.mse_loss(eps.float(), x.noise_target.float())
+            loss = eps_loss(eps, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
             out["loss_target"] = loss.detach()
         else:
             grad_ctx = torch.enable_grad() if c.appearance_grad else torch.no_grad()
@@ -60,11 +61,11 @@ class Stage1Step(CheckpointSwitch, torch.nn.Module):
                     x.exemplar, x.timesteps, x.exemplar_cond)
             eps = checkpointed(ck, lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="sa_aug"),
                                x.target, x.timesteps, x.target_cond)
-            loss_t = F.mse_loss(eps.float(), x.noise_target.float())
+            loss_t = eps_loss(eps, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
             out["loss_target"] = loss_t.detach()
             loss = loss_t
             if c.appearance_grad and c.exemplar_loss_weight > 0:
-                loss_e = F.mse_loss(eps_e.float(), x.noise_exemplar.float())
+                loss_e = eps_loss(eps_e, x.noise_exemplar, x.timesteps, pipe.scheduler, c.snr_gamma)
                 out["loss_exemplar"] = loss_e.detach()
                 loss = loss + c.exemplar_loss_weight * loss_e
         out["loss"] = loss

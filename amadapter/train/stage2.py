@@ -14,10 +14,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 
-from amadapter.train.diffusion import CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, noised_pair, uniform
+from amadapter.train.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
+                                       uniform)
 
 
 class Stage2Config(DiffusionConfig):
@@ -29,6 +29,7 @@ class Stage2Config(DiffusionConfig):
     p_instance: float = Field(0.3, ge=0.0, le=1.0)
     p_mapping: float = Field(0.3, ge=0.0, le=1.0)
     label_sampling: Literal["majority", "nearest"] = "majority"
+    snr_gamma: float | None = Field(None, gt=0)  # Min-SNR loss weighting; None: plain MSE
 
     @model_validator(mode="after")
     def _needs_stage1(self) -> "Stage2Config":
@@ -63,7 +64,7 @@ class Stage2Step(CheckpointSwitch, torch.nn.Module):
             self.checkpoint_passes,
             lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="am_adapter", cost=cost_fn),
             x.target, x.timesteps, x.target_cond)
-        loss = F.mse_loss(eps.float(), x.noise_target.float())
+        loss = eps_loss(eps, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
         return {"loss": loss, "granularity": float(GRANULARITIES.index(kind))}
 
 
