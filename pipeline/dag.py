@@ -51,9 +51,10 @@ def ensure_ray(cfg: RunConfig) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the driver
         ray.init(address=address, log_to_driver=True)
-    else:  # local by default, CPU only (local_mode no longer exists in Ray)
-        ray.init(num_cpus=cfg.ray.num_cpus, num_gpus=0, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
+    else:  # local by default, CPU only (local_mode no longer exists in Ray). "local" always starts
+        # a fresh instance, never one that `ray start` left on this machine.
+        ray.init(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=0, include_dashboard=False,
+                 log_to_driver=False, configure_logging=False)
     return True
 
 

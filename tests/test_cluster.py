@@ -1,0 +1,123 @@
+"""The cluster side: ray_cluster.yaml is a valid autoscaler config, and `ray job submit` runs the
+pipeline end to end against a head node this test starts (and stops) on 127.0.0.1."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_ray_cluster_yaml_matches_the_autoscaler_schema():
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())
+    jsonschema.validate(cfg, schema)
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0, "the head is a CPU node"
+    gpu_types = [t for t in types.values() if t["resources"].get("GPU", 0) >= 1]
+    assert len(gpu_types) >= 1 and all(t.get("max_workers", 0) >= 1 for t in gpu_types)
+    setup = " ; ".join(cfg["setup_commands"])
+    assert "torch==2.13.0" in setup and "pip install" in setup and "-e " in setup
+    assert setup.index("torch==2.13.0") < setup.index("-e "), "torch first, then the project"
+    # A schema violation is caught (the test can fail).
+    bad = dict(cfg, available_node_types={"head": {"resources": {"CPU": 8}}})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pids_of(marker: str) -> list[int]:
+    """Processes whose command line holds ``marker`` (our head's private temp dir)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if marker.encode() in (d / "cmdline").read_bytes():
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return [p for p in out if p != os.getpid()]
+
+
+def _stop_head(temp_dir: str) -> None:
+    """Stop exactly the processes of the head we started (never `ray stop`: that would also end
+    other Ray instances on this machine)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        pids = _pids_of(temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + 10
+        while _pids_of(temp_dir) and time.time() < deadline:
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_end_to_end(tmp_path):
+    from test_pipeline_fixtures import make_toytown, run_tree, tiny_model_dir
+
+    tree = make_toytown(tmp_path / "toy", 8)
+    model = tiny_model_dir(tmp_path / "model")
+    out = tmp_path / "out"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump(run_tree(tree, model, out, output={"rows_per_shard": 4})))
+    temp_dir = tempfile.mkdtemp(prefix="amgenray", dir="/tmp")  # short: Ray puts sockets in it
+    gcs, dash, client, agent = _free_ports(4)
+    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ.get('PATH', '')}", RAY_USAGE_STATS_ENABLED="0",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16))
+    env.pop("RAY_ADDRESS", None)
+    head = [str(VENV_BIN / "ray"), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+            "--num-cpus=2", "--num-gpus=0", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}", f"--ray-client-server-port={client}",
+            f"--dashboard-agent-listen-port={agent}", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    try:
+        started = subprocess.run(head, env=env, capture_output=True, text=True, timeout=180)
+        if started.returncode != 0:
+            pytest.fail(f"ray start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+        submit = [str(VENV_BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}",
+                  "--working-dir", str(REPO), "--", "python", "-m", "pipeline", "run", "--config", str(cfg),
+                  "--quiet", "--json"]
+        job = subprocess.run(submit, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+        log = job.stdout + job.stderr
+        assert job.returncode == 0, log[-4000:]
+        assert "succeeded" in log.lower(), log[-3000:]
+        summary = json.loads(next(line for line in reversed(job.stdout.splitlines()) if line.startswith("{")))
+        assert summary["written"] == 8 and summary["synthesized"] == 8 and summary["quarantined"] == 0
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not _pids_of(temp_dir), "the head's processes are gone"
+    from connectors.verify import verify_dataset
+
+    report = verify_dataset(out)
+    assert report.ok, report.summary()
+    assert len(list((out / "data").glob("train-*.parquet"))) == 2
