@@ -145,7 +145,7 @@ class SynthesisConfig(_Strict):
     batch_size: int = Field(8, ge=1)  # targets per model call; a batch shares one exemplar
     allow_cpu_fallback: bool = False  # no GPU in the cluster: run on CPU instead of failing
     bank_cache_size: int = Field(64, ge=0)  # exemplar banks kept per actor (LRU)
-    prefetch_batches: int = Field(2, ge=0)  # batches loaded ahead of the actors
+    gpu_wait_s: float = Field(0.0, ge=0.0)  # autoscaling cluster: ask for the GPUs and wait this long
 
 
 class ScoreConfig(_Strict):
@@ -195,7 +195,7 @@ _NOT_HASHED = {
     "name": None,
     "output": {"dir", "export_cityscapes", "preview", "preview_rows"},
     "ray": None,
-    "synthesis": {"actors", "num_cpus", "num_gpus", "allow_cpu_fallback", "bank_cache_size", "prefetch_batches"},
+    "synthesis": {"actors", "num_cpus", "num_gpus", "allow_cpu_fallback", "bank_cache_size", "gpu_wait_s"},
 }
 
 

@@ -90,6 +90,27 @@ class Workers:
     note: str = ""
 
 
+def wait_for_gpus(cfg: RunConfig, say: Callable[[str], None] | None = None) -> dict[str, float]:
+    """On an autoscaling cluster GPU workers may not exist yet: ask the autoscaler for the actors'
+    bundles and wait up to ``synthesis.gpu_wait_s`` for them; returns the cluster's resources."""
+    import ray
+
+    s = cfg.synthesis
+    have = ray.cluster_resources()
+    if s.num_gpus <= 0 or s.gpu_wait_s <= 0 or have.get("GPU", 0.0) >= s.num_gpus * s.actors:
+        return have
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=[{"GPU": s.num_gpus, "CPU": s.num_cpus}] * s.actors)
+    if say:
+        say(f"waiting up to {s.gpu_wait_s:g}s for {s.num_gpus * s.actors:g} GPU(s) from the autoscaler")
+    deadline = time.monotonic() + s.gpu_wait_s
+    while time.monotonic() < deadline and have.get("GPU", 0.0) < s.num_gpus * s.actors:
+        time.sleep(5)
+        have = ray.cluster_resources()
+    return have
+
+
 def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> Workers:
     """Check the cluster against the config BEFORE asking for actors: an actor that asks for a GPU
     the cluster does not have waits forever instead of failing."""
@@ -462,7 +483,7 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
             if plan.errors:
                 write_errors(plan.errors, out, "plan")
             save_plan(plan, out)
-        workers = plan_workers(cfg, ray.cluster_resources())
+        workers = plan_workers(cfg, ray.cluster_resources() if dry_run else wait_for_gpus(cfg, rep.info))
         if workers.note:
             rep.info(workers.note)
         done = finished_shards(out, plan.num_shards) if reuse_plan else set()

@@ -108,3 +108,21 @@ def test_shipped_configs_validate_and_comment_every_key(name):
         s = line.strip()
         if s and not s.startswith("#") and not s.startswith("- ") and ":" in s and not s.endswith(":"):
             assert "#" in s, f"{name}: key without a comment: {s}"
+
+
+def test_workers_are_checked_against_the_cluster_before_any_actor_starts(tmp_path):
+    from pipeline.dag import ClusterResourceError, plan_workers
+
+    def cfg(*ov):
+        return config_from_dict(base(tmp_path), where="gpu.yaml", overrides=list(ov))
+
+    with pytest.raises(ClusterResourceError, match=r"gpu.yaml: synthesis.num_gpus=1.*0 GPU.*allow_cpu_fallback"):
+        plan_workers(cfg("synthesis.num_gpus=1"), {"CPU": 8.0})
+    w = plan_workers(cfg("synthesis.num_gpus=1", "synthesis.allow_cpu_fallback=true"), {"CPU": 8.0})
+    assert (w.device, w.num_gpus) == ("cpu", 0.0) and "falling back" in w.note
+    w = plan_workers(cfg("synthesis.num_gpus=1", "synthesis.actors=4"), {"CPU": 16.0, "GPU": 2.0})
+    assert (w.actors, w.device, w.num_gpus) == (2, "cuda", 1.0) and "only 2 actor" in w.note
+    with pytest.raises(ClusterResourceError, match="model.device is 'cuda'"):
+        plan_workers(cfg("model.device=cuda"), {"CPU": 8.0, "GPU": 1.0})
+    w = plan_workers(cfg("synthesis.actors=3", "synthesis.num_cpus=1"), {"CPU": 2.0})
+    assert (w.actors, w.device, w.torch_threads) == (2, "cpu", 1)

@@ -129,8 +129,10 @@ def test_bad_inputs_are_quarantined_and_the_run_goes_on(world):
     broken = break_three(root)
     out = world["base"] / "bad_out"
     from pipeline.dag import run_pipeline
+    from test_stages import tiny_segmenter
 
-    cfg = config_from_dict(run_tree(root, world["model"], out))
+    seg = tiny_segmenter(world["base"] / "seg")  # and score this run, through Ray as well
+    cfg = config_from_dict(run_tree(root, world["model"], out, score={"enabled": True, "segmenter": str(seg)}))
     s = run_pipeline(cfg)
     assert s.quarantined == 3 and s.quarantined_by_stage == {"read": 3}
     assert s.written == N_TARGETS - 3 and s.synthesized == N_TARGETS - 3
@@ -140,6 +142,15 @@ def test_bad_inputs_are_quarantined_and_the_run_goes_on(world):
     from connectors.verify import verify_dataset
 
     assert verify_dataset(out).ok
+    scores = [v for p in sorted((out / "data").glob("*.parquet")) for v in pq.read_table(p)["score_miou"].to_pylist()]
+    assert len(scores) == s.written and all(0.0 <= v <= 1.0 for v in scores)
+    # verify names what is wrong, with a non-zero exit, when a shard is damaged.
+    from pipeline.cli import app
+
+    shard = sorted((out / "data").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    res = CliRunner().invoke(app, ["verify", str(out)])
+    assert res.exit_code == 1 and shard.name in res.output.replace("\n", "")
 
 
 def test_dry_run_plans_without_writing(world, tmp_path):

@@ -246,3 +246,34 @@ def test_prepare_out_refuses_another_config_unless_overwrite(tmp_path):
     (out / "keep.txt").write_text("not ours")
     assert prepare_out(out, "b" * 64, overwrite=True) == "overwrite"
     assert not (out / PLAN_FILE).exists() and (out / "keep.txt").exists()
+
+
+# ---------------------------------------------------------------- score
+
+def tiny_segmenter(path):
+    import torch
+
+    from amadapter.eval.segmenter import Segmenter, SegmenterConfig
+
+    torch.manual_seed(0)
+    return Segmenter(SegmenterConfig(widths=(4, 8), image_size=(H, W))).save_pretrained(path)
+
+
+def test_scorer_adds_miou_and_refuses_a_missing_segmenter(tmp_path):
+    from amadapter.labels import to_train_ids
+    from stages.score import ScoreUnavailableError, Scorer, check_scorer, sample_miou
+
+    seg = tiny_segmenter(tmp_path / "seg")
+    assert check_scorer(str(seg)) == seg
+    with pytest.raises(ScoreUnavailableError, match="score.segmenter: no usable segmenter"):
+        check_scorer(str(tmp_path / "nothing"))
+    lay = scene(3)
+    assert sample_miou(to_train_ids(lay.label), lay.label) == 1.0
+    rows = [_sample_row(0, 0), _sample_row(1, 0, err={"input_id": "t1", "stage": "x", "reason": "y"}), _sample_row(2, 0)]
+    for r in rows[1:2]:
+        r["image"] = r["label"] = b""
+    batch = {k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]}
+    scores = Scorer(str(seg))(batch)["score_miou"]
+    assert np.isnan(scores[1]) and all(0.0 <= scores[i] <= 1.0 for i in (0, 2))
+    pred = Scorer(str(seg)).model.predict(scene(0).image[None])[0]
+    assert scores[0] == pytest.approx(sample_miou(pred, scene(0).label))
