@@ -12,6 +12,15 @@ from amadapter.testing import tiny_pipeline, tiny_scene
 STEPS = 2
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: a second thread only adds sync overhead on the shared 2-core box
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     p = tiny_pipeline(seed=0)

@@ -12,6 +12,15 @@ from amadapter.release_import import ReleaseImportError, import_release
 from amadapter.testing import make_tiny_sd15_folder, tiny_pipeline, tiny_scene
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny models: a second thread only adds sync overhead on the shared 2-core box
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def sd_dir(tmp_path_factory):
     return make_tiny_sd15_folder(tmp_path_factory.mktemp("sd15"))
