@@ -5,6 +5,8 @@ side so that the 16x16 layers exercise the resize-aggregate-resize path.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from amadapter.presets import get_preset
@@ -91,3 +93,17 @@ def make_tiny_sd15_folder(path, seed: int = 0, heads: int = 2):
                                   pad_token_id=1)
         CLIPTextModel(text_cfg).save_pretrained(path / "text_encoder")
     return path
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run tiny models on one torch thread: a second one only adds sync overhead, and on a
+    loaded shared machine it made the model tests 6x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -7,18 +7,15 @@ from torch import nn
 from amadapter.cost import CostSpec
 from amadapter.labels import LabelError
 from amadapter.pipeline import AMAdapterPipeline, InputError
-from amadapter.testing import tiny_pipeline, tiny_scene
+from amadapter.testing import single_thread, tiny_pipeline, tiny_scene
 
 STEPS = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # tiny models: a second thread only adds sync overhead on the shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,13 @@ from torch import nn
 
 from amadapter.pipeline import AMAdapterPipeline
 from amadapter.release_import import ReleaseImportError, import_release
-from amadapter.testing import make_tiny_sd15_folder, tiny_pipeline, tiny_scene
+from amadapter.testing import single_thread, make_tiny_sd15_folder, tiny_pipeline, tiny_scene
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # tiny models: a second thread only adds sync overhead on the shared 2-core box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
