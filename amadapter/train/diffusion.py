@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from amadapter.train.data import make_source, pair_batch
 from amadapter.train.loop import TrainConfig, TrainConfigError
@@ -25,6 +25,9 @@ class DiffusionConfig(TrainConfig):
     sd15_dir: str | None = None       # local diffusers SD1.5 folder (preset sd15)
     vae_path: str | None = None       # toy: folder written by `amgen train vae` (runs/toy_vae/vae)
     allow_random_vae: bool = False    # tests only: train on an untrained VAE
+    # Probability of drawing t from the noisiest 30% of the schedule instead of uniformly: the
+    # sampler's first steps, where an untrained model leaves blotches the later steps keep.
+    high_noise_bias: float = Field(0.0, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_source(self) -> "DiffusionConfig":
@@ -84,12 +87,21 @@ def encode(pipe, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images.to(vae.dtype)).latent_dist.mean * vae.config.scaling_factor
 
 
-def noised_pair(pipe, batch, generator: torch.Generator) -> NoisedPair:
+def sample_timesteps(n: int, num_train_timesteps: int, high_noise_bias: float, generator: torch.Generator) -> torch.Tensor:
+    t = torch.randint(0, num_train_timesteps, (n,), generator=generator)
+    if high_noise_bias > 0:
+        lo = int(0.7 * num_train_timesteps)
+        high = torch.randint(lo, num_train_timesteps, (n,), generator=generator)
+        t = torch.where(torch.rand(n, generator=generator) < high_noise_bias, high, t)
+    return t
+
+
+def noised_pair(pipe, batch, generator: torch.Generator, high_noise_bias: float = 0.0) -> NoisedPair:
     z_t = encode(pipe, batch["target_image"])
     z_e = encode(pipe, batch["exemplar_image"])
     B = z_t.shape[0]
     sched = pipe.scheduler
-    t = torch.randint(0, sched.config.num_train_timesteps, (B,), generator=generator).to(z_t.device)
+    t = sample_timesteps(B, sched.config.num_train_timesteps, high_noise_bias, generator).to(z_t.device)
     n_t = torch.randn(z_t.shape, generator=generator).to(z_t)
     n_e = torch.randn(z_e.shape, generator=generator).to(z_e)
     return NoisedPair(

@@ -44,7 +44,7 @@ class Stage1Step(CheckpointSwitch, torch.nn.Module):
 
     def forward(self, batch, generator: torch.Generator):
         pipe, c = self.pipe, self.config
-        x = noised_pair(pipe, batch, generator)
+        x = noised_pair(pipe, batch, generator, c.high_noise_bias)
         drop = uniform(generator) < c.p_drop_exemplar
         out = {}
         ck = self.checkpoint_passes

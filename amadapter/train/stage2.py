@@ -54,7 +54,7 @@ class Stage2Step(CheckpointSwitch, torch.nn.Module):
 
     def forward(self, batch, generator: torch.Generator):
         pipe, c = self.pipe, self.config
-        x = noised_pair(pipe, batch, generator)
+        x = noised_pair(pipe, batch, generator, c.high_noise_bias)
         u = uniform(generator)
         kind = "instance" if u < c.p_instance else "mapping" if u < c.p_instance + c.p_mapping else "class"
         with torch.no_grad():
