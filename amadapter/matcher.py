@@ -20,6 +20,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 BLOCKS = ("down", "mid", "up")
+VOLUME_BUDGET = 1 << 21  # elements of the widest aggregation activation per chunk of samples
 
 
 class Separable4DConv(nn.Module):
@@ -143,9 +144,6 @@ class Matcher(ModelMixin, ConfigMixin):
         q_agg = aggregation_grid(q_hw, self.config.max_side)
         e_agg = aggregation_grid(e_hw, self.config.max_side)
         resized = (q_agg, e_agg) != (tuple(q_hw), tuple(e_hw))
-        x = logits.detach()  # stop-gradient: the adapter reads the logits, it does not train them
-        if resized:
-            x = resize_volume(x, q_hw, e_hw, q_agg, e_agg)
         cost = cost_fn(q_agg, e_agg)
         if self.config.cost_transposed:
             if q_agg != e_agg:
@@ -153,7 +151,17 @@ class Matcher(ModelMixin, ConfigMixin):
                     f"cost_transposed (imported release weights) needs equal target and exemplar grids, got {q_agg} vs {e_agg}"
                 )
             cost = cost.transpose(-1, -2)
-        res = self.residual(x, cost, e_agg, block)
-        if resized:
-            res = resize_volume(res, q_agg, e_agg, q_hw, e_hw)
-        return logits.add_(res)
+        # GroupNorm and the max are per sample, so samples can be aggregated a few at a time:
+        # the same result, with the 4D volumes small enough to stay in cache.
+        per_sample = q_agg[0] * q_agg[1] * e_agg[0] * e_agg[1] * max(self.config.hidden_channels)
+        step = max(1, VOLUME_BUDGET // per_sample)
+        for a in range(0, logits.shape[0], step):
+            part = logits[a : a + step]
+            x = part.detach()  # stop-gradient: the adapter reads the logits, it does not train them
+            if resized:
+                x = resize_volume(x, q_hw, e_hw, q_agg, e_agg)
+            res = self.residual(x, cost if cost.shape[0] == 1 else cost[a : a + step], e_agg, block)
+            if resized:
+                res = resize_volume(res, q_agg, e_agg, q_hw, e_hw)
+            part.add_(res)
+        return logits
