@@ -96,7 +96,8 @@ def demo_command(out: Path, n: int, inputs: Optional[Path], steps: Optional[int]
     if not DEMO_CONFIG.is_file():
         _fail(console, FileNotFoundError(f"{DEMO_CONFIG}: demo config missing (is amgen installed from its source tree?)"))
     inputs = inputs or out.with_name(out.name + "_inputs")
-    overrides = [f"output.dir={out}", f"source.root={inputs / 'toytown'}", f"source.make.n={n}"]
+    # One tree per size: a tree made for another --n is never silently reused.
+    overrides = [f"output.dir={out}", f"source.root={inputs / f'toytown_{n}'}", f"source.make.n={n}"]
     if steps is not None:
         overrides.append(f"model.steps={steps}")
     try:

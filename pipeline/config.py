@@ -70,6 +70,12 @@ class HFlipOp(_Strict):
     p: float = Field(0.5, ge=0.0, le=1.0)
 
 
+def _check_range(scale: tuple[float, float], lowest: float, what: str) -> None:
+    lo, hi = scale
+    if not lowest <= lo <= hi <= 1.0:
+        raise ValueError(f"scale must satisfy {lowest:g} <= low <= high <= 1 (mild {what} only)")
+
+
 class CropOp(_Strict):
     """Crop a random window of ``scale`` of the area (same aspect), resized back to the output size."""
 
@@ -79,9 +85,7 @@ class CropOp(_Strict):
 
     @model_validator(mode="after")
     def _range(self) -> "CropOp":
-        lo, hi = self.scale
-        if not 0.25 <= lo <= hi <= 1.0:
-            raise ValueError("scale must satisfy 0.25 <= low <= high <= 1 (mild crops only)")
+        _check_range(self.scale, 0.25, "crops")
         return self
 
 
@@ -94,9 +98,7 @@ class ZoomOutOp(_Strict):
 
     @model_validator(mode="after")
     def _range(self) -> "ZoomOutOp":
-        lo, hi = self.scale
-        if not 0.5 <= lo <= hi <= 1.0:
-            raise ValueError("scale must satisfy 0.5 <= low <= high <= 1 (mild zoom only)")
+        _check_range(self.scale, 0.5, "zoom")
         return self
 
 

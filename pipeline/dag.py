@@ -162,11 +162,11 @@ def _index_meta(layout) -> dict[str, Any]:
 def read_for_index(batch: dict[str, Any], spec: str) -> dict[str, list]:
     """Exemplar items -> embedding, small label map and metadata (what the index keeps)."""
     from stages.embed import layout_embedding
-    from stages.group import _source
+    from stages.group import cached_source
     from stages.read import read_item
     from stages.retrieve import DEFAULT_RERANK_SIZE, resize_nearest
 
-    src = _source(spec)
+    src = cached_source(spec)
     rows = []
     for raw in batch["item"]:
         item = json.loads(raw)
@@ -209,10 +209,10 @@ def plan_read(batch: dict[str, Any], spec: str, augment: dict, run_seed: int) ->
     """read + augment of pass 1 (labels only: the plan needs where classes are, not pixels)."""
     from pipeline.config import AugmentConfig
     from stages.augment import augment_layout, record_json
-    from stages.group import _source
+    from stages.group import cached_source
     from stages.read import error_row, read_item
 
-    src, aug = _source(spec), AugmentConfig.model_validate(augment)
+    src, aug = cached_source(spec), AugmentConfig.model_validate(augment)
     rows = []
     for raw in batch["item"]:
         item = json.loads(raw)
@@ -620,13 +620,13 @@ def _finish_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSummary, 
         ex_spec = source_spec(cfg.exemplars.source or cfg.source)
 
         def exemplar_image(sid: str, _ex_id: str):
-            from stages.group import _source
+            from stages.group import cached_source
             from stages.read import read_item
 
             r = by_sid.get(sid)
             if r is None:
                 return None
-            lay, _ = read_item(_source(ex_spec), json.loads(r["exemplar_item"]), stage="preview")
+            lay, _ = read_item(cached_source(ex_spec), json.loads(r["exemplar_item"]), stage="preview")
             return None if lay is None else lay.image
 
         grid = make_preview(preview_samples(out, cfg.output.preview_rows), exemplar_image)

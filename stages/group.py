@@ -50,7 +50,7 @@ def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
 
 
 @lru_cache(maxsize=8)
-def _source(spec_json: str):
+def cached_source(spec_json: str):
     spec = json.loads(spec_json)
     return make_source(spec["kind"], spec["root"], spec.get("split", "train"), spec.get("options"))
 
@@ -67,7 +67,7 @@ def load_group(group: dict[str, Any], target_spec: str, exemplar_spec: str) -> d
     Members that fail to load become error rows and drop out of the payload; an exemplar that fails
     to load turns every member into an error row (there is nothing to synthesize from).
     """
-    targets, exemplars = _source(target_spec), _source(exemplar_spec)
+    targets, exemplars = cached_source(target_spec), cached_source(exemplar_spec)
     errors: list[dict] = []
     ok_members, labels, instances = [], [], []
     ex_item = json.loads(group["exemplar_item"])
