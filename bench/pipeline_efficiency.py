@@ -10,10 +10,11 @@ weights once they exist) and the same torch thread count.
 - Bare: one Python loop over the same groups (inputs loaded beforehand, model already loaded):
   ``encode_exemplar`` + one pipeline call per group. Nothing else.
 
-The bare loop is timed before and after the DAG and averaged, because the machine is shared.
+The machine is shared, so the sides alternate and each keeps its best of ``--reps`` runs; the
+same-run share of model time inside the DAG is reported as a load-independent cross-check.
 Last line: one JSON object (``efficiency``, ``dag_images_per_s``, ``bare_images_per_s``, ...).
 
-    python bench/pipeline_efficiency.py [--n 48] [--steps 4] [--size 32x64] [--batch 8]
+    python bench/pipeline_efficiency.py [--n 32] [--reps 3] [--steps 4] [--size 32x64] [--batch 8]
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def bare_loop(groups_loaded, model: dict, threads: int) -> tuple[float, int]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", type=int, default=48, help="toy-town targets (= samples)")
+    ap.add_argument("--n", type=int, default=32, help="toy-town targets (= samples)")
+    ap.add_argument("--reps", type=int, default=3, help="runs of each side; the best counts")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", default="32x64", help="HxW of the toy-town scenes")
     ap.add_argument("--batch", type=int, default=8)
@@ -86,35 +88,41 @@ def main() -> None:
     }, where="bench/pipeline_efficiency.py")
     model = cfg.model.model_dump(mode="json")
 
-    # DAG, bare, DAG, bare: the shared machine's load drifts; each side is the mean of two runs.
-    # Each DAG run starts from nothing (overwrite): index, plan, actors, model load included.
-    dag1 = run_pipeline(cfg, out=out, overwrite=True)
-    plan = load_plan(out)
-    groups = group_samples(plan.rows, args.batch)  # exactly the DAG's batches
-    spec = source_spec(cfg.source)
-    loaded = []
-    for g in groups:
-        row = load_group(g, spec, spec)
-        loaded.append((json.loads(row["group"]), row["payload"]))
-    bare_before, n_bare = bare_loop(loaded, model, args.threads)
-    dag = run_pipeline(cfg, out=out, overwrite=True)
-    bare_after, _ = bare_loop(loaded, model, args.threads)
-
-    bare_s = (bare_before + bare_after) / 2
-    bare_ips = n_bare / bare_s
-    dag_s = (dag1.timings["synthesize_s"] + dag.timings["synthesize_s"]) / 2
-    dag_ips = dag.synthesized / dag_s
+    # DAG, bare, DAG, bare, ...: other jobs share this machine and its load swings several-fold
+    # within minutes, so each side keeps its best (least disturbed) of --reps runs. Each DAG run
+    # starts from nothing (overwrite): Ray start excluded, index, plan, actor start and model load
+    # included (they are in its synthesis-pass time or before it).
+    dag_runs, bare_runs, loaded = [], [], None
+    for _ in range(args.reps):
+        dag_runs.append(run_pipeline(cfg, out=out, overwrite=True))
+        if loaded is None:
+            plan = load_plan(out)
+            groups = group_samples(plan.rows, args.batch)  # exactly the DAG's batches
+            spec = source_spec(cfg.source)
+            loaded = []
+            for g in groups:
+                row = load_group(g, spec, spec)
+                loaded.append((json.loads(row["group"]), row["payload"]))
+        bare_runs.append(bare_loop(loaded, model, args.threads))
+    n = dag_runs[0].synthesized
+    assert all(r.synthesized == n for r in dag_runs) and all(b[1] == n for b in bare_runs)
+    dag_s = [r.timings["synthesize_s"] for r in dag_runs]
+    bare_s = [round(b[0], 3) for b in bare_runs]
+    dag_ips, bare_ips = n / min(dag_s), n / min(bare_s)
+    # Same-run cross-check, immune to the load swings: the share of the DAG's synthesis wall time
+    # that its actor spent inside the model (what the bare loop does, and nothing else).
+    busy = [r.timings["model_s"] / r.timings["synthesize_s"] for r in dag_runs]
     result = {
         "efficiency": round(dag_ips / bare_ips, 4),
         "dag_images_per_s": round(dag_ips, 4),
         "bare_images_per_s": round(bare_ips, 4),
-        "dag_end_to_end_images_per_s": round(dag.synthesized / dag.timings["total_s"], 4),
-        "samples": dag.synthesized, "groups": len(groups), "exemplars": dag.exemplars,
+        "efficiency_same_run": round(max(busy), 4),
+        "dag_synthesize_s": dag_s, "bare_s": bare_s,
+        "dag_end_to_end_images_per_s": round(max(n / r.timings["total_s"] for r in dag_runs), 4),
+        "dag_plan_s": round(min(r.timings["index_s"] + r.timings["plan_s"] for r in dag_runs), 3),
+        "samples": n, "groups": len(loaded), "exemplars": dag_runs[0].exemplars, "reps": args.reps,
         "steps": args.steps, "size": [h, w], "batch_size": args.batch, "torch_threads": args.threads,
-        "dag_synthesize_s": [dag1.timings["synthesize_s"], dag.timings["synthesize_s"]],
-        "dag_plan_s": dag.timings["index_s"] + dag.timings["plan_s"], "dag_total_s": dag.timings["total_s"],
-        "bare_s_before": round(bare_before, 3), "bare_s_after": round(bare_after, 3),
-        "model": dag.model, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
+        "model": dag_runs[0].model, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
     }
     print(json.dumps(result, sort_keys=True))
 

@@ -184,7 +184,18 @@ def read_for_index(batch: dict[str, Any], spec: str) -> dict[str, list]:
     return _columns(rows, ("layout_id", "error", "embedding", "thumb", "meta"))
 
 
-def build_index(cfg: RunConfig, ex_items: list[dict], index_dir: Path, ex_spec: str) -> tuple[int, list[dict]]:
+def collect(ds, total: int, label: str, rep: "Reporter | None") -> list[dict[str, Any]]:
+    """All rows of a (small, metadata-only) dataset, with a progress bar while they stream in."""
+    rows = []
+    with (rep.progress(total, label) if rep else _NullProgress()) as bar:
+        for row in ds.iter_rows():
+            rows.append(row)
+            bar.update(bar.task_ids[0], completed=len(rows))
+    return rows
+
+
+def build_index(cfg: RunConfig, ex_items: list[dict], index_dir: Path, ex_spec: str,
+                rep: "Reporter | None" = None) -> tuple[int, list[dict]]:
     """Build the exemplar index from the exemplar source; returns (rows indexed, error rows)."""
     import ray
     from connectors.index_store import ShardedIndex
@@ -192,7 +203,7 @@ def build_index(cfg: RunConfig, ex_items: list[dict], index_dir: Path, ex_spec: 
 
     ds = ray.data.from_items([{"item": item_json(it)} for it in ex_items])
     ds = ds.map_batches(read_for_index, fn_kwargs={"spec": ex_spec}, batch_size=PLAN_BATCH, batch_format="numpy")
-    rows = sorted(ds.take_all(), key=lambda r: str(r["layout_id"]))
+    rows = sorted(collect(ds, len(ex_items), "index", rep), key=lambda r: str(r["layout_id"]))
     good = [r for r in rows if not r["error"]]
     errors = [json.loads(r["error"]) for r in rows if r["error"]]
     if not good:
@@ -274,7 +285,7 @@ class PlanTimings:
 
 
 def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTimings,
-                 on_progress: Callable[[str], None] | None = None) -> Plan:
+                 rep: "Reporter | None" = None) -> Plan:
     import ray
 
     src_cfg = cfg.source
@@ -285,9 +296,9 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
     extra_errors: list[dict] = []
     t0 = time.perf_counter()
     if cfg.exemplars.index is None:
-        if on_progress:
-            on_progress(f"building the exemplar index over {len(ex_items)} layouts")
-        _, ex_errors = build_index(cfg, ex_items, index_dir, e_spec)
+        if rep:
+            rep.info(f"building the exemplar index over {len(ex_items)} layouts")
+        _, ex_errors = build_index(cfg, ex_items, index_dir, e_spec, rep)
         if cfg.exemplars.source is not None:  # same source: the target pass reports these itself
             extra_errors += ex_errors
         index_path = str(index_dir)
@@ -295,8 +306,8 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
         index_path = cfg.exemplars.index
     timings.index_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if on_progress:
-        on_progress(f"planning {len(targets)} targets (read, augment, embed, retrieve)")
+    if rep:
+        rep.info(f"planning {len(targets)} targets (read, augment, embed, retrieve)")
     ex = cfg.exemplars
     ds = ray.data.from_items([{"item": item_json(it)} for it in targets])
     ds = ds.map_batches(plan_read, fn_kwargs={"spec": t_spec, "augment": cfg.augment.model_dump(mode="json"),
@@ -305,7 +316,7 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
     ds = ds.map_batches(PlanRetrieve, fn_constructor_args=(index_path, ex.k, ex.candidates, ex.diversity,
                                                            dict(ex.filters), ex.exclude_self),
                         batch_size=PLAN_BATCH, batch_format="numpy", compute=_actors(1))
-    rows = sorted(ds.take_all(), key=lambda r: str(r["layout_id"]))
+    rows = sorted(collect(ds, len(targets), "plan", rep), key=lambda r: str(r["layout_id"]))
     read_errors_ = [json.loads(r["error"]) for r in rows if r["error"]]
     planned = [{"target_id": str(r["layout_id"]), "target_item": str(r["item"]), "augment": str(r["augment"]),
                 "matches": json.loads(r["matches"]) if r["matches"] else []} for r in rows if not r["error"]]
@@ -477,9 +488,9 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
             rep.info(f"resuming {out}: plan of {plan.num_samples} samples in {plan.num_shards} shards")
         elif dry_run:
             with tempfile.TemporaryDirectory(prefix="amgen-index-") as tmp:
-                plan = compute_plan(cfg, h, Path(tmp) / INDEX_DIR, timings, rep.info)
+                plan = compute_plan(cfg, h, Path(tmp) / INDEX_DIR, timings, rep)
         else:
-            plan = compute_plan(cfg, h, out / INDEX_DIR, timings, rep.info)
+            plan = compute_plan(cfg, h, out / INDEX_DIR, timings, rep)
             if plan.errors:
                 write_errors(plan.errors, out, "plan")
             save_plan(plan, out)
@@ -591,7 +602,8 @@ def _synthesize_and_write(cfg: RunConfig, plan: Plan, out: Path, pending: list[i
     summary.images_per_s = round(writer.synthesized / synth_s, 3) if writer.synthesized and synth_s > 0 else 0.0
     t_fin = time.perf_counter()
     _finish_outputs(cfg, plan, out, summary, stats)
-    summary.timings.update({"synthesize_s": round(synth_s, 3), "finish_s": round(time.perf_counter() - t_fin, 3),
+    summary.timings.update({"synthesize_s": round(synth_s, 3), "model_s": round(writer.model_seconds, 3),
+                            "finish_s": round(time.perf_counter() - t_fin, 3),
                             "total_s": round(time.perf_counter() - t_start, 3)})
     this_run.update({"synthesized": writer.synthesized, "timings": summary.timings,
                      "images_per_s": summary.images_per_s, "banks_encoded": writer.banks_new})

@@ -48,6 +48,7 @@ class ShardWriter:
         self.seen: dict[int, set[str]] = defaultdict(set)
         self.written: dict[int, ShardStats] = {}
         self.synthesized = self.quarantined = self.banks_new = 0
+        self.model_seconds = 0.0  # time the actors spent inside the model, summed over samples
 
     def add(self, row: dict[str, Any]) -> ShardStats | None:
         shard, sid = int(row["shard"]), str(row["sample_id"])
@@ -65,6 +66,7 @@ class ShardWriter:
             self.rows[shard].append(self._sink_row(row))
             self.synthesized += 1
             self.banks_new += int(bool(row.get("bank_new", False)))
+            self.model_seconds += float(row.get("seconds", 0.0))
         if self.seen[shard] == self.expected[shard]:
             return self._flush(shard)
         return None
