@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from amadapter.eval.downstream import DatasetShapeError, ParquetSamples, run_downstream
-from amadapter.eval.quality import GROUND_TRUTH, MODES, QualitySettings, acceptance, pipeline_mapping, run_quality
+from amadapter.eval.quality import GROUND_TRUTH, GROUND_TRUTH_VAE, MODES, QualitySettings, acceptance, pipeline_mapping, run_quality
 from amadapter.eval.report import picture, write_json, write_markdown
 from amadapter.eval.segmenter import Segmenter, SegmenterConfig
 from amadapter.eval.segmenter_train import SegmenterTrainConfig
@@ -34,12 +34,12 @@ def tiny_report():
 
 def test_rows_cover_every_mode_and_the_ceiling(tiny_report):
     report, _ = tiny_report
-    assert [r["mode"] for r in report.rows] == [*MODES, GROUND_TRUTH]
+    assert [r["mode"] for r in report.rows] == [*MODES, GROUND_TRUTH_VAE, GROUND_TRUTH]
     keys = {"mode", "n", "miou", "class_de2000", "instance_de2000", "psnr", "controllability"}
     assert all(set(r) == keys for r in report.json_rows())
     gt = report.rows[-1]
     assert gt["n"] == 2 and gt["class_de2000"] == 0.0 and gt["psnr"] is None
-    for r in report.rows[:-1]:  # a random model is far from the ground truth
+    for r in report.rows[:-2]:  # a random model is far from the ground truth
         assert r["class_de2000"] > 1.0 and 0 < r["psnr"] < 40
     assert report.timings["per_triple_all_modes_s"] > 0
 
@@ -49,7 +49,7 @@ def test_report_files(tiny_report, tmp_path):
     rows = json.loads(write_json(report, tmp_path / "q.json").read_text())
     assert rows == report.json_rows()
     img = picture(report)
-    assert img.size[1] > 2 * 32 * 2 and img.size[0] == 6 * (64 + 4) + 4  # 2 rows, 6 columns of 2x tiles
+    assert img.size[1] > 2 * 32 * 2 and img.size[0] == 7 * (64 + 4) + 4  # 2 rows, 7 columns of 2x tiles
     ctx = {"command": "test", "date": "today", "threads": 1, "model": "tiny", "model_hash": "0" * 64,
            "segmenter": "tiny", "segmenter_meta": {}}
     md_path = tmp_path / "quality.md"
@@ -122,7 +122,7 @@ def test_cli_quality_prints_json_last(tmp_path):
                                    "--json", str(out)])
     assert res.exit_code == 0, res.output
     last = json.loads(res.output.strip().splitlines()[-1])
-    assert [r["mode"] for r in last] == [*MODES, GROUND_TRUTH] and json.loads(out.read_text()) == last
+    assert [r["mode"] for r in last] == [*MODES, GROUND_TRUTH_VAE, GROUND_TRUTH] and json.loads(out.read_text()) == last
 
 
 def test_cli_quality_names_a_missing_model(tmp_path):

@@ -21,6 +21,9 @@ from amadapter.eval.segmenter import Segmenter
 
 MODES: tuple[str, ...] = ("structure_only", "sa_aug", "am_adapter")
 GROUND_TRUTH = "ground_truth"
+# The ground truth encoded and decoded by the model's own VAE: every output passes through that
+# decoder, so this is the best any mode can score with this VAE (and how well the judge reads it).
+GROUND_TRUTH_VAE = "ground_truth_vae"
 # connectors.toytown.make_triples(n, seed=QUALITY_SEED): the held-out triples. Their random streams
 # are spawned children of SeedSequence([1, QUALITY_SEED, j]); no training stream is (docs/quality.md).
 QUALITY_SEED = 1000
@@ -34,6 +37,7 @@ class QualitySettings:
     guidance_scale: float = 7.5
     granularity: str = "instance"  # the triple's instance map is the user's mapping
     modes: tuple[str, ...] = MODES
+    vae_ceiling: bool = True  # also score GROUND_TRUTH_VAE
     num_examples: int = 4  # triples kept for the picture: the first of each domain, then the first ones
 
 
@@ -175,7 +179,8 @@ def run_quality(
     for mode in settings.modes:
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    scores = {m: ModeScores() for m in (*settings.modes, GROUND_TRUTH)}
+    references = (GROUND_TRUTH_VAE, GROUND_TRUTH) if settings.vae_ceiling else (GROUND_TRUTH,)
+    scores = {m: ModeScores() for m in (*settings.modes, *references)}
     examples: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     t_encode = 0.0
@@ -184,6 +189,8 @@ def run_quality(
         t_encode += seconds.pop("encode")
         for mode, sec in seconds.items():
             scores[mode].seconds += sec
+        if settings.vae_ceiling:
+            images[GROUND_TRUTH_VAE] = pipe.decode_latents(pipe.encode_images(triple.target_image[None]))[0]
         images[GROUND_TRUTH] = triple.target_image
         names = list(images)
         segs = segmenter.predict(np.stack([images[m] for m in names]))
@@ -195,7 +202,7 @@ def run_quality(
         if progress:
             progress(i + 1, settings.n)
     total = time.perf_counter() - t_start
-    rows = [scores[m].row(m) for m in (*settings.modes, GROUND_TRUTH)]
+    rows = [scores[m].row(m) for m in (*settings.modes, *references)]
     n = rows[0]["n"]
     t_generate = t_encode + sum(scores[m].seconds for m in settings.modes)
     timings = {"total_s": round(total, 1), "generate_s": round(t_generate, 1), "encode_s": round(t_encode, 1),

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from amadapter.eval.metrics import MIN_REGION_PIXELS
-from amadapter.eval.quality import GROUND_TRUTH, QualityReport, acceptance
+from amadapter.eval.quality import GROUND_TRUTH, GROUND_TRUTH_VAE, QualityReport, acceptance
 from amadapter.labels import colorize
 
 _SCALE = 2      # upscale the 64x128 tiles so details are visible
@@ -31,11 +31,12 @@ def write_json(report: QualityReport, path: str | Path) -> Path:
 
 
 def picture(report: QualityReport) -> Image.Image:
-    """Rows: examples; columns: exemplar | target layout | ground truth | one column per mode."""
+    """Rows: examples; columns: exemplar | target layout | ground truth (| through the VAE) | one per mode."""
     if not report.examples:
         raise ValueError("the report holds no examples to draw")
-    modes = [m for m in report.examples[0]["images"] if m != GROUND_TRUTH]
-    columns = ["exemplar", "target layout", "ground truth", *modes]
+    refs = [m for m in (GROUND_TRUTH, GROUND_TRUTH_VAE) if m in report.examples[0]["images"]]
+    modes = [m for m in report.examples[0]["images"] if m not in refs]
+    columns = ["exemplar", "target layout", *(m.replace("_", " ") for m in refs), *modes]
     h, w = report.examples[0]["triple"].target_label.shape
     th, tw = h * _SCALE, w * _SCALE
     canvas = Image.new("RGB", (len(columns) * (tw + _PAD) + _PAD, _HEADER + len(report.examples) * (th + _PAD) + _PAD), "white")
@@ -44,7 +45,7 @@ def picture(report: QualityReport) -> Image.Image:
         draw.text((_PAD + c * (tw + _PAD), 2), name, fill="black")
     for r, ex in enumerate(report.examples):
         t = ex["triple"]
-        tiles = [t.exemplar_image, colorize(t.target_label), ex["images"][GROUND_TRUTH], *(ex["images"][m] for m in modes)]
+        tiles = [t.exemplar_image, colorize(t.target_label), *(ex["images"][m] for m in (*refs, *modes))]
         for c, tile in enumerate(tiles):
             img = Image.fromarray(np.asarray(tile, np.uint8)).resize((tw, th), Image.NEAREST)
             canvas.paste(img, (_PAD + c * (tw + _PAD), _HEADER + _PAD + r * (th + _PAD)))
@@ -136,10 +137,11 @@ By toy-town domain (the light of the scene):
 
 {domain_table(report.rows)}
 
-![exemplar | target layout | ground truth | structure_only | sa_aug | am_adapter](quality.png)
+![exemplar | target layout | ground truth | ground truth through the VAE | structure_only | sa_aug | am_adapter](quality.png)
 
 Rows of the picture: the first {len(report.examples)} held-out triples; columns: exemplar, target
-layout (Cityscapes colours), ground truth, then the three modes (same noise seed per triple).
+layout (Cityscapes colours), ground truth, the ground truth through the model's VAE, then the three
+modes (same noise seed per triple).
 
 ## Acceptance bar (issue 3)
 
@@ -164,8 +166,11 @@ layout (Cityscapes colours), ground truth, then the three modes (same noise seed
   `instance_map` as the user mapping (exemplar instance -> target instances) with
   `granularity="{s.granularity}"`; `structure_only` ignores the exemplar, `sa_aug` (plain augmented
   self-attention, no adapter) ignores the mapping.
-- **Ceiling**: the ground-truth rendering scored like an output (so its PSNR is infinite and its
-  colour errors are 0; its mIoU is the judge's own accuracy on these target layouts).
+- **Ceilings**: `ground_truth` is the ground-truth rendering scored like an output (so its PSNR is
+  infinite and its colour errors are 0; its mIoU is the judge's own accuracy on these target
+  layouts). `ground_truth_vae` is the ground truth encoded and decoded by the model's VAE: every
+  mode's output leaves through that decoder, so this row bounds what any mode can reach with this
+  VAE, and shows how well the judge reads VAE-decoded images.
 - **Metrics**:
   - *mIoU (%)*: the judge segmenter's prediction on the output against the target layout, over the
     19 Cityscapes trainIds (ignore = 255), one confusion matrix pooled over all triples, classes
