@@ -63,7 +63,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--size", default="32x64", help="HxW of the toy-town scenes")
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the model (both sides)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the model (both sides)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
     args = ap.parse_args()
     h, w = (int(x) for x in args.size.lower().split("x"))
