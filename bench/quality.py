@@ -22,7 +22,7 @@ from amadapter.eval.runner import DEFAULT_MODEL_DIR, json_line, run_benchmark  #
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200)
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=QualitySettings.num_inference_steps)
     ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--docs", default=str(ROOT / "docs"), help="where quality.md/.png/.json go ('' = nowhere)")
@@ -36,7 +36,7 @@ def main() -> None:
     report = run_benchmark(settings, args.model, docs_dir=args.docs or None, threads=args.threads,
                            command=f"python bench/quality.py --n {args.n} --steps {args.steps}", progress=progress)
     print(table(report.rows))
-    print(acceptance_section(report.rows))
+    print(acceptance_section(report.rows, report.comparisons))
     print(f"timings: {report.timings}")
     print(json_line(report))
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from amadapter.eval.quality import QUALITY_SEED
+from amadapter.eval.quality import QUALITY_SEED, QualitySettings
 from amadapter.eval.runner import DEFAULT_MODEL_DIR, RANDOM_TOY
 from amadapter.eval.segmenter import DEFAULT_DIR as SEGMENTER_DIR
 
@@ -15,9 +15,9 @@ eval_app = typer.Typer(no_args_is_help=True, help="Quality benchmark and downstr
 
 @eval_app.command("train-segmenter")
 def train_segmenter_cmd(
-    steps: int = typer.Option(1000, help="optimizer steps"),
+    steps: int = typer.Option(700, help="optimizer steps"),
     batch_size: int = typer.Option(16),
-    lr: float = typer.Option(2e-3),
+    lr: float = typer.Option(3e-3),
     seed: int = typer.Option(0),
     threads: int = typer.Option(1, help="torch threads (the CPU is shared)"),
     class_balance: float = typer.Option(0.5, help="loss weight exponent on (median freq / class freq); 0 = plain CE"),
@@ -39,7 +39,7 @@ def quality_cmd(
     n: int = typer.Option(200, "--n", min=1, help="held-out ground-truth triples"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON here"),
     model: str = typer.Option(str(DEFAULT_MODEL_DIR), "--model", help=f"model folder, or {RANDOM_TOY!r}"),
-    steps: int = typer.Option(20, "--steps", min=1, help="DDIM steps"),
+    steps: int = typer.Option(QualitySettings.num_inference_steps, "--steps", min=1, help="DDIM steps"),
     guidance: float = typer.Option(7.5, "--guidance"),
     seed: int = typer.Option(QUALITY_SEED, "--seed", min=0, help="toy-town triple seed (held out from training)"),
     segmenter: Path = typer.Option(SEGMENTER_DIR, "--segmenter", help="judge segmenter folder"),
@@ -50,7 +50,6 @@ def quality_cmd(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from amadapter.eval.quality import QualitySettings
     from amadapter.eval.report import acceptance_section, table
     from amadapter.eval.runner import ModelNotFoundError, json_line, run_benchmark
     from amadapter.eval.segmenter import SegmenterFileError
@@ -68,7 +67,7 @@ def quality_cmd(
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2)
     typer.echo(table(report.rows))
-    typer.echo(acceptance_section(report.rows))
+    typer.echo(acceptance_section(report.rows, report.comparisons))
     t = report.timings
     typer.echo(f"{n} triples x {len(settings.modes)} modes in {t['total_s']} s "
               f"({t['per_triple_all_modes_s']} s per triple generating); "

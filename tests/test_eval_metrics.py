@@ -115,3 +115,25 @@ def test_controllability_skips_single_candidate_exemplars():
 def test_shape_mismatch_is_a_clear_error():
     with pytest.raises(M.MetricInputError, match="shapes differ"):
         M.psnr(np.zeros((2, 2, 3), np.uint8), np.zeros((2, 3, 3), np.uint8))
+
+
+def test_paired_bootstrap_on_known_records():
+    from amadapter.eval.stats import TripleRecord, compare
+
+    eye = np.eye(19, dtype=np.int64) * 10
+    # a: class error 5 per pair, 3/4 hits; b: error 10, 1/4 hits; same perfect confusion.
+    a = [TripleRecord(eye, 10.0, 2, 3, 4) for _ in range(20)]
+    b = [TripleRecord(eye, 20.0, 2, 1, 4) for _ in range(20)]
+    c = compare(a, b, n_boot=200)
+    assert c["class_de2000_reduction"].point == pytest.approx(0.5)
+    assert c["controllability_difference"].point == pytest.approx(0.5)
+    assert c["miou_difference"].point == 0.0
+    # Identical triples: every resample gives the same value, the interval collapses.
+    assert c["class_de2000_reduction"].low == pytest.approx(0.5) == c["class_de2000_reduction"].high
+    # Noisy a: the interval widens around the point estimate and contains it.
+    rng = np.random.default_rng(0)
+    noisy = [TripleRecord(eye, float(rng.uniform(0, 40)), 2, 2, 4) for _ in range(20)]
+    c2 = compare(noisy, b, n_boot=200)["class_de2000_reduction"]
+    assert c2.low < c2.point < c2.high and c2.high - c2.low > 0.1
+    with pytest.raises(ValueError, match="same non-zero"):
+        compare(a, b[:3])

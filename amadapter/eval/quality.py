@@ -18,6 +18,8 @@ import numpy as np
 
 from amadapter.eval import metrics as M
 from amadapter.eval.segmenter import Segmenter
+from amadapter.eval.stats import Interval, TripleRecord, compare
+from amadapter.labels import to_train_ids
 
 MODES: tuple[str, ...] = ("structure_only", "sa_aug", "am_adapter")
 GROUND_TRUTH = "ground_truth"
@@ -33,7 +35,9 @@ QUALITY_SEED = 1000
 class QualitySettings:
     n: int = 200
     seed: int = QUALITY_SEED
-    num_inference_steps: int = 20
+    # 10, not the release's 20: 200 triples x 3 modes then fit the ~10 min budget on one CPU thread
+    # (docs/quality.md has a 20-step run for comparison).
+    num_inference_steps: int = 10
     guidance_scale: float = 7.5
     granularity: str = "instance"  # the triple's instance map is the user's mapping
     modes: tuple[str, ...] = MODES
@@ -79,14 +83,17 @@ class ModeScores:
         self.control = M.ControlResult(0, 0)
         self.seconds = 0.0
         self.domains: dict[str, ModeScores] | None = {} if by_domain else None
+        self.records: list[TripleRecord] = []  # per triple, for paired bootstrap intervals
 
     def add(self, m: Measures, domain: str | None = None) -> None:
         self.n += 1
-        self.confusion.add(m.segmentation, m.target_label)
+        cm = M.confusion_matrix(m.segmentation, to_train_ids(m.target_label))
+        self.confusion.cm += cm
         self.class_errors += m.class_errors
         self.instance_errors += m.instance_errors
         self.psnrs.append(m.psnr)
         self.control = M.ControlResult(self.control.hits + m.control.hits, self.control.total + m.control.total)
+        self.records.append(TripleRecord(cm, float(sum(m.class_errors)), len(m.class_errors), m.control.hits, m.control.total))
         if self.domains is not None and domain is not None:
             self.domains.setdefault(domain, ModeScores(by_domain=False)).add(m)
 
@@ -119,6 +126,8 @@ class QualityReport:
     examples: list[dict[str, Any]] = field(default_factory=list)  # exemplar, target, gt, one image per mode
     settings: QualitySettings | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # Paired bootstrap: am_adapter vs sa_aug and vs structure_only (stats.compare).
+    comparisons: dict[str, dict[str, Interval]] = field(default_factory=dict)
 
     def json_rows(self) -> list[dict[str, Any]]:
         """The issue's schema: {mode, n, miou, class_de2000, instance_de2000, psnr, controllability}."""
@@ -207,7 +216,9 @@ def run_quality(
     t_generate = t_encode + sum(scores[m].seconds for m in settings.modes)
     timings = {"total_s": round(total, 1), "generate_s": round(t_generate, 1), "encode_s": round(t_encode, 1),
                "per_triple_all_modes_s": round(t_generate / max(1, n), 3)}
-    return QualityReport(rows, _pick_examples(examples, settings.num_examples), settings, timings)
+    comparisons = {f"am_adapter vs {other}": compare(scores["am_adapter"].records, scores[other].records)
+                   for other in ("sa_aug", "structure_only") if "am_adapter" in scores and other in scores}
+    return QualityReport(rows, _pick_examples(examples, settings.num_examples), settings, timings, comparisons)
 
 
 def _pick_examples(candidates: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
