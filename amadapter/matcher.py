@@ -106,6 +106,18 @@ class Matcher(ModelMixin, ConfigMixin):
         self.phi_up = CostAggregator(num_heads + 1, tuple(hidden_channels), num_heads)
         self.zero_output = False  # runtime switch for ablations/tests; never saved
 
+    @torch.no_grad()
+    def start_near_zero_(self, bias: float = 1e-2) -> "Matcher":
+        """Make every phi output a tiny constant (last GroupNorm: weight 0, small bias), so the
+        adapter starts as a uniform shift of the exemplar logits (am_adapter ~ sa_aug) and
+        training moves it from there rather than from random routing noise. The bias is not 0
+        so the final ReLU still passes gradient."""
+        for block in BLOCKS:
+            norm = self.phi(block).norms[-1]
+            norm.weight.zero_()
+            norm.bias.fill_(bias)
+        return self
+
     def phi(self, block: str) -> CostAggregator:
         return {"down": self.phi_down, "mid": self.phi_mid, "up": self.phi_up}[block]
 

@@ -107,3 +107,18 @@ def test_transposed_cost_needs_equal_grids():
     ra = a.refine_(sq.clone(), lambda q, e: c, (2, 2), (2, 2), "mid")
     rb = b.refine_(sq.clone(), lambda q, e: c.transpose(-1, -2), (2, 2), (2, 2), "mid")
     torch.testing.assert_close(ra, rb)
+
+
+def test_near_zero_start_is_a_uniform_shift_that_still_learns():
+    torch.manual_seed(3)
+    m = Matcher(num_heads=2, max_side=4).start_near_zero_(bias=0.01)
+    logits = torch.randn(2, 2, 16, 16, requires_grad=True)
+    cost = (torch.rand(2, 16, 16) > 0.5).float()
+    out = m.refine_(logits.detach().clone(), lambda q, e: cost, (4, 4), (4, 4), "down")
+    # phi is the constant 0.01 everywhere: the residual is 0.01 - 0.01/4 on every logit
+    torch.testing.assert_close(out - logits.detach(), torch.full_like(out, 0.0075))
+    # gradient reaches the last norm's weight (its bias alone would keep the output constant)
+    base = logits.detach().clone().requires_grad_(False)
+    res = m.residual(base, cost, (4, 4), "down")
+    (res * torch.randn_like(res)).sum().backward()
+    assert m.phi_down.norms[-1].weight.grad.abs().sum() > 0

@@ -215,3 +215,30 @@ def test_min_snr_weighting_only_lowers_easy_steps():
     assert torch.isclose(plain[0], torch.nn.functional.mse_loss(pred[:1], noise[:1]))
     assert weighted[0] < 0.05 * plain[0]          # t=10: SNR ~ 500, weight 5/SNR
     assert torch.equal(weighted[1], plain[1])     # t=900: SNR < 5, weight 1
+
+
+def test_exemplar_noise_fraction_draws_lower_timesteps_and_validates():
+    from amadapter.train.diffusion import exemplar_timesteps
+    t = torch.tensor([999, 600, 100, 0])
+    g = torch.Generator().manual_seed(0)
+    assert exemplar_timesteps(t, (1.0, 1.0), g) is t  # the default draws nothing: old runs resume exactly
+    te = exemplar_timesteps(t, (0.3, 0.8), torch.Generator().manual_seed(0))
+    assert torch.equal(te, exemplar_timesteps(t, (0.3, 0.8), torch.Generator().manual_seed(0)))
+    assert bool(((te >= (0.3 * t).floor()) & (te <= (0.8 * t).ceil())).all()), te
+    assert te[-1] == 0
+    with pytest.raises(ValueError, match="exemplar_t_fraction"):
+        load_train_config("stage1", None, ["allow_random_vae=true", "exemplar_t_fraction=[0.9, 0.2]"])
+    with pytest.raises(ValueError, match="exemplar_loss_weight"):
+        load_train_config("stage1", None, ["allow_random_vae=true", "exemplar_t_fraction=[0.3, 0.8]",
+                                           "appearance_grad=true", "exemplar_loss_weight=0.5"])
+
+
+def test_stage2_near_zero_start_with_lower_exemplar_noise_trains(tmp_path):
+    cfg = _config("stage2", tmp_path, "steps=2", "matcher_init=near_zero", "exemplar_t_fraction=[0.3, 0.8]",
+                  "high_noise_bias=0.5")
+    module = make_task(cfg).build(torch.device("cpu"))
+    for block in ("down", "mid", "up"):
+        norm = module.matcher.phi(block).norms[-1]
+        assert float(norm.weight.abs().sum()) == 0.0 and torch.all(norm.bias == 0.01)
+    summary = train_worker(make_task(cfg))
+    assert len(summary.losses) == 2 and all(np.isfinite(summary.losses))

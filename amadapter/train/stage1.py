@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from amadapter.train.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
                                        uniform)
@@ -29,6 +29,13 @@ class Stage1Config(DiffusionConfig):
     exemplar_loss_weight: float = Field(0.5, ge=0.0)
     train_text_embeds: bool = True        # the toy's learned null embedding (no effect for prompt embeddings)
     snr_gamma: float | None = Field(None, gt=0)  # Min-SNR loss weighting (5.0 is usual); None: plain MSE
+
+    @model_validator(mode="after")
+    def _exemplar_loss_needs_same_t(self) -> "Stage1Config":
+        if self.appearance_grad and self.exemplar_loss_weight > 0 and tuple(self.exemplar_t_fraction) != (1.0, 1.0):
+            raise ValueError("the exemplar's own epsilon loss needs it noised at t: with exemplar_t_fraction "
+                             f"{self.exemplar_t_fraction} set exemplar_loss_weight: 0 or appearance_grad: false")
+        return self
 
 
 class Stage1Step(CheckpointSwitch, torch.nn.Module):
@@ -44,7 +51,7 @@ class Stage1Step(CheckpointSwitch, torch.nn.Module):
 
     def forward(self, batch, generator: torch.Generator):
         pipe, c = self.pipe, self.config
-        x = noised_pair(pipe, batch, generator, c.high_noise_bias)
+        x = noised_pair(pipe, batch, generator, c.high_noise_bias, c.exemplar_t_fraction)
         drop = uniform(generator) < c.p_drop_exemplar
         out = {}
         ck = self.checkpoint_passes

@@ -30,6 +30,9 @@ class Stage2Config(DiffusionConfig):
     p_mapping: float = Field(0.3, ge=0.0, le=1.0)
     label_sampling: Literal["majority", "nearest"] = "majority"
     snr_gamma: float | None = Field(None, gt=0)  # Min-SNR loss weighting; None: plain MSE
+    # "near_zero": start the matcher from a (near) zero output (Matcher.start_near_zero_), so
+    # training starts at sa_aug; "keep": train the matcher init_from holds, as it is.
+    matcher_init: Literal["keep", "near_zero"] = "keep"
 
     @model_validator(mode="after")
     def _needs_stage1(self) -> "Stage2Config":
@@ -44,6 +47,8 @@ class Stage2Step(CheckpointSwitch, torch.nn.Module):
     def __init__(self, pipe, config: Stage2Config):
         super().__init__()
         self.matcher = pipe.matcher
+        if config.matcher_init == "near_zero":
+            self.matcher.start_near_zero_()
         # frozen parts, registered so .to() moves them and a test can check they stay put
         self.unet, self.vae, self.structure_net, self.text_embeds = pipe.unet, pipe.vae, pipe.structure_net, pipe.text_embeds
         for m in (self.unet, self.vae, self.structure_net, self.text_embeds):
@@ -54,7 +59,7 @@ class Stage2Step(CheckpointSwitch, torch.nn.Module):
 
     def forward(self, batch, generator: torch.Generator):
         pipe, c = self.pipe, self.config
-        x = noised_pair(pipe, batch, generator, c.high_noise_bias)
+        x = noised_pair(pipe, batch, generator, c.high_noise_bias, c.exemplar_t_fraction)
         u = uniform(generator)
         kind = "instance" if u < c.p_instance else "mapping" if u < c.p_instance + c.p_mapping else "class"
         with torch.no_grad():
