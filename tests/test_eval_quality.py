@@ -132,3 +132,23 @@ def test_cli_quality_names_a_missing_model(tmp_path):
 
     res = CliRunner().invoke(app, ["eval", "quality", "--n", "1", "--model", str(tmp_path / "nope")])
     assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_oracle_router_biases_by_the_cost_and_is_swapped_back():
+    import torch
+
+    from amadapter.eval.oracle import OracleRouter, routed_by
+    from amadapter.pipeline import AMAdapterPipeline
+
+    logits = torch.zeros(2, 3, 4, 5)
+    cost = (torch.arange(20).view(1, 4, 5) % 2).float()
+    out = OracleRouter(boost=3, suppress=2).refine_(logits.clone(), lambda q, e: cost, (2, 2), (1, 5), "up")
+    assert torch.equal(out, (3 * cost - 2 * (1 - cost))[:, None].expand(2, 3, 4, 5))
+    with pytest.raises(ValueError):
+        OracleRouter(boost=-1)
+
+    pipe = AMAdapterPipeline.from_preset("toy", seed=0)
+    matcher, router = pipe.matcher, OracleRouter(suppress=50)
+    with routed_by(pipe, router):
+        assert pipe.matcher is router
+    assert pipe.matcher is matcher

@@ -1,0 +1,44 @@
+"""Oracle routing: what perfect matching would give this generation net (an analysis tool).
+
+The adapter's job is routing: moving each target query's exemplar attention to the matching
+exemplar region. ``OracleRouter`` stands in for the matcher and routes by the ground-truth
+matching cost itself, a fixed bias on the exemplar logits: ``+boost`` where C = 1 and
+``-suppress`` where C = 0. If no oracle beats plain augmented attention (sa_aug), a better
+trained matcher cannot either: the limit is the generation net, not the routing.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+
+
+class OracleRouter:
+    """Duck-types ``Matcher.refine_``; nothing is learned."""
+
+    def __init__(self, boost: float = 0.0, suppress: float = 0.0):
+        if boost < 0 or suppress < 0:
+            raise ValueError(f"boost and suppress must be >= 0, got {boost}, {suppress}")
+        self.boost, self.suppress = float(boost), float(suppress)
+
+    @property
+    def name(self) -> str:
+        parts = [f"boost {self.boost:g}"] if self.boost else []
+        parts += [f"suppress {self.suppress:g}"] if self.suppress else []
+        return "oracle (" + ", ".join(parts or ["none"]) + ")"
+
+    def refine_(self, logits: torch.Tensor, cost_fn: Callable, q_hw, e_hw, block: str) -> torch.Tensor:
+        c = cost_fn(tuple(q_hw), tuple(e_hw)).to(logits.dtype)  # (B or 1, Nq, Ne) on the layer's own grids
+        logits.add_((self.boost * c - self.suppress * (1 - c))[:, None])
+        return logits
+
+
+@contextlib.contextmanager
+def routed_by(pipe, router):
+    """Run ``am_adapter`` with ``router`` in place of the pipeline's matcher."""
+    previous, pipe.matcher = pipe.matcher, router
+    try:
+        yield pipe
+    finally:
+        pipe.matcher = previous
