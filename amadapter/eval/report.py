@@ -231,6 +231,7 @@ judge and the metrics.
 amgen eval quality --n 200 --json out.json            # the same benchmark, JSON to a file
 amgen eval quality --n 200 --steps 20 --json out.json # at the release's 20 steps (twice the time)
 amgen eval train-segmenter                            # retrains the judge (700 steps, ~16 min on a shared thread)
+.venv/bin/python bench/routing_oracle.py              # the routing oracle (40 validation triples, ~10 min)
 ```
 """
 
