@@ -2,7 +2,8 @@
 
 On validation toy-town triples (make_triples(n, seed=2000): not the benchmark's held-out set),
 scores sa_aug, am_adapter with the trained matcher, and am_adapter with OracleRouter (the
-ground-truth matching cost as a fixed bias: boost matches and/or suppress non-matches). Then the
+ground-truth matching cost as a fixed bias: boost matches and/or suppress non-matches, optionally
+keeping the exemplar's share of the attention). Then the
 same with each target's own ground truth as its exemplar ("self": perfect correspondence).
 Prints one JSON object on its last line: {setting: {mode: row}}, plus oracle/sa_aug ratios.
 """
@@ -28,7 +29,8 @@ from amadapter.eval.runner import DEFAULT_MODEL_DIR, load_pipeline  # noqa: E402
 from amadapter.eval.segmenter import Segmenter  # noqa: E402
 
 KEYS = ("miou", "class_de2000", "instance_de2000", "psnr", "controllability")
-ORACLES = (OracleRouter(suppress=2.0), OracleRouter(suppress=6.0), OracleRouter(boost=1.0), OracleRouter(boost=3.0))
+ORACLES = (OracleRouter(suppress=2.0), OracleRouter(suppress=6.0), OracleRouter(boost=1.0), OracleRouter(boost=3.0),
+           OracleRouter(suppress=2.0, keep_mass=True), OracleRouter(suppress=6.0, keep_mass=True))
 
 
 def self_exemplar(triple):

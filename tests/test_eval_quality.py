@@ -146,6 +146,10 @@ def test_oracle_router_biases_by_the_cost_and_is_swapped_back():
     assert torch.equal(out, (3 * cost - 2 * (1 - cost))[:, None].expand(2, 3, 4, 5))
     with pytest.raises(ValueError):
         OracleRouter(boost=-1)
+    ref = torch.randn(2, 3, 4, 5)
+    kept = OracleRouter(suppress=2, keep_mass=True).refine_(ref.clone(), lambda q, e: cost, (2, 2), (1, 5), "up")
+    torch.testing.assert_close(torch.logsumexp(kept, -1), torch.logsumexp(ref, -1))  # exemplar share unchanged
+    torch.testing.assert_close(kept.softmax(-1), (ref - 2 * (1 - cost)[:, None]).softmax(-1))  # routed inside it
 
     pipe = AMAdapterPipeline.from_preset("toy", seed=0)
     matcher, router = pipe.matcher, OracleRouter(suppress=50)
