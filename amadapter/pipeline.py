@@ -341,8 +341,21 @@ class AMAdapterPipeline:
         return image, label, instance
 
     # ----------------------------------------------------------------- exemplar bank
-    def _invert(self, z0: torch.Tensor, guidance_at, sched: DDIMScheduler) -> torch.Tensor:
-        """Deterministic DDIM inversion (uncond embedding, exemplar structure guidance)."""
+    def guidance_memo(self, cond_map: torch.Tensor):
+        """``guidance_at(t)``: the structure net's output on ``cond_map`` at t, computed once per t
+        (inversion and the appearance pass visit the same timesteps)."""
+        memo: dict[int, torch.Tensor] = {}
+
+        def guidance_at(t):
+            if int(t) not in memo:
+                memo[int(t)] = self.structure_net(cond_map, t)
+            return memo[int(t)]
+
+        return guidance_at
+
+    def _invert(self, z0: torch.Tensor, guidance_at, sched: DDIMScheduler, on_step=None) -> torch.Tensor:
+        """Deterministic DDIM inversion (uncond embedding, exemplar structure guidance).
+        ``on_step(t, z)`` sees the latent after each step (for analysis)."""
         uncond, _ = self.text_embeds.pair()
         states = uncond.to(self.dtype).expand(z0.shape[0], -1, -1)
         alphas = sched.alphas_cumprod.to(device=z0.device)
@@ -354,6 +367,8 @@ class AMAdapterPipeline:
             x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
             a_prev = a_t
+            if on_step is not None:
+                on_step(int(t), z)
         return z
 
     @torch.no_grad()
@@ -372,13 +387,7 @@ class AMAdapterPipeline:
                 return hit
         sched = self._scheduler(num_inference_steps)
         cond_map = self.prepare_condition(label)
-        guidance_cache: dict[int, torch.Tensor] = {}
-
-        def guidance_at(t):
-            if int(t) not in guidance_cache:
-                guidance_cache[int(t)] = self.structure_net(cond_map, t)
-            return guidance_cache[int(t)]
-
+        guidance_at = self.guidance_memo(cond_map)
         z = self._invert(self.encode_images(image[None]), guidance_at, sched)
         cfg = guidance_scale > 1.0 and not self.text_embeds.identical_halves
         states, cond_start = self._embeds(1, cfg)

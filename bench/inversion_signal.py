@@ -43,20 +43,10 @@ def main() -> None:
     with torch.no_grad():
         for triple in make_triples(args.n, seed=2000):
             z0 = pipe.encode_images(triple.exemplar_image[None])
-            cond = pipe.prepare_condition(triple.exemplar_label)
-            states = {}
-
-            def guidance_at(t, cond=cond, states=states):
-                if int(t) not in states:
-                    states[int(t)] = pipe.structure_net(cond, t)
-                return states[int(t)]
-
-            # the sampler's inversion, stopped after each step to read the latent
-            for k in range(1, len(sched.timesteps) + 1):
-                part = pipe._scheduler(args.steps)
-                part.timesteps = sched.timesteps[-k:]
-                z = pipe._invert(z0, guidance_at, part)
-                trajectory.setdefault(int(sched.timesteps[-k]), []).append(corr(z, z0))
+            guidance_at = pipe.guidance_memo(pipe.prepare_condition(triple.exemplar_label))
+            # the sampler's own inversion, read after each step
+            pipe._invert(z0, guidance_at, sched,
+                         on_step=lambda t, z, z0=z0: trajectory.setdefault(t, []).append(corr(z, z0)))
     alphas = sched.alphas_cumprod
     out = {"n": args.n, "steps": args.steps, "model_hash": pipe.model_hash()[:16],
            "correlation_with_clean_latent": {

@@ -5,8 +5,9 @@ exemplar region. ``OracleRouter`` stands in for the matcher and routes by the gr
 matching cost itself, a fixed bias on the exemplar logits: ``+boost`` where C = 1 and
 ``-suppress`` where C = 0. With ``keep_mass`` each query's exemplar logits are shifted back so
 their log-sum-exp is unchanged: the exemplar keeps its share of the joint softmax against the
-query's own tokens, and only its distribution over exemplar positions changes. If no oracle beats plain augmented attention (sa_aug), a better
-trained matcher cannot either: the limit is the generation net, not the routing.
+query's own tokens, and only its distribution over exemplar positions changes. If no oracle beats
+plain augmented attention (sa_aug), a better trained matcher cannot either: the limit is the
+generation net, not the routing.
 """
 from __future__ import annotations
 
