@@ -5,7 +5,7 @@ __all__ = ["PRESETS", "get_preset", "AMAdapterPipeline", "AMAdapterOutput", "Exe
 
 
 def __getattr__(name):
-    # The pipeline pulls in diffusers; import it only when asked, so `amadapter.labels`
+    # The pipeline pulls in diffusers; import it only when asked, so `amgen_core.labels`
     # and `amadapter.presets` stay cheap to import.
     if name in ("AMAdapterPipeline", "AMAdapterOutput", "InputError"):
         from amadapter import pipeline

@@ -27,7 +27,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from amadapter.attention import AttentionState, install_processors
 from amadapter.bank import BankCache, ExemplarBank
 from amadapter.cost import CostSpec
-from amadapter.labels import check_label_ids, colorize
+from amgen_core.labels import check_label_ids, colorize
 from amadapter.matcher import Matcher
 from amadapter.presets import get_preset
 from amadapter.structure_net import StructureInjector, StructureNet

@@ -31,10 +31,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from amadapter.bundled import toy_model_dir  # noqa: E402
 from amadapter.pipeline import AMAdapterPipeline  # noqa: E402
 from amadapter.testing import tiny_scene  # noqa: E402
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "amadapter" / "weights" / "toy"
+WEIGHTS = toy_model_dir()
 SIZE = (64, 128)
 
 

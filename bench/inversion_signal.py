@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from amadapter.eval.runner import DEFAULT_MODEL_DIR, load_pipeline  # noqa: E402
+from evaluation.runner import DEFAULT_MODEL_DIR, load_pipeline  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     args = ap.parse_args()
-    from connectors.toytown import make_triples
+    from toytown import make_triples
 
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model)

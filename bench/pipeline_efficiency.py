@@ -68,7 +68,7 @@ def main() -> None:
     args = ap.parse_args()
     h, w = (int(x) for x in args.size.lower().split("x"))
 
-    from connectors.toytown import make_tree
+    from toytown import make_tree
     from pipeline.config import config_from_dict
     from pipeline.dag import run_pipeline
     from pipeline.plan import load_plan

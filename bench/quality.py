@@ -14,9 +14,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from amadapter.eval.quality import QUALITY_SEED, QualitySettings  # noqa: E402
-from amadapter.eval.report import acceptance_section, table  # noqa: E402
-from amadapter.eval.runner import DEFAULT_MODEL_DIR, json_line, run_benchmark  # noqa: E402
+from evaluation.quality import QUALITY_SEED, QualitySettings  # noqa: E402
+from evaluation.report import acceptance_section, table  # noqa: E402
+from evaluation.runner import DEFAULT_MODEL_DIR, json_line, run_benchmark  # noqa: E402
 
 
 def main() -> None:

@@ -23,10 +23,11 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from amadapter.eval.oracle import OracleRouter, routed_by  # noqa: E402
-from amadapter.eval.quality import QualitySettings, run_quality  # noqa: E402
-from amadapter.eval.runner import DEFAULT_MODEL_DIR, load_pipeline  # noqa: E402
-from amadapter.eval.segmenter import Segmenter  # noqa: E402
+from evaluation.oracle import OracleRouter, routed_by  # noqa: E402
+from evaluation.quality import QualitySettings, run_quality  # noqa: E402
+from evaluation.runner import DEFAULT_MODEL_DIR, load_pipeline  # noqa: E402
+from evaluation.segmenter import DEFAULT_DIR as SEGMENTER_DIR  # noqa: E402
+from evaluation.segmenter import Segmenter  # noqa: E402
 
 KEYS = ("miou", "class_de2000", "instance_de2000", "psnr", "controllability")
 ORACLES = (OracleRouter(suppress=2.0), OracleRouter(suppress=6.0), OracleRouter(boost=1.0), OracleRouter(boost=3.0),
@@ -52,11 +53,11 @@ def main() -> None:
     ap.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    from connectors.toytown import make_triples
+    from toytown import make_triples
 
     torch.set_num_threads(args.threads)
     pipe = load_pipeline(args.model)
-    judge = Segmenter.from_pretrained(ROOT / "amadapter" / "weights" / "segmenter")
+    judge = Segmenter.from_pretrained(SEGMENTER_DIR)
     settings = QualitySettings(n=args.n, seed=2000, num_inference_steps=args.steps)
     cross = list(make_triples(args.n, seed=2000))
     out: dict = {"n": args.n, "steps": args.steps, "model_hash": pipe.model_hash()}

@@ -5,7 +5,7 @@ Tree (design.md):
     labels/sem_seg/masks/{split}/*.png       single channel, trainIds 0..18, 255 = ignore
     labels/sem_seg/colormaps/{split}/*.png   the same labels drawn in the Cityscapes trainId colours
 
-Both label kinds land in Cityscapes ids via ``amadapter.labels`` (ignore -> 0 "unlabeled"), so
+Both label kinds land in Cityscapes ids via ``amgen_core.labels`` (ignore -> 0 "unlabeled"), so
 BDD100K layouts retrieve against and condition the model exactly like Cityscapes ones.
 """
 from __future__ import annotations
@@ -17,10 +17,10 @@ from typing import Literal
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _CS_LABELS
 
-from amadapter.labels import IGNORE_TRAIN_ID, NUM_TRAIN_IDS, LabelError, from_train_ids
-from connectors.image_io import check_same_size, read_image, read_label_png
+from amgen_core.labels import IGNORE_TRAIN_ID, NUM_TRAIN_IDS, LabelError, from_train_ids
+from amgen_core.image_io import check_same_size, read_image, read_label_png
 from connectors.source_api import Item, LayoutSource, paired_items
-from stages.records import Layout
+from amgen_core.records import Layout
 
 LabelKind = Literal["auto", "masks", "colormaps"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

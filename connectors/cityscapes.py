@@ -22,11 +22,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from amadapter.labels import LabelError, check_label_ids
-from connectors import image_io
+from amgen_core.labels import LabelError, check_label_ids
+from amgen_core import image_io
 from connectors.source_api import LayoutSource
-from connectors.toytown.appearance import DOMAINS as TOYTOWN_DOMAINS
-from stages.records import Layout
+from amgen_core.domains import DOMAINS
+from amgen_core.records import Layout
 
 SOURCE = "cityscapes"
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -259,7 +259,7 @@ def _domain_meta(item: CityscapesItem) -> dict[str, Any]:
         except (OSError, ValueError) as exc:
             raise CorruptFileError(f"{item.sidecar}: unreadable toy-town sidecar ({exc})") from None
         return {k: side[k] for k in ("domain", "seed", "index", "generator") if k in side}
-    for domain in TOYTOWN_DOMAINS:
+    for domain in DOMAINS:
         if item.city.endswith(f"-{domain}"):
             return {"domain": domain}
     return {}

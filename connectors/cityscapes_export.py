@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from amadapter.labels import check_label_ids, colorize, to_train_ids
-from connectors.image_io import PNG_SIGNATURE, check_same_size, decode_image_bytes, encode_png, write_bytes_atomic
+from amgen_core.labels import check_label_ids, colorize, to_train_ids
+from amgen_core.image_io import PNG_SIGNATURE, check_same_size, decode_image_bytes, encode_png, write_bytes_atomic
 from connectors.parquet_sink import DATA_DIR, SHARD_RE
 
 _CITY_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-")

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from amadapter.labels import NAME_TO_ID, VALID_IDS, LabelError
-from connectors.image_io import check_same_size, read_image, read_label_png
+from amgen_core.labels import NAME_TO_ID, VALID_IDS, LabelError
+from amgen_core.image_io import check_same_size, read_image, read_label_png
 from connectors.source_api import Item, LayoutSource, paired_items
-from stages.records import Layout
+from amgen_core.records import Layout
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 _COLOUR_KEY = re.compile(r"^#([0-9a-fA-F]{6})$")

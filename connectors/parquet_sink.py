@@ -28,9 +28,9 @@ from datasets import Features, Image, Value
 from datasets.info import DatasetInfo, DatasetInfosDict
 from huggingface_hub import DatasetCardData
 
-from amadapter.labels import NUM_IDS, NAMES, check_label_ids
+from amgen_core.labels import NUM_IDS, NAMES, check_label_ids
 from cityscapesscripts.helpers.labels import id2label
-from connectors.image_io import (
+from amgen_core.image_io import (
     SizeMismatchError, decode_image_bytes, encode_png, image_size, write_bytes_atomic,
 )
 

@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from amadapter.labels import check_label_ids
-from connectors.image_io import CorruptImageError, check_same_size, decode_image_bytes
+from amgen_core.labels import check_label_ids
+from amgen_core.image_io import CorruptImageError, check_same_size, decode_image_bytes
 from connectors.source_api import Item, LayoutSource
-from stages.records import Layout
+from amgen_core.records import Layout
 
 ID_COLUMNS = ("sample_id", "layout_id", "id")
 _SCALAR = (str, int, float, bool, type(None))

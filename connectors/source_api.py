@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from stages.records import Layout
+from amgen_core.records import Layout
 
 Item = dict[str, Any]
 

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import yaml
 from datasets import Features, Image
 
-from amadapter.labels import LabelError, check_label_ids
-from connectors.image_io import CorruptImageError, decode_image_bytes
+from amgen_core.labels import LabelError, check_label_ids
+from amgen_core.image_io import CorruptImageError, decode_image_bytes
 from connectors.parquet_sink import (
     CARD_NAME, DATA_DIR, ERROR_SCHEMA, ERRORS_DIR, IMAGE_COLUMNS, MANIFEST_NAME, MAX_ROW_GROUP, SAMPLE_SCHEMA,
     SCORE_PREFIX, SHARD_RE, file_sha256, shard_name,

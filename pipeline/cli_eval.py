@@ -6,9 +6,9 @@ from typing import Optional
 
 import typer
 
-from amadapter.eval.quality import QUALITY_SEED, QualitySettings
-from amadapter.eval.runner import DEFAULT_MODEL_DIR, RANDOM_TOY
-from amadapter.eval.segmenter import DEFAULT_DIR as SEGMENTER_DIR
+from evaluation.quality import QUALITY_SEED, QualitySettings
+from evaluation.runner import DEFAULT_MODEL_DIR, RANDOM_TOY
+from evaluation.segmenter import DEFAULT_DIR as SEGMENTER_DIR
 
 eval_app = typer.Typer(no_args_is_help=True, help="Quality benchmark and downstream tests on toy-town ground truth.")
 
@@ -26,8 +26,8 @@ def train_segmenter_cmd(
     heldout_n: int = typer.Option(500, help="held-out scenes for its own mIoU"),
 ) -> None:
     """Train the judge segmenter on real toy-town renderings and report its held-out mIoU."""
-    from amadapter.eval.judge import train_judge
-    from amadapter.eval.segmenter_train import SegmenterTrainConfig
+    from evaluation.judge import train_judge
+    from evaluation.segmenter_train import SegmenterTrainConfig
 
     cfg = SegmenterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                                class_balance=class_balance)
@@ -50,9 +50,9 @@ def quality_cmd(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from amadapter.eval.report import acceptance_section, table
-    from amadapter.eval.runner import ModelNotFoundError, json_line, run_benchmark
-    from amadapter.eval.segmenter import SegmenterFileError
+    from evaluation.report import acceptance_section, table
+    from evaluation.runner import ModelNotFoundError, json_line, run_benchmark
+    from evaluation.segmenter import SegmenterFileError
 
     settings = QualitySettings(n=n, seed=seed, num_inference_steps=steps, guidance_scale=guidance)
     console = Console(stderr=True)
@@ -91,8 +91,8 @@ def segmenter_cmd(
     steps and seed, both scored (mIoU) on held-out real toy-town scenes."""
     import json
 
-    from amadapter.eval.downstream import run_downstream
-    from amadapter.eval.segmenter_train import SegmenterTrainConfig
+    from evaluation.downstream import run_downstream
+    from evaluation.segmenter_train import SegmenterTrainConfig
 
     cfg = SegmenterTrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, seed=seed, threads=threads,
                                class_balance=0.5, checkpoint_every=max(1, min(100, steps)))

@@ -153,8 +153,8 @@ def query_cmd(
     as_json: bool = typer.Option(False, "--json", help="print the results as one JSON line on stdout"),
 ) -> None:
     """The k exemplars for one label map: FAISS candidates, exact class-IoU rerank, diverse top-k."""
-    from amadapter.labels import LabelError
-    from connectors.image_io import CorruptImageError, read_label_png
+    from amgen_core.labels import LabelError
+    from amgen_core.image_io import CorruptImageError, read_label_png
     from connectors.index_store import IndexFormatError, IndexNotFoundError
     from stages.retrieve import Retriever
 

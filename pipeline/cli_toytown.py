@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from connectors.toytown import DOMAINS
+from toytown import DOMAINS
 
 toytown_app = typer.Typer(no_args_is_help=True, help="Toy-town: a procedural driving world with known ground truth.")
 
@@ -44,7 +44,7 @@ def make_cmd(
     triples: int = typer.Option(0, "--triples", min=0, help="also write N ground-truth triples to OUT/triples"),
 ) -> None:
     """Write N scenes as leftImg8bit/ + gtFine/ (labelIds, instanceIds, color) with a summary."""
-    from connectors.toytown import make_tree, make_triples, write_triples
+    from toytown import make_tree, make_triples, write_triples
 
     if domain is not None and domain not in DOMAINS:
         raise typer.BadParameter(f"{domain!r} is not one of {', '.join(DOMAINS)}", param_hint="--domain")

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from amadapter.train.stages import STAGE_NAMES
+from training.registry import STAGE_NAMES
 
 
 def _quiet_diffusers() -> None:
@@ -20,8 +20,8 @@ def _train(stage: str, config: Optional[Path], overrides: List[str], resume: boo
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from amadapter.train.loop import run_training
-    from amadapter.train.stages import load_train_config
+    from training.loop import run_training
+    from training.registry import load_train_config
 
     console = Console()
     _quiet_diffusers()
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
         """Assemble trained parts into one AMAdapterPipeline folder (safetensors), check it reloads."""
         from rich.console import Console
 
-        from amadapter.train.export import ExportError, assemble, preview_grid
+        from training.export import ExportError, assemble, preview_grid
 
         console = Console()
         _quiet_diffusers()
@@ -102,7 +102,7 @@ def register(app: typer.Typer) -> None:
             console.print(f"  {name}: {size / 2**20:.2f} MB")
         if preview:
             from amadapter.pipeline import AMAdapterPipeline
-            from connectors.toytown.triples import make_triples
+            from toytown.triples import make_triples
 
             pipe = AMAdapterPipeline.from_pretrained(out, dtype=None).to(dtype=__import__("torch").float32)
             path = preview_grid(pipe, list(make_triples(preview, seed=9001)), out / "preview.png")

@@ -152,7 +152,7 @@ class SynthesisConfig(_Strict):
 
 class ScoreConfig(_Strict):
     enabled: bool = False
-    segmenter: str | None = None  # checkpoint of the scoring segmenter (amadapter.eval)
+    segmenter: str | None = None  # checkpoint of the scoring segmenter (evaluation)
 
 
 class OutputConfig(_Strict):

@@ -407,7 +407,7 @@ def prepare_toytown(cfg: RunConfig, on_progress: Callable[[str], None] | None = 
             continue
         if (Path(src.root) / "gtFine" / src.split).is_dir():
             continue
-        from connectors.toytown import make_tree
+        from toytown import make_tree
 
         if on_progress:
             on_progress(f"making {src.make.n} toy-town scenes in {src.root}")

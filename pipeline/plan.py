@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.records import sample_id, stable_seed
+from amgen_core.records import sample_id, stable_seed
 
 PLAN_FILE = "plan.parquet"
 PLAN_VERSION = "1"

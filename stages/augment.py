@@ -21,7 +21,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from stages.records import Layout, stable_seed
+from amgen_core.records import Layout, stable_seed
 
 RECORD_VERSION = 1
 FILL = 255  # ignore while transforming; 255 is never a valid label id nor instance id

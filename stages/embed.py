@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from amadapter.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, NUM_IDS, NUM_TRAIN_IDS, LabelError
+from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, NUM_IDS, NUM_TRAIN_IDS, LabelError
 
 GRID = (4, 8)
 NUM_CHANNELS = NUM_TRAIN_IDS + 1          # 19 trainIds + void

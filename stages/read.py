@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from amadapter.labels import check_label_ids
-from connectors.image_io import SizeMismatchError
+from amgen_core.labels import check_label_ids
+from amgen_core.image_io import SizeMismatchError
 from connectors.source_api import BAD_INPUT_ERRORS, Item, LayoutSource
-from stages.records import Layout
+from amgen_core.records import Layout
 
 # kind -> (module, class); toy-town is written as a Cityscapes tree and read by the same connector.
 _CONNECTORS = {

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from amadapter.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, NUM_TRAIN_IDS, check_label_ids
+from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, NUM_TRAIN_IDS, check_label_ids
 from connectors.index_store import Filter, ShardedIndex
 from stages.embed import EMBED_DIM, EMBED_VERSION, embed_layouts
-from stages.records import Layout
+from amgen_core.records import Layout
 
 DEFAULT_RERANK_SIZE = (32, 64)
 THUMB_BATCH = 256

@@ -2,7 +2,7 @@
 
 Per sample, ``score_miou`` is the mean IoU (trainIds, classes present) between the segmenter's
 prediction on the synthesized image and the label the image was generated from. It is a cheap
-controllability signal for filtering a dataset; the segmenter comes from amadapter.eval.
+controllability signal for filtering a dataset; the segmenter comes from evaluation.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from connectors.image_io import decode_png
+from amgen_core.image_io import decode_png
 
 SCORE_COLUMNS = ("score_miou",)
 
@@ -23,7 +23,7 @@ class ScoreUnavailableError(ValueError):
 def segmenter_path(configured: str | None) -> Path:
     if configured:
         return Path(configured)
-    from amadapter.eval.segmenter import DEFAULT_DIR
+    from evaluation.segmenter import DEFAULT_DIR
 
     return Path(DEFAULT_DIR)
 
@@ -31,9 +31,9 @@ def segmenter_path(configured: str | None) -> Path:
 def check_scorer(configured: str | None, where: str = "score.segmenter") -> Path:
     """Fail before any synthesis if scoring was asked for but cannot run."""
     try:
-        from amadapter.eval.segmenter import Segmenter
+        from evaluation.segmenter import Segmenter
     except ImportError as e:
-        raise ScoreUnavailableError(f"score.enabled: the judge segmenter (amadapter.eval) is not installed ({e})") from e
+        raise ScoreUnavailableError(f"score.enabled: the judge segmenter (evaluation) is not installed ({e})") from e
     path = segmenter_path(configured)
     try:
         Segmenter.from_pretrained(path)
@@ -44,8 +44,8 @@ def check_scorer(configured: str | None, where: str = "score.segmenter") -> Path
 
 
 def sample_miou(pred_train_ids: np.ndarray, label_ids: np.ndarray) -> float:
-    from amadapter.eval.metrics import confusion_matrix, mean_iou
-    from amadapter.labels import to_train_ids
+    from evaluation.metrics import confusion_matrix, mean_iou
+    from amgen_core.labels import to_train_ids
 
     return mean_iou(confusion_matrix(pred_train_ids, to_train_ids(label_ids)))
 
@@ -55,7 +55,7 @@ class Scorer:
 
     def __init__(self, segmenter: str | None = None, torch_threads: int | None = None):
         import torch
-        from amadapter.eval.segmenter import Segmenter
+        from evaluation.segmenter import Segmenter
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from connectors.image_io import encode_png
+from amadapter.bundled import toy_model_dir
+from amgen_core.image_io import encode_png
 from stages.group import unpack_arrays
 
-TOY_WEIGHTS = Path(__file__).resolve().parent.parent / "amadapter" / "weights" / "toy"
+TOY_WEIGHTS = toy_model_dir()
 SAMPLE_COLUMNS = ("sample_id", "shard", "position", "target_id", "exemplar_id", "image", "label", "instance",
                   "seed", "augment", "model", "error", "bank_new", "seconds")
 # Failures of one sample that must not stop the run (shape/size problems surface as these in torch).
@@ -26,7 +27,7 @@ SAMPLE_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
 
 
 def toy_weights_available(path: Path = TOY_WEIGHTS) -> bool:
-    """True once the trained toy model has been saved into the package (see amadapter/train)."""
+    """True once the trained toy model has been saved into the package (see training/)."""
     return (path / "model_index.json").is_file()
 
 

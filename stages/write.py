@@ -16,8 +16,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pyarrow.parquet as pq
 
-from amadapter.labels import colorize
-from connectors.image_io import decode_png, encode_png, write_bytes_atomic
+from amgen_core.labels import colorize
+from amgen_core.image_io import decode_png, encode_png, write_bytes_atomic
 from connectors.parquet_sink import ShardStats, write_errors, write_shard
 
 ERROR_FIELDS = ("input_id", "source", "stage", "reason", "path")

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amadapter.labels import NAME_TO_ID, LabelError
+from amgen_core.labels import NAME_TO_ID, LabelError
 from connectors.cityscapes import (CityscapesSource, CorruptFileError, MissingFileError, MissingImageError,
                                    MissingLabelError, SizeMismatchError, rasterize_polygons)
-from connectors.image_io import SizeMismatchError as AnySizeMismatch
-from connectors.toytown import make_scene, make_tree
+from amgen_core.image_io import SizeMismatchError as AnySizeMismatch
+from toytown import make_scene, make_tree
 
 ROAD, CAR, PERSON, SKY = (NAME_TO_ID[n] for n in ("road", "car", "person", "sky"))
 

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amadapter.labels import NAME_TO_ID, PALETTE, TRAIN_ID_TO_ID, LabelError
+from amgen_core.labels import NAME_TO_ID, PALETTE, TRAIN_ID_TO_ID, LabelError
 from connectors.bdd100k import BDD100KSource, COLOUR_TO_ID
-from connectors.image_io import CorruptImageError, SizeMismatchError
+from amgen_core.image_io import CorruptImageError, SizeMismatchError
 
 H, W = 16, 32
 

@@ -6,10 +6,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from amadapter.labels import colorize, to_train_ids
+from amgen_core.labels import colorize, to_train_ids
 from connectors.cityscapes import CityscapesSource
 from connectors.cityscapes_export import ExportError, export_cityscapes
-from connectors.image_io import read_image, read_label_png
+from amgen_core.image_io import read_image, read_label_png
 from test_sink_fixtures import make_rows, write_small_dataset
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from amadapter.labels import NAME_TO_ID, LabelError
+from amgen_core.labels import NAME_TO_ID, LabelError
 from connectors.folder import FolderSource, LabelTableError
 
 H, W = 8, 12

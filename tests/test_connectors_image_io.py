@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from connectors.image_io import (
+from amgen_core.image_io import (
     CorruptImageError, ImageModeError, SizeMismatchError, check_same_size, decode_png, encode_png,
     image_size, read_image, read_label_png,
 )

@@ -3,8 +3,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from amadapter.labels import LabelError
-from connectors.image_io import SizeMismatchError, encode_png
+from amgen_core.labels import LabelError
+from amgen_core.image_io import SizeMismatchError, encode_png
 from connectors.parquet_source import ParquetSource
 from test_sink_fixtures import make_rows, write_small_dataset
 

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from skimage.color import deltaE_ciede2000, rgb2lab
 
-from amadapter.eval import metrics as M
-from amadapter.labels import NAME_TO_ID, to_train_ids
+from evaluation import metrics as M
+from amgen_core.labels import NAME_TO_ID, to_train_ids
 
 ROAD, SKY, CAR, BUILDING = (NAME_TO_ID[n] for n in ("road", "sky", "car", "building"))
 
@@ -118,7 +118,7 @@ def test_shape_mismatch_is_a_clear_error():
 
 
 def test_paired_bootstrap_on_known_records():
-    from amadapter.eval.stats import TripleRecord, compare
+    from evaluation.stats import TripleRecord, compare
 
     eye = np.eye(19, dtype=np.int64) * 10
     # a: class error 5 per pair, 3/4 hits; b: error 10, 1/4 hits; same perfect confusion.

@@ -7,14 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from amadapter.eval.downstream import DatasetShapeError, ParquetSamples, run_downstream
-from amadapter.eval.quality import GROUND_TRUTH, GROUND_TRUTH_VAE, MODES, QualitySettings, acceptance, pipeline_mapping, run_quality
-from amadapter.eval.report import picture, write_json, write_markdown
-from amadapter.eval.segmenter import Segmenter, SegmenterConfig
-from amadapter.eval.segmenter_train import SegmenterTrainConfig
+from evaluation.downstream import DatasetShapeError, ParquetSamples, run_downstream
+from evaluation.quality import GROUND_TRUTH, GROUND_TRUTH_VAE, MODES, QualitySettings, acceptance, pipeline_mapping, run_quality
+from evaluation.report import picture, write_json, write_markdown
+from evaluation.segmenter import Segmenter, SegmenterConfig
+from evaluation.segmenter_train import SegmenterTrainConfig
 from amadapter.testing import tiny_pipeline
-from connectors.image_io import encode_png
-from connectors.toytown import make_triples
+from amgen_core.image_io import encode_png
+from toytown import make_triples
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +137,7 @@ def test_cli_quality_names_a_missing_model(tmp_path):
 def test_oracle_router_biases_by_the_cost_and_is_swapped_back():
     import torch
 
-    from amadapter.eval.oracle import OracleRouter, routed_by
+    from evaluation.oracle import OracleRouter, routed_by
     from amadapter.pipeline import AMAdapterPipeline
 
     logits = torch.zeros(2, 3, 4, 5)

@@ -1,6 +1,6 @@
 """Regression tests on the committed weights: real numbers with floors, so they can fail.
 
-Floors come from measured runs (docs/quality.md, amadapter/weights/segmenter/README.md) minus
+Floors come from measured runs (docs/quality.md, evaluation/weights/segmenter/README.md) minus
 a margin for the smaller sample; lowering one needs a reason in the commit message.
 """
 from pathlib import Path
@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from amadapter.eval.quality import QUALITY_SEED, QualitySettings, run_quality
-from amadapter.eval.segmenter import DEFAULT_DIR as JUDGE_DIR
-from amadapter.eval.segmenter import Segmenter
-from amadapter.eval.segmenter_train import SEGMENTER_HELDOUT_SEED_BASE, ToyTownScenes, evaluate_segmenter
+from amadapter.bundled import toy_model_dir
+from evaluation.quality import QUALITY_SEED, QualitySettings, run_quality
+from evaluation.segmenter import DEFAULT_DIR as JUDGE_DIR
+from evaluation.segmenter import Segmenter
+from evaluation.segmenter_train import SEGMENTER_HELDOUT_SEED_BASE, ToyTownScenes, evaluate_segmenter
 
-TOY_MODEL = Path(__file__).resolve().parent.parent / "amadapter" / "weights" / "toy"
+TOY_MODEL = toy_model_dir()
 
 # The judge: 70.6% on 500 held-out scenes, 71.4% on the first 32 of them.
 JUDGE_FLOOR = 65.0
@@ -43,7 +44,7 @@ def test_bundled_judge_segments_real_scenes(one_thread):
 @pytest.mark.skipif(not TOY_MODEL.is_dir(), reason=f"{TOY_MODEL} is absent: the trained toy model is not committed yet")
 def test_bundled_model_follows_the_layout(one_thread):
     from amadapter.pipeline import AMAdapterPipeline
-    from connectors.toytown import make_triples
+    from toytown import make_triples
 
     pipe = AMAdapterPipeline.from_pretrained(TOY_MODEL)
     judge = Segmenter.from_pretrained(JUDGE_DIR)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from amadapter.eval.segmenter import Segmenter, SegmenterConfig, SegmenterFileError, num_parameters
-from amadapter.eval.segmenter_train import SegmenterTrainConfig, evaluate_segmenter, train_segmenter
-from amadapter.labels import NAME_TO_ID
+from evaluation.segmenter import Segmenter, SegmenterConfig, SegmenterFileError, num_parameters
+from evaluation.segmenter_train import SegmenterTrainConfig, evaluate_segmenter, train_segmenter
+from amgen_core.labels import NAME_TO_ID
 
 TINY = SegmenterConfig(widths=(4, 8, 8), image_size=(16, 32))
 

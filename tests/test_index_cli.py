@@ -12,7 +12,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
-    from connectors.toytown import make_tree
+    from toytown import make_tree
 
     root = tmp_path_factory.mktemp("toy")
     make_tree(root, 12, seed=3, height=32, width=64)
@@ -85,7 +85,7 @@ def test_build_from_parquet(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from connectors.image_io import encode_png
+    from amgen_core.image_io import encode_png
 
     rows = []
     for i in range(6):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from amadapter.labels import LabelError, NAME_TO_ID
+from amgen_core.labels import LabelError, NAME_TO_ID
 from stages.embed import EMBED_DIM, EMBED_VERSION, EmbedStage, embed_layouts, layout_embedding
 
 ROAD, SKY, CAR, BUILDING = (NAME_TO_ID[n] for n in ("road", "sky", "car", "building"))

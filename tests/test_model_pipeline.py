@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from amadapter.cost import CostSpec
-from amadapter.labels import LabelError
+from amgen_core.labels import LabelError
 from amadapter.pipeline import AMAdapterPipeline, InputError
 from amadapter.testing import single_thread, tiny_pipeline, tiny_scene
 

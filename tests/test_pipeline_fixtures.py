@@ -12,7 +12,7 @@ H, W = 32, 64  # tiny scenes: the tiny test model (stride 4) takes them as they 
 
 
 def make_toytown(root: Path, n: int, seed: int = 0) -> Path:
-    from connectors.toytown import make_tree
+    from toytown import make_tree
 
     make_tree(root, n, seed=seed, height=H, width=W)
     return root

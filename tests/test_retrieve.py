@@ -3,10 +3,10 @@ import json
 import numpy as np
 import pytest
 
-from amadapter.labels import NAME_TO_ID
+from amgen_core.labels import NAME_TO_ID
 from connectors.index_store import ShardedIndex
 from stages.embed import EMBED_VERSION, embed_layouts
-from stages.records import Layout
+from amgen_core.records import Layout
 from stages.retrieve import Retriever, RetrieveStage, build_exemplar_index, class_iou, resize_nearest
 
 ROAD, SKY, CAR, PERSON, BUILDING, VEG = (NAME_TO_ID[n] for n in ("road", "sky", "car", "person", "building", "vegetation"))

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from amadapter.labels import LabelError
-from connectors.image_io import SizeMismatchError, decode_png
+from amgen_core.labels import LabelError
+from amgen_core.image_io import SizeMismatchError, decode_png
 from connectors.parquet_sink import (
     ERROR_SCHEMA, SAMPLE_SCHEMA, SinkError, read_errors, read_manifest, shard_path, shard_stats_from_file,
     write_manifest, write_shard,
@@ -87,7 +87,7 @@ def test_shard_layout_stats_and_row_groups(tmp_path):
 
 
 def test_bytes_input_is_stored_as_is(tmp_path):
-    from connectors.image_io import encode_png
+    from amgen_core.image_io import encode_png
     row = make_rows(1)[0]
     png = encode_png(row["image"])
     row["image"] = png

@@ -13,7 +13,7 @@ from pipeline.resume import OutputFolderError, finished_shards, prepare_out
 from stages.augment import augment_layout, draw_record, record_json, replay
 from stages.group import group_samples, load_group, unpack_arrays
 from stages.read import list_items, make_source, read_item
-from stages.records import Layout
+from amgen_core.records import Layout
 from test_pipeline_fixtures import H, W, break_three, make_toytown, tiny_model_dir
 
 
@@ -148,7 +148,7 @@ def tiny_dir(tmp_path_factory):
 
 
 def test_synthesizer_one_bank_per_group_and_bad_sample_is_quarantined(tmp_path, tiny_dir):
-    from connectors.image_io import decode_png
+    from amgen_core.image_io import decode_png
     from stages.group import pack_arrays
     from stages.synthesize import Synthesizer
 
@@ -209,7 +209,7 @@ def test_load_group_quarantines_unusable_exemplar(tmp_path):
 # ---------------------------------------------------------------- write + resume
 
 def _sample_row(i, shard, err=None, model="m@1"):
-    from connectors.image_io import encode_png
+    from amgen_core.image_io import encode_png
 
     lay = scene(i)
     return {"sample_id": f"s{i}", "shard": shard, "position": i, "target_id": f"t{i}", "exemplar_id": "e",
@@ -253,14 +253,14 @@ def test_prepare_out_refuses_another_config_unless_overwrite(tmp_path):
 def tiny_segmenter(path):
     import torch
 
-    from amadapter.eval.segmenter import Segmenter, SegmenterConfig
+    from evaluation.segmenter import Segmenter, SegmenterConfig
 
     torch.manual_seed(0)
     return Segmenter(SegmenterConfig(widths=(4, 8), image_size=(H, W))).save_pretrained(path)
 
 
 def test_scorer_adds_miou_and_refuses_a_missing_segmenter(tmp_path):
-    from amadapter.labels import to_train_ids
+    from amgen_core.labels import to_train_ids
     from stages.score import ScoreUnavailableError, Scorer, check_scorer, sample_miou
 
     seg = tiny_segmenter(tmp_path / "seg")

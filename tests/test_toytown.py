@@ -8,10 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from amadapter.labels import NAME_TO_ID, THING_IDS, check_label_ids
-from connectors.toytown import (DOMAINS, N_SLOTS, Appearance, make_scene, make_tree, make_triples, read_triples,
+from amgen_core.labels import NAME_TO_ID, THING_IDS, check_label_ids
+from toytown import (DOMAINS, N_SLOTS, Appearance, make_scene, make_tree, make_triples, read_triples,
                                 render, sample_appearance, sample_layout, write_triples)
-from connectors.toytown.triples import match_vehicles
+from toytown.triples import match_vehicles
 
 VEHICLES = [NAME_TO_ID[n] for n in ("car", "truck", "bus")]
 
@@ -211,7 +211,7 @@ def test_generator_speed():
 
 def test_render_needs_no_meta_and_checks_shapes():
     layout, look, full = _scene(12, "day")
-    from connectors.toytown import ToyLayout
+    from toytown import ToyLayout
     bare = render(ToyLayout(layout.label, layout.instance, {}), look, 12)
     assert bare.shape == full.shape and bare.dtype == np.uint8
     sky = layout.label == NAME_TO_ID["sky"]

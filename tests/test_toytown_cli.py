@@ -4,7 +4,7 @@ from __future__ import annotations
 from typer.testing import CliRunner
 
 from connectors.cityscapes import CityscapesSource
-from connectors.toytown import read_triples
+from toytown import read_triples
 from pipeline.cli import app
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from amadapter.train.loop import make_task, read_loss_log, train_worker
-from amadapter.train.stages import load_train_config
+from training.loop import make_task, read_loss_log, train_worker
+from training.registry import load_train_config
 
 TINY = ["data.height=16", "data.width=32", "batch_size=2", "torch_threads=1"]  # 1: no spinning on a busy box
 
@@ -22,8 +22,8 @@ def _config(stage, tmp_path, *overrides, name="run"):
 
 
 def test_pairs_are_deterministic_by_seed_step_rank():
-    from amadapter.train.data import ToyTownPairs, pair_batch
-    from amadapter.train.loop import DataConfig
+    from training.data import ToyTownPairs, pair_batch
+    from training.loop import DataConfig
 
     src = ToyTownPairs(DataConfig(height=32, width=64))
     a, b = pair_batch(src, 3, 5, 0, 3), pair_batch(src, 3, 5, 0, 3)
@@ -39,8 +39,8 @@ def test_pairs_are_deterministic_by_seed_step_rank():
 
 def test_crop_pairs_keep_ids_exact():
     """Two crops resized back: labels stay valid ids, instances keep their ids across crops."""
-    from amadapter.train.data import ToyTownPairs
-    from amadapter.train.loop import DataConfig
+    from training.data import ToyTownPairs
+    from training.loop import DataConfig
 
     src = ToyTownPairs(DataConfig(height=32, width=64, p_shared_appearance=0.0))
     pair = src.pair(np.random.default_rng(0))
@@ -177,7 +177,7 @@ def test_gradient_checkpointing_and_bf16_switches(tmp_path):
 
 def test_export_assembles_a_loadable_pipeline(tmp_path):
     from amadapter.pipeline import AMAdapterPipeline
-    from amadapter.train.export import ExportError, assemble
+    from training.export import ExportError, assemble
 
     src = AMAdapterPipeline.from_preset("toy", seed=3).save_pretrained(tmp_path / "stage2")
     vae = AMAdapterPipeline.from_pretrained(src).vae
@@ -205,7 +205,7 @@ def test_min_snr_weighting_only_lowers_easy_steps():
     from diffusers import DDIMScheduler
 
     from amadapter.presets import get_preset
-    from amadapter.train.diffusion import eps_loss
+    from training.diffusion import eps_loss
 
     sched = DDIMScheduler(**get_preset("toy")["scheduler"])
     g = torch.Generator().manual_seed(0)
@@ -218,7 +218,7 @@ def test_min_snr_weighting_only_lowers_easy_steps():
 
 
 def test_exemplar_noise_fraction_draws_lower_timesteps_and_validates():
-    from amadapter.train.diffusion import exemplar_timesteps
+    from training.diffusion import exemplar_timesteps
     t = torch.tensor([999, 600, 100, 0])
     g = torch.Generator().manual_seed(0)
     assert exemplar_timesteps(t, (1.0, 1.0), g) is t  # the default draws nothing: old runs resume exactly

@@ -9,8 +9,8 @@ import os
 
 import pytest
 
-from amadapter.train.loop import latest_checkpoint, read_loss_log, run_training
-from amadapter.train.stages import load_train_config
+from training.loop import latest_checkpoint, read_loss_log, run_training
+from training.registry import load_train_config
 
 pytestmark = [
     pytest.mark.slow,

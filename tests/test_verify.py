@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.image_io import encode_png
+from amgen_core.image_io import encode_png
 from connectors.parquet_sink import MANIFEST_NAME, file_sha256, write_shard
 from connectors.verify import verify_dataset
 from test_sink_fixtures import H, W, make_rows, write_small_dataset

@@ -16,17 +16,17 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
-from amadapter.eval import metrics as M
-from amadapter.eval.segmenter import Segmenter
-from amadapter.eval.stats import Interval, TripleRecord, compare
-from amadapter.labels import to_train_ids
+from evaluation import metrics as M
+from evaluation.segmenter import Segmenter
+from evaluation.stats import Interval, TripleRecord, compare
+from amgen_core.labels import to_train_ids
 
 MODES: tuple[str, ...] = ("structure_only", "sa_aug", "am_adapter")
 GROUND_TRUTH = "ground_truth"
 # The ground truth encoded and decoded by the model's own VAE: every output passes through that
 # decoder, so this is the best any mode can score with this VAE (and how well the judge reads it).
 GROUND_TRUTH_VAE = "ground_truth_vae"
-# connectors.toytown.make_triples(n, seed=QUALITY_SEED): the held-out triples. Their random streams
+# toytown.make_triples(n, seed=QUALITY_SEED): the held-out triples. Their random streams
 # are spawned children of SeedSequence([1, QUALITY_SEED, j]); no training stream is (docs/quality.md).
 QUALITY_SEED = 1000
 

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from amadapter.eval.judge import per_class_table
-from amadapter.eval.segmenter_train import (
+from evaluation.judge import per_class_table
+from evaluation.segmenter_train import (
     SEGMENTER_HELDOUT_SEED_BASE,
     SEGMENTER_TRAIN_SEED_BASE,
     ConcatSource,

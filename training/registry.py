@@ -4,9 +4,9 @@ from __future__ import annotations
 import importlib
 
 _STAGES = {
-    "vae": ("amadapter.train.vae", "VaeConfig", "VaeTask"),
-    "stage1": ("amadapter.train.stage1", "Stage1Config", "Stage1Task"),
-    "stage2": ("amadapter.train.stage2", "Stage2Config", "Stage2Task"),
+    "vae": ("training.vae", "VaeConfig", "VaeTask"),
+    "stage1": ("training.stage1", "Stage1Config", "Stage1Task"),
+    "stage2": ("training.stage2", "Stage2Config", "Stage2Task"),
 }
 
 STAGE_NAMES = tuple(_STAGES)

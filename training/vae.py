@@ -15,8 +15,8 @@ import torch
 from pydantic import Field, model_validator
 
 from amadapter.presets import get_preset
-from amadapter.train.data import image_batch, make_source, rng_for, to_unit_range
-from amadapter.train.loop import TrainConfig
+from training.data import image_batch, make_source, rng_for, to_unit_range
+from training.loop import TrainConfig
 
 
 class VaeConfig(TrainConfig):

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from amadapter.train.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
+from training.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
                                        uniform)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from stages.records import stable_seed
+from amgen_core.records import stable_seed
 
 
 class TrainConfigError(ValueError):
@@ -485,7 +485,7 @@ def run_training(config: TrainConfig, *, resume: bool = False,
 
 
 def make_task(config: TrainConfig) -> Task:
-    from amadapter.train.stages import task_class
+    from training.registry import task_class
 
     return task_class(config.stage)(config)
 
@@ -493,7 +493,7 @@ def make_task(config: TrainConfig) -> Task:
 def _ray_worker(payload: dict[str, Any]) -> None:
     import ray.train
 
-    from amadapter.train.stages import config_class
+    from training.registry import config_class
 
     config = config_class(payload["config"]["stage"]).model_validate(payload["config"])
     ctx = ray.train.get_context()

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from connectors.image_io import encode_png, write_bytes_atomic
+from amgen_core.image_io import encode_png, write_bytes_atomic
 
 
 def write_png(path: str | os.PathLike, arr: np.ndarray) -> None:

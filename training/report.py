@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from amadapter.train.loop import read_loss_log
+from training.loop import read_loss_log
 
 
 def training_seconds(rows: list[dict]) -> float:

@@ -1,7 +1,7 @@
 """The classes toy-town draws, looked up by name in the Cityscapes label space (no ids by hand)."""
 from __future__ import annotations
 
-from amadapter.labels import NAME_TO_ID
+from amgen_core.labels import NAME_TO_ID
 
 ROAD = NAME_TO_ID["road"]
 SIDEWALK = NAME_TO_ID["sidewalk"]

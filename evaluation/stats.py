@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from amadapter.eval.metrics import mean_iou
+from evaluation.metrics import mean_iou
 
 
 @dataclass

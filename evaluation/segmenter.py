@@ -1,14 +1,15 @@
 """A small fully-convolutional segmenter: the judge of semantic alignment.
 
 A compact U-Net (about 0.4M parameters) maps a 64x128 RGB image to 19 Cityscapes trainIds.
-It is trained on toy-town renderings only (see ``amadapter.eval.segmenter_train``) and
-committed under ``amadapter/weights/segmenter`` as safetensors + a JSON config, like a
+It is trained on toy-town renderings only (see ``evaluation.segmenter_train``) and
+committed under ``evaluation/weights/segmenter`` as safetensors + a JSON config, like a
 diffusers model: ``Segmenter.from_pretrained(dir)`` / ``save_pretrained(dir)``.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,11 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from amadapter.labels import NUM_TRAIN_IDS
+from amgen_core.labels import NUM_TRAIN_IDS
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "weights" / "segmenter"
+DEFAULT_DIR = Path(str(files("evaluation") / "weights" / "segmenter"))
 
 
 class SegmenterFileError(FileNotFoundError):

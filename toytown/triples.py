@@ -25,7 +25,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from connectors.image_io import read_image, read_label_png
+from amgen_core.image_io import read_image, read_label_png
 
 from . import classes as C
 from .appearance import N_SLOTS, Appearance, sample_appearance

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import classes as C
 
-DOMAINS: tuple[str, ...] = ("day", "dusk", "night", "fog")
+from amgen_core.domains import DOMAINS
 DOMAIN_P: tuple[float, ...] = (0.4, 0.2, 0.2, 0.2)   # when no domain is asked for
 N_SLOTS = 8                                           # instance k uses slot k % N_SLOTS
 

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from amadapter.labels import colorize
+from amgen_core.labels import colorize
 
 from .appearance import DOMAINS, sample_appearance
 from .layout import sample_layout

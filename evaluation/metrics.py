@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.color import deltaE_ciede2000, rgb2lab
 
-from amadapter.labels import IGNORE_TRAIN_ID, ID_TO_TRAIN_ID, NAME_TO_ID, NUM_TRAIN_IDS, THING_IDS, to_train_ids
+from amgen_core.labels import IGNORE_TRAIN_ID, ID_TO_TRAIN_ID, NAME_TO_ID, NUM_TRAIN_IDS, THING_IDS, to_train_ids
 
 # Vehicles: the thing classes from "car" on (car, truck, bus, caravan, trailer, train, motorcycle, bicycle).
 VEHICLE_IDS: frozenset[int] = frozenset(i for i in THING_IDS if i >= NAME_TO_ID["car"])

@@ -8,13 +8,14 @@ from typing import Callable
 
 import torch
 
-from amadapter.eval.quality import QualityReport, QualitySettings, run_quality
-from amadapter.eval.report import write_json, write_markdown, write_picture
-from amadapter.eval.segmenter import DEFAULT_DIR as SEGMENTER_DIR
-from amadapter.eval.segmenter import Segmenter
+from amadapter.bundled import toy_model_dir
+from evaluation.quality import QualityReport, QualitySettings, run_quality
+from evaluation.report import write_json, write_markdown, write_picture
+from evaluation.segmenter import DEFAULT_DIR as SEGMENTER_DIR
+from evaluation.segmenter import Segmenter
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL_DIR = REPO_ROOT / "amadapter" / "weights" / "toy"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL_DIR = toy_model_dir()
 RANDOM_TOY = "random:toy"  # a random-weight toy model: exercises the code, measures nothing
 
 
@@ -52,7 +53,7 @@ def run_benchmark(
     progress: Callable[[int, int], None] | None = None,
 ) -> QualityReport:
     """Run the benchmark on ``make_triples(settings.n, settings.seed)``; write what is asked for."""
-    from connectors.toytown import make_triples
+    from toytown import make_triples
 
     torch.set_num_threads(threads)
     pipe = load_pipeline(model)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from pydantic import Field, model_validator
 
-from amadapter.train.data import make_source, pair_batch
-from amadapter.train.loop import TrainConfig, TrainConfigError
+from training.data import make_source, pair_batch
+from training.loop import TrainConfig, TrainConfigError
 
 
 class DiffusionConfig(TrainConfig):

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from amadapter.eval.metrics import ConfusionAccumulator
-from amadapter.eval.segmenter import Segmenter, SegmenterConfig
-from amadapter.labels import IGNORE_TRAIN_ID, to_train_ids
+from evaluation.metrics import ConfusionAccumulator
+from evaluation.segmenter import Segmenter, SegmenterConfig
+from amgen_core.labels import IGNORE_TRAIN_ID, to_train_ids
 
 # Seed ranges of toy-town scenes, disjoint from one another and from TRAIN's generative-model
 # data (documented in docs/quality.md). A scene's seed is ``base + index``.
@@ -39,7 +39,7 @@ class ToyTownScenes:
         self.seed_base, self.height, self.width, self.size = seed_base, height, width, limit
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        from connectors.toytown import render, sample_appearance, sample_layout
+        from toytown import render, sample_appearance, sample_layout
 
         rng = np.random.default_rng(self.seed_base + int(i))
         layout = sample_layout(rng, height=self.height, width=self.width)

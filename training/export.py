@@ -75,7 +75,7 @@ def preview_grid(pipe, triples, path: str | Path, *, modes=("structure_only", "s
     am_adapter column uses the triple's vehicle instance map (controllable transfer)."""
     from PIL import Image
 
-    from amadapter.labels import colorize
+    from amgen_core.labels import colorize
 
     rows = []
     for i, tr in enumerate(triples):

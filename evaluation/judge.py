@@ -10,8 +10,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
-from amadapter.eval.segmenter import DEFAULT_DIR, Segmenter, num_parameters
-from amadapter.eval.segmenter_train import (
+from evaluation.segmenter import DEFAULT_DIR, Segmenter, num_parameters
+from evaluation.segmenter_train import (
     SEGMENTER_HELDOUT_SEED_BASE,
     SEGMENTER_TRAIN_SEED_BASE,
     SegmenterTrainConfig,
@@ -19,7 +19,7 @@ from amadapter.eval.segmenter_train import (
     evaluate_segmenter,
     train_segmenter,
 )
-from amadapter.labels import NAMES, TRAIN_ID_TO_ID
+from amgen_core.labels import NAMES, TRAIN_ID_TO_ID
 
 
 def per_class_table(iou) -> dict[str, float]:

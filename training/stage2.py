@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from amadapter.train.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
+from training.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
                                        uniform)
 
 

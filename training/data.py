@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from amadapter.train.loop import DataConfig
+from training.loop import DataConfig
 
 
 @dataclass
@@ -85,7 +85,7 @@ class ToyTownPairs:
     """Pairs from toy-town, rendered on demand."""
 
     def __init__(self, config: DataConfig):
-        from connectors import toytown
+        import toytown
 
         self.config = config
         self._tt = toytown

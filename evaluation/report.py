@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from amadapter.eval.metrics import MIN_REGION_PIXELS
-from amadapter.eval.quality import GROUND_TRUTH, GROUND_TRUTH_VAE, QualityReport, acceptance
-from amadapter.labels import colorize
+from evaluation.metrics import MIN_REGION_PIXELS
+from evaluation.quality import GROUND_TRUTH, GROUND_TRUTH_VAE, QualityReport, acceptance
+from amgen_core.labels import colorize
 
 _COLUMN_NAMES = {GROUND_TRUTH: "ground truth", GROUND_TRUTH_VAE: "ground truth via VAE"}
 _SCALE = 2      # upscale the 64x128 tiles so details are visible
@@ -169,7 +169,7 @@ modes (same noise seed per triple).
 
 ## Setup
 
-- **Data**: {n} held-out toy-town ground-truth triples, `connectors.toytown.make_triples({n}, seed={s.seed})`.
+- **Data**: {n} held-out toy-town ground-truth triples, `toytown.make_triples({n}, seed={s.seed})`.
   Each triple draws one appearance and two independent layouts; the exemplar is the first layout
   in that appearance, the ground truth the second layout in the same appearance, and the triple's
   `instance_map` pairs each target vehicle with the exemplar vehicle that wears the same paint.
@@ -199,7 +199,7 @@ modes (same noise seed per triple).
     to the mean colour of its mapped exemplar vehicle among all exemplar vehicles? Fraction of hits,
     counted only where the exemplar offers at least two vehicles (with one, a hit is guaranteed).
     Regions under {MIN_REGION_PIXELS} pixels are skipped in all colour measures.
-- **Judge segmenter** (`amadapter/weights/segmenter`, {seg.get('parameters', '?')} parameters): a
+- **Judge segmenter** (`evaluation/weights/segmenter`, {seg.get('parameters', '?')} parameters): a
   compact U-Net trained with `amgen eval train-segmenter` on real toy-town renderings only:
   {seg.get('train_scenes', '?')}. Its own mIoU on held-out real scenes
   ({seg.get('heldout_scenes', '?')}): **{seg.get('heldout_miou', '?')}%**.
