@@ -1,7 +1,8 @@
 """`amgen run`, `amgen demo` and `amgen verify`.
 
-    amgen run --config FILE [--set key=value ...] [--out DIR] [--dry-run] [--overwrite]
+    amgen run --config FILE|PRESET [--set key=value ...] [--out DIR] [--dry-run] [--overwrite]
     amgen demo [--out DIR] [--n N]
+    amgen configs
     amgen verify DIR
 
 Errors a user can fix (config, output folder, cluster resources) print one clear message and
@@ -16,15 +17,14 @@ from typing import List, Optional
 
 import typer
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
-DEMO_CONFIG = CONFIG_DIR / "toytown_demo.yaml"
+DEMO_PRESET = "toytown_demo"
 DEMO_MIN_SAMPLES = 64
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from connectors.index_store import IndexFormatError, IndexNotFoundError
     from pipeline.config import ConfigError
+    from pipeline.presets import PresetNotFoundError
     from pipeline.dag import ClusterResourceError
     from pipeline.plan import PlanError
     from pipeline.resume import OutputFolderError
@@ -32,7 +32,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from stages.write import ModelMismatchError
 
     return (ConfigError, OutputFolderError, ClusterResourceError, PlanError, ScoreUnavailableError,
-            ModelMismatchError, IndexNotFoundError, IndexFormatError)
+            ModelMismatchError, IndexNotFoundError, IndexFormatError, PresetNotFoundError)
 
 
 def _console():
@@ -65,15 +65,16 @@ def print_plan(summary, cfg, console) -> None:
     console.print(t)
 
 
-def run_command(config: Path, overrides: list[str], out: Optional[Path], dry_run: bool, overwrite: bool,
+def run_command(config: str, overrides: list[str], out: Optional[Path], dry_run: bool, overwrite: bool,
                 quiet: bool = False, json_summary: bool = False) -> None:
     from pipeline.config import load_config
     from pipeline.dag import print_summary, run_pipeline
+    from pipeline.presets import resolve_config
 
     console = _console()
     errors = _user_errors()
     try:
-        cfg = load_config(config, overrides)
+        cfg = load_config(resolve_config(config), overrides)
         summary = run_pipeline(cfg, out=out, overwrite=overwrite, dry_run=dry_run, console=None if quiet else console)
     except errors as exc:
         _fail(console, exc)
@@ -89,19 +90,18 @@ def demo_command(out: Path, n: int, inputs: Optional[Path], steps: Optional[int]
     from connectors.verify import verify_dataset
     from pipeline.config import load_config
     from pipeline.dag import print_summary, run_pipeline
+    from pipeline.presets import resolve_config
 
     console = _console()
     if n < 1:
         _fail(console, ValueError(f"--n must be >= 1, got {n}"))
-    if not DEMO_CONFIG.is_file():
-        _fail(console, FileNotFoundError(f"{DEMO_CONFIG}: demo config missing (is amgen installed from its source tree?)"))
     inputs = inputs or out.with_name(out.name + "_inputs")
     # One tree per size: a tree made for another --n is never silently reused.
     overrides = [f"output.dir={out}", f"source.root={inputs / f'toytown_{n}'}", f"source.make.n={n}"]
     if steps is not None:
         overrides.append(f"model.steps={steps}")
     try:
-        cfg = load_config(DEMO_CONFIG, overrides)
+        cfg = load_config(resolve_config(DEMO_PRESET), overrides)
         console.print(f"[bold]amgen demo[/bold]: {n} toy-town targets -> AM-Adapter ({cfg.model.path} model, CPU) -> {out}")
         summary = run_pipeline(cfg, overwrite=overwrite, console=console)
     except _user_errors() as exc:
@@ -114,6 +114,22 @@ def demo_command(out: Path, n: int, inputs: Optional[Path], steps: Optional[int]
     console.print(f"\nDataset: [bold]{out}[/bold]  (README.md, preview.png, data/*.parquet)\n"
                   f"Load it:  datasets.load_dataset(\"{out}\", split=\"train\")\n"
                   f"Inputs:   {inputs} (toy-town tree; reused by the next demo)")
+
+
+def configs_command() -> None:
+    from rich.table import Table
+
+    from pipeline.presets import describe, is_run_config, preset_dir, preset_names
+
+    t = Table(title=f"amgen presets ({preset_dir()})", box=None)
+    for col in ("name", "for", "what"):
+        t.add_column(col, style="bold" if col == "name" else None)
+    for name in preset_names():
+        t.add_row(name, "amgen run" if is_run_config(name) else "amgen train", describe(name))
+    console = _console()
+    console.print(t)
+    console.print("Use one: amgen run --config NAME (or a path); copy it to edit: "
+                  "cp \"$(amgen configs --path NAME)\" my.yaml")
 
 
 def verify_command(directory: Path) -> None:
@@ -129,7 +145,7 @@ def verify_command(directory: Path) -> None:
 def register(app: typer.Typer) -> None:
     @app.command("run")
     def run(
-        config: Path = typer.Option(..., "--config", "-c", help="run config YAML (see configs/)"),
+        config: str = typer.Option(..., "--config", "-c", help="run config: a YAML path or a preset name (amgen configs)"),
         overrides: List[str] = typer.Option([], "--set", help="override a key: --set model.steps=10 --set source.limit=50"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: output.dir of the config)"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (counts, shards, workers); synthesize nothing"),
@@ -150,6 +166,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """The whole pipeline on toy-town with the bundled model, on CPU, in minutes."""
         demo_command(out, n, inputs, steps, overwrite)
+
+    @app.command("configs")
+    def configs(path: Optional[str] = typer.Option(None, "--path", help="print the file of this preset and exit")) -> None:
+        """List the shipped presets (run and training configs)."""
+        if path is not None:
+            from pipeline.presets import PresetNotFoundError, resolve_config
+
+            try:
+                print(resolve_config(path))
+            except PresetNotFoundError as exc:
+                _fail(_console(), exc)
+            return
+        configs_command()
 
     @app.command("verify")
     def verify(directory: Path = typer.Argument(..., help="an amgen output folder")) -> None:

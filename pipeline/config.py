@@ -183,13 +183,14 @@ class RunConfig(_Strict):
 
     # Where the config came from, for error messages (not part of the config itself).
     _origin: str = "<config>"
+    _set_by: dict[str, str] = {}  # dotted key -> the --set flag that gave it its value
 
     @property
     def origin(self) -> str:
         return self._origin
 
     def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self._origin}: {key}: {problem}")
+        return ConfigError(f"{_blame(key, self._origin, self._set_by)}: {key}: {problem}")
 
 
 # Keys that do not change a single output byte: where it goes, how it is computed in parallel.
@@ -226,34 +227,49 @@ def _set_dotted(tree: dict, dotted: str, value: Any, where: str) -> None:
     node[parts[-1]] = value
 
 
-def apply_overrides(tree: dict, overrides: list[str] | None, where: str) -> dict:
+def _blame(key: str, where: str, set_by: dict[str, str]) -> str:
+    """Who gave ``key`` its value: the --set flag for it (or for a section above it), else the file."""
+    parts = key.split(".")
+    for n in range(len(parts), 0, -1):
+        flag = set_by.get(".".join(parts[:n]))
+        if flag is not None:
+            return f"--set {flag}"
+    return where
+
+
+def apply_overrides(tree: dict, overrides: list[str] | None, where: str,
+                    set_by: dict[str, str] | None = None) -> dict:
+    """Apply ``key=value`` flags to ``tree``; ``set_by`` (if given) records key -> flag for errors."""
     for ov in overrides or []:
         if "=" not in ov:
-            raise ConfigError(f"{where}: --set {ov!r}: expected key=value")
+            raise ConfigError(f"--set {ov}: expected key=value")
         key, raw = ov.split("=", 1)
         key = key.strip()
         if not key or any(not p for p in key.split(".")):
-            raise ConfigError(f"{where}: --set {ov!r}: empty key")
+            raise ConfigError(f"--set {ov}: empty key")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{where}: {key}: cannot parse value {raw!r} from --set ({e})") from e
-        _set_dotted(tree, key, value, where)
+            raise ConfigError(f"--set {ov}: {key}: cannot parse the value ({e})") from e
+        _set_dotted(tree, key, value, f"--set {ov}")
+        if set_by is not None:
+            set_by[key] = ov
     return tree
 
 
-def _format_errors(err: ValidationError, where: str) -> str:
+def _format_errors(err: ValidationError, where: str, set_by: dict[str, str] | None = None) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS)) or "<root>"
+        where_e = _blame(key, where, set_by or {})
         if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: {key}: unknown key")
+            lines.append(f"{where_e}: {key}: unknown key")
         elif e["type"] == "missing":
-            lines.append(f"{where}: {key}: required key is missing")
+            lines.append(f"{where_e}: {key}: required key is missing")
         else:
             got = e.get("input")
             got_s = "" if isinstance(got, dict) else f" (got {got!r})"
-            lines.append(f"{where}: {key}: {e['msg']}{got_s}")
+            lines.append(f"{where_e}: {key}: {e['msg']}{got_s}")
     return "\n".join(lines)
 
 
@@ -262,12 +278,14 @@ _UNION_TAGS = {"hflip", "random_resized_crop", "zoom_out", "brightness_contrast"
 
 
 def config_from_dict(tree: dict, where: str = "<config>", overrides: list[str] | None = None) -> RunConfig:
-    tree = apply_overrides(json.loads(json.dumps(tree)), overrides, where)
+    set_by: dict[str, str] = {}
+    tree = apply_overrides(json.loads(json.dumps(tree)), overrides, where, set_by)
     try:
         cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_errors(e, where)) from None
+        raise ConfigError(_format_errors(e, where, set_by)) from None
     cfg._origin = where
+    cfg._set_by = set_by
     return cfg
 
 

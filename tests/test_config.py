@@ -49,7 +49,26 @@ def test_errors_name_key_and_file(tmp_path, tree_edit, override, key, words):
     with pytest.raises(ConfigError) as e:
         load_config(p, [override] if override else None)
     msg = str(e.value)
-    assert str(p) in msg and f"{key}:" in msg and words in msg, msg
+    # A value from --set is blamed on its flag, a value from the file on the file.
+    blamed = f"--set {override}: " if override else f"{p}: "
+    assert msg.startswith(blamed) and f"{key}:" in msg and words in msg, msg
+
+
+def test_set_errors_name_the_flag_also_for_path_checks_and_sections(tmp_path):
+    p = write(tmp_path, base(tmp_path))
+    with pytest.raises(ConfigError, match=r"^--set model.steps=two: model.steps: .*integer"):
+        load_config(p, ["model.steps=two"])
+    with pytest.raises(ConfigError, match=r"^--set model=3: model: "):
+        load_config(p, ["model=3"])
+    with pytest.raises(ConfigError, match=r"^--set model.steps: expected key=value"):
+        load_config(p, ["model.steps"])
+    cfg = load_config(p, [f"source.root={tmp_path / 'gone'}"])
+    with pytest.raises(ConfigError, match=rf"^--set source.root={tmp_path / 'gone'}: source.root: path does not exist"):
+        check_paths(cfg)
+    cfg = load_config(p, ["model.steps=4"])  # a good flag does not take the blame for the file's keys
+    cfg.source.root = str(tmp_path / "nowhere")
+    with pytest.raises(ConfigError, match=rf"^{p}: source.root: path does not exist"):
+        check_paths(cfg)
 
 
 def test_missing_paths_name_key_and_file(tmp_path):

@@ -11,6 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 # Lower floors know nothing of higher ones; packages on one floor know nothing of each other.
 FLOORS = {
+    "configs": 0,  # YAML presets only (package data)
     "amgen_core": 0,
     "amadapter": 1, "toytown": 1,
     "connectors": 2,
