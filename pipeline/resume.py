@@ -1,12 +1,17 @@
 """Resume: which shards of an output folder are already done, and whether the folder is ours.
 
-A shard is done when its final file exists: shards appear by atomic rename, so a final name never
-holds half a shard. A folder planned with another config hash is refused unless ``--overwrite``.
+A shard is done when its final file exists and is sound: shards appear by atomic rename, so a final
+name never holds half a shard, but a file can still be damaged later (truncated, overwritten,
+deleted). :func:`audit_shards` checks each finished shard against the manifest, moves a damaged one
+to ``OUT/damaged/<time>/`` and lists it to be made again. A folder planned with another config hash
+is refused unless ``--overwrite``.
 """
 from __future__ import annotations
 
 import json
 import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +24,10 @@ from pipeline.plan import PLAN_FILE, plan_config_hash
 PREVIEW_NAME = "preview.png"
 INDEX_DIR = "index"
 CITYSCAPES_DIR = "cityscapes"
+DAMAGED_DIR = "damaged"
 # Everything a run writes into OUT; --overwrite removes exactly these and nothing else.
-RUN_ARTIFACTS = (DATA_DIR, ERRORS_DIR, CARD_NAME, MANIFEST_NAME, PLAN_FILE, PREVIEW_NAME, INDEX_DIR, CITYSCAPES_DIR)
+RUN_ARTIFACTS = (DATA_DIR, ERRORS_DIR, CARD_NAME, MANIFEST_NAME, PLAN_FILE, PREVIEW_NAME, INDEX_DIR, CITYSCAPES_DIR,
+                 DAMAGED_DIR)
 
 
 class OutputFolderError(ValueError):
@@ -90,3 +97,80 @@ def previous_shard_stats(out: Path, done: set[int], num_shards: int) -> dict[int
         else:
             stats[i] = shard_stats_from_file(path)
     return stats
+
+
+@dataclass
+class RemadeShard:
+    """A shard the manifest or the data folder says was finished, but that must be made again."""
+    shard: int
+    name: str                   # relative to OUT, e.g. "data/train-00001-of-00004.parquet"
+    reason: str                 # "missing", "unreadable (...)" or "sha256 differs from the manifest (...)"
+    moved_to: str | None = None  # where the damaged file went, relative to OUT
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ShardAudit:
+    done: set[int]                   # sound finished shards: skip them
+    stats: dict[int, ShardStats]     # their stats (from the manifest when it matches, else the file)
+    remade: list[RemadeShard]        # damaged or missing: make them again
+
+
+def _recorded_shards(out: Path) -> dict[str, dict[str, Any]]:
+    mpath = out / MANIFEST_NAME
+    if not mpath.is_file():
+        return {}
+    try:
+        return {s["name"]: s for s in json.loads(mpath.read_text()).get("shards", [])}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return {}
+
+
+def audit_shards(out: Path, num_shards: int, clock=time.gmtime) -> ShardAudit:
+    """Check every finished shard of ``out``; move damaged ones aside and list what to remake.
+
+    A shard is damaged when its sha256 differs from the manifest's record, or when it cannot be read
+    as a shard (no record to compare with). A shard the manifest records but the data folder lacks
+    is missing. Both are made again by the run; nothing damaged is deleted."""
+    out = Path(out)
+    recorded = _recorded_shards(out)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", clock())
+    done, stats, remade = set(), {}, []
+    for i in sorted(finished_shards(out, num_shards)):
+        path = shard_path(out, i, num_shards)
+        name = f"{DATA_DIR}/{path.name}"
+        rec = recorded.get(name)
+        reason = None
+        if rec is not None:
+            digest = file_sha256(path)
+            if rec.get("sha256") == digest:
+                done.add(i)
+                stats[i] = ShardStats.from_dict(rec)
+                continue
+            reason = f"sha256 differs from the manifest ({digest[:12]} on disk, {str(rec.get('sha256'))[:12]} recorded)"
+        else:
+            try:
+                stats[i] = shard_stats_from_file(path)
+                done.add(i)
+                continue
+            except Exception as exc:  # noqa: BLE001 - any failure to read it means: make it again
+                reason = f"unreadable ({type(exc).__name__}: {exc})"
+        target = out / DAMAGED_DIR / stamp / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+        remade.append(RemadeShard(i, name, reason, str(target.relative_to(out))))
+    for name in sorted(recorded):
+        idx = _shard_index(name, num_shards)
+        if idx is not None and idx not in done and all(r.shard != idx for r in remade):
+            remade.append(RemadeShard(idx, name, "missing"))
+    remade.sort(key=lambda r: r.shard)
+    return ShardAudit(done, stats, remade)
+
+
+def _shard_index(name: str, num_shards: int) -> int | None:
+    m = SHARD_RE.match(Path(name).name)
+    if m is None or int(m[2]) != num_shards:
+        return None
+    return int(m[1])
