@@ -145,11 +145,24 @@ class CityscapesSource(LayoutSource):
         return len(self.list_items())
 
 
+def _expected_label(item: CityscapesItem) -> str | None:
+    """Where the label of an image-only frame should be: leftImg8bit/S/C/X_leftImg8bit.png ->
+    gtFine/S/C/X_gtFine_labelIds.png."""
+    if item.image is None or not item.image.endswith(IMAGE_SUFFIX):
+        return None
+    img = Path(item.image)
+    root = img.parents[3]
+    return str(root / "gtFine" / img.parent.parent.name / img.parent.name / img.name.replace(IMAGE_SUFFIX, LABEL_SUFFIX))
+
+
 def read_item(item: CityscapesItem, with_images: bool = True) -> Layout:
     """Decode one frame into a Layout; raises a CityscapesError/LabelError naming the file."""
     if item.label is None and item.polygons is None:
-        where = item.image or item.instance or item.layout_id
-        raise MissingLabelError(f"{where}: no {LABEL_SUFFIX} or {POLYGON_SUFFIX} for {item.layout_id}")
+        expected = _expected_label(item)
+        err = MissingLabelError(f"{expected or item.layout_id}: label file does not exist (no {LABEL_SUFFIX} "
+                                f"or {POLYGON_SUFFIX} for {item.image or item.instance or item.layout_id})")
+        err.path = expected  # the file that is missing is the one to name in a quarantine row
+        raise err
     if with_images and item.image is None:
         raise MissingImageError(f"{item.label or item.polygons}: no {IMAGE_SUFFIX} for {item.layout_id}")
     if item.label is not None:

@@ -33,6 +33,7 @@ from cityscapesscripts.helpers.labels import id2label
 from amgen_core.image_io import (
     SizeMismatchError, decode_image_bytes, encode_png, image_size, write_bytes_atomic,
 )
+from amgen_core.quarantine import quarantine_row
 
 DATA_DIR, ERRORS_DIR = "data", "errors"
 CARD_NAME, MANIFEST_NAME = "README.md", "manifest.json"
@@ -256,12 +257,7 @@ def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, i
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-def error_row(input_id: str, stage: str, error: BaseException | str, *, source: str | None = None,
-              path: str | None = None) -> dict[str, Any]:
-    """One quarantine record; an exception becomes "TypeName: message"."""
-    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"input_id": str(input_id), "source": source, "stage": stage, "reason": reason,
-            "path": None if path is None else str(path)}
+error_row = quarantine_row  # the one builder lives in amgen_core.quarantine
 
 
 def write_errors(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, name: str) -> Path:

@@ -17,6 +17,7 @@ import numpy as np
 from amgen_core.labels import check_label_ids
 from amgen_core.image_io import SizeMismatchError
 from connectors.source_api import BAD_INPUT_ERRORS, Item, LayoutSource
+from amgen_core.quarantine import item_error_row
 from amgen_core.records import Layout
 
 # kind -> (module, class); toy-town is written as a Cityscapes tree and read by the same connector.
@@ -83,10 +84,7 @@ def item_json(item: Item) -> str:
     return json.dumps(item, sort_keys=True, default=str)
 
 
-def error_row(item: Item, stage: str, error: BaseException | str) -> dict[str, Any]:
-    reason = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
-    return {"input_id": str(item.get("item_id")), "source": item.get("source"), "stage": stage,
-            "reason": reason, "path": None if item.get("path") is None else str(item.get("path"))}
+error_row = item_error_row  # blames the file that failed, not the item's main file
 
 
 def validate_layout(layout: Layout, where: str) -> Layout:
