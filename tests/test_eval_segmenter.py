@@ -244,3 +244,18 @@ def test_cli_downstream_opens_the_dataset_and_passes_it(tmp_path):
     assert result["real_plus_synthetic"]["train_samples"] == {"real": 2, "synthetic": 2}
     res = CliRunner().invoke(app, ["eval", "segmenter", "--dataset", str(tmp_path / "nope"), "--steps", "1"])
     assert res.exit_code == 2 and "nope" in res.output
+
+
+def test_cli_train_segmenter_passes_toytown_scenes_to_the_judge(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    args = ["eval", "train-segmenter", "--steps", "1", "--batch-size", "2", "--heldout-n", "2",
+            "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "judge")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    meta = Segmenter.from_pretrained(tmp_path / "judge").config.meta
+    assert meta["train_scenes"] == "np.random.default_rng(50000000 + i), i in [0, 2)"
+    assert meta["heldout_scenes"] == "np.random.default_rng(60000000 + i), i in [0, 2)"
+    assert meta["data"].startswith("toy-town real renderings") and 0 <= meta["heldout_miou"] <= 100
