@@ -1,24 +1,18 @@
 """Training the committed judge segmenter (``amgen eval train-segmenter``) and scoring it.
 
-The judge learns from real toy-town renderings over all domains, drawn from one seed range,
-and is scored on a disjoint range; its held-out mIoU is stored in its config's ``meta``.
+The judge learns from the training scenes it is given and is scored on the held-out ones; the
+committed judge: real toy-town renderings over all domains from one seed range, scored on a
+disjoint range (the CLI passes both). Its held-out mIoU is stored in its config's ``meta``.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from evaluation.segmenter import DEFAULT_DIR, Segmenter, num_parameters
-from evaluation.segmenter_train import (
-    SEGMENTER_HELDOUT_SEED_BASE,
-    SEGMENTER_TRAIN_SEED_BASE,
-    SegmenterTrainConfig,
-    ToyTownScenes,
-    evaluate_segmenter,
-    train_segmenter,
-)
+from evaluation.segmenter_train import SegmenterTrainConfig, evaluate_segmenter, train_segmenter
 from amgen_core.labels import NAMES, TRAIN_ID_TO_ID
 
 
@@ -28,20 +22,23 @@ def per_class_table(iou) -> dict[str, float]:
 
 def train_judge(
     cfg: SegmenterTrainConfig,
+    train,
+    heldout,
     run_dir: str | Path,
     out_dir: str | Path = DEFAULT_DIR,
     heldout_n: int = 500,
     log: Callable[[str], None] = print,
+    about: dict[str, Any] | None = None,
 ) -> Segmenter:
-    """Train on ToyTownScenes(SEGMENTER_TRAIN_SEED_BASE), score on the held-out range, save."""
+    """Train on ``train``, score on the first ``heldout_n`` of ``heldout`` (sample sources or
+    datasets, see evaluation.segmenter_train.as_samples), save. ``about`` (what the data is,
+    which scenes) goes into the saved meta ahead of the measured numbers."""
     t0 = time.time()
-    model = train_segmenter(ToyTownScenes(SEGMENTER_TRAIN_SEED_BASE), run_dir, cfg, log=log)
+    model = train_segmenter(train, run_dir, cfg, log=log)
     train_s = time.time() - t0
-    acc = evaluate_segmenter(model, ToyTownScenes(SEGMENTER_HELDOUT_SEED_BASE), heldout_n)
+    acc = evaluate_segmenter(model, heldout, heldout_n)
     model.config.meta = {
-        "data": "toy-town real renderings, layouts and appearances over all domains, made on the fly",
-        "train_scenes": f"np.random.default_rng({SEGMENTER_TRAIN_SEED_BASE} + i), i in [0, {cfg.steps * cfg.batch_size})",
-        "heldout_scenes": f"np.random.default_rng({SEGMENTER_HELDOUT_SEED_BASE} + i), i in [0, {heldout_n})",
+        **(about or {}),
         "train_config": asdict(cfg),
         "train_seconds_this_session": round(train_s, 1),
         "parameters": num_parameters(model),

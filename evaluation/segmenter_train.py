@@ -1,9 +1,11 @@
 """Training the judge segmenter: a plain seeded PyTorch loop on one CPU, with checkpoint/resume.
 
-Data comes from *sample sources*: objects with ``__getitem__(i) -> (image HxWx3 uint8,
-label HxW uint8 Cityscapes ids)`` and ``size`` (how many samples; ``None`` for an endless
-procedural source). The batch of step ``s`` is a pure function of ``(seed, s)``: a resumed run sees
-exactly the batches an uninterrupted one would.
+Data comes from the caller as *sample sources*: objects with ``__getitem__(i) -> (image HxWx3
+uint8, label HxW uint8 Cityscapes ids)`` and ``size`` (how many samples; ``None`` for an endless
+procedural source such as :class:`ToyTownScenes`). A map-style dataset (``len`` and ``[i]``: a torch
+Dataset, a list) or any finite iterable of (image, label) pairs works too (:func:`as_samples`).
+The batch of step ``s`` is a pure function of ``(seed, s)``: a resumed run sees exactly the batches
+an uninterrupted one would.
 """
 from __future__ import annotations
 
@@ -30,6 +32,35 @@ SEGMENTER_HELDOUT_SEED_BASE = 60_000_000  # segmenter held-out scenes (its own m
 class SampleSource(Protocol):
     size: int | None
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class IndexedSamples:
+    """A map-style dataset (``len`` and ``[i]``) as a finite sample source; ``[i]`` may return
+    (image, label, ...) tuples or layout records (``image`` and ``label`` attributes)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.size = len(dataset)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        sample = self.dataset[i]
+        image, label = (sample.image, sample.label) if hasattr(sample, "label") else (sample[0], sample[1])
+        if image is None:
+            raise ValueError(f"segmenter data, sample {i}: no image; the segmenter trains on images")
+        return image, label
+
+
+def as_samples(data) -> SampleSource:
+    """A sample source as it is (``size`` and ``[i]``), a map-style dataset wrapped, any other
+    finite iterable of (image, label) pairs read once into a list."""
+    if hasattr(data, "size") and hasattr(data, "__getitem__"):
+        return data
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        return IndexedSamples(data)
+    if hasattr(data, "__iter__"):
+        return IndexedSamples(list(data))
+    raise TypeError(f"segmenter data must be a sample source, a dataset or an iterable of (image, label), "
+                    f"got {type(data).__name__}")
 
 
 class ToyTownScenes:
@@ -94,13 +125,21 @@ def class_weights(source: SampleSource, cfg: SegmenterTrainConfig, num_classes: 
     return torch.tensor(np.clip(weights, 0.1, 10.0), dtype=torch.float32)
 
 
+def _draw_indices(rng: np.random.Generator, size: int | None, cfg: SegmenterTrainConfig, step: int) -> list[int]:
+    if size is None:
+        return [step * cfg.batch_size + j for j in range(cfg.batch_size)]
+    return rng.integers(0, size, cfg.batch_size).tolist()
+
+
+def batch_indices(size: int | None, cfg: SegmenterTrainConfig, step: int) -> list[int]:
+    """The sample indices step ``step`` trains on, for a source of ``size`` samples (the step's
+    first draws, so replaying them tells what a run saw without rereading any sample)."""
+    return _draw_indices(np.random.default_rng([cfg.seed, step]), size, cfg, step)
+
+
 def _batch(source: SampleSource, cfg: SegmenterTrainConfig, step: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng([cfg.seed, step])
-    n = source.size
-    if n is None:
-        idx = [step * cfg.batch_size + j for j in range(cfg.batch_size)]
-    else:
-        idx = rng.integers(0, n, cfg.batch_size).tolist()
+    idx = _draw_indices(rng, source.size, cfg, step)
     images, labels = zip(*(source[i] for i in idx))
     images, labels = np.stack(images), to_train_ids(np.stack(labels))
     flip = rng.random(cfg.batch_size) < 0.5  # horizontal flips keep a driving scene plausible
@@ -116,13 +155,15 @@ def _lr_at(cfg: SegmenterTrainConfig, step: int) -> float:
 
 
 def train_segmenter(
-    source: SampleSource,
+    source,
     run_dir: str | Path,
     cfg: SegmenterTrainConfig | None = None,
     model_config: SegmenterConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> Segmenter:
-    """Train (or resume) in ``run_dir``: ``checkpoint.pt``, ``log.jsonl``; returns the model."""
+    """Train (or resume) on ``source`` (see :func:`as_samples`) in ``run_dir``: ``checkpoint.pt``,
+    ``log.jsonl``; returns the model."""
+    source = as_samples(source)
     cfg = cfg or SegmenterTrainConfig()
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
@@ -174,8 +215,11 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
     return model.eval()
 
 
-def evaluate_segmenter(model: Segmenter, source: SampleSource, n: int, batch_size: int = 32) -> ConfusionAccumulator:
-    """Pooled confusion of ``model`` on the first ``n`` samples of ``source``."""
+def evaluate_segmenter(model: Segmenter, source, n: int, batch_size: int = 32) -> ConfusionAccumulator:
+    """Pooled confusion of ``model`` on the first ``n`` samples of ``source`` (see :func:`as_samples`)."""
+    source = as_samples(source)
+    if source.size is not None and n > source.size:
+        raise ValueError(f"evaluate_segmenter: {n} samples asked for, the held-out data holds {source.size}")
     acc = ConfusionAccumulator(model.config.num_classes)
     for lo in range(0, n, batch_size):
         images, labels = zip(*(source[i] for i in range(lo, min(n, lo + batch_size))))

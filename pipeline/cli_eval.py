@@ -27,11 +27,18 @@ def train_segmenter_cmd(
 ) -> None:
     """Train the judge segmenter on real toy-town renderings and report its held-out mIoU."""
     from evaluation.judge import train_judge
-    from evaluation.segmenter_train import SegmenterTrainConfig
+    from evaluation.segmenter_train import (SEGMENTER_HELDOUT_SEED_BASE, SEGMENTER_TRAIN_SEED_BASE,
+                                            SegmenterTrainConfig, ToyTownScenes)
 
     cfg = SegmenterTrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, threads=threads,
                                class_balance=class_balance)
-    train_judge(cfg, run_dir, out, heldout_n=heldout_n, log=typer.echo)
+    about = {
+        "data": "toy-town real renderings, layouts and appearances over all domains, made on the fly",
+        "train_scenes": f"np.random.default_rng({SEGMENTER_TRAIN_SEED_BASE} + i), i in [0, {steps * batch_size})",
+        "heldout_scenes": f"np.random.default_rng({SEGMENTER_HELDOUT_SEED_BASE} + i), i in [0, {heldout_n})",
+    }
+    train_judge(cfg, ToyTownScenes(SEGMENTER_TRAIN_SEED_BASE), ToyTownScenes(SEGMENTER_HELDOUT_SEED_BASE),
+                run_dir, out, heldout_n=heldout_n, log=typer.echo, about=about)
 
 
 @eval_app.command("quality")
@@ -91,13 +98,23 @@ def segmenter_cmd(
     steps and seed, both scored (mIoU) on held-out real toy-town scenes."""
     import json
 
-    from evaluation.downstream import run_downstream
-    from evaluation.segmenter_train import SegmenterTrainConfig
+    from connectors.parquet_source import ParquetSource
+    from evaluation.downstream import LayoutSamples, run_downstream
+    from evaluation.segmenter_train import (SEGMENTER_HELDOUT_SEED_BASE, SEGMENTER_TRAIN_SEED_BASE,
+                                            SegmenterTrainConfig, ToyTownScenes)
 
+    height, width = 64, 128  # toy-town's frame, which the amgen dataset must match
     cfg = SegmenterTrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, seed=seed, threads=threads,
                                class_balance=0.5, checkpoint_every=max(1, min(100, steps)))
+    about = {"dataset": str(dataset),
+             "real_scenes": f"default_rng({SEGMENTER_TRAIN_SEED_BASE} + i), i < {real_n}",
+             "heldout_scenes": f"default_rng({SEGMENTER_HELDOUT_SEED_BASE} + i), i < {heldout_n}"}
     try:
-        result = run_downstream(dataset, run_dir, cfg, real_n=real_n, heldout_n=heldout_n, log=typer.echo)
+        synthetic = LayoutSamples(ParquetSource(dataset), (height, width), name=str(dataset))
+        real = ToyTownScenes(SEGMENTER_TRAIN_SEED_BASE, height, width, limit=real_n)
+        heldout = ToyTownScenes(SEGMENTER_HELDOUT_SEED_BASE, height, width)
+        result = run_downstream(real, synthetic, heldout, run_dir, cfg, heldout_n=heldout_n, log=typer.echo,
+                                about=about)
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)

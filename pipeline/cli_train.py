@@ -22,11 +22,13 @@ def _train(stage: str, config: Optional[Path], overrides: List[str], resume: boo
 
     from training.loop import run_training
     from training.registry import load_train_config
+    from training.sources import training_data
 
     console = Console()
     _quiet_diffusers()
     try:
         cfg = load_train_config(stage, config, overrides, num_workers=workers)
+        data = training_data(cfg.data)
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
@@ -40,7 +42,7 @@ def _train(stage: str, config: Optional[Path], overrides: List[str], resume: boo
         def on_step(done: int, metrics: dict) -> None:
             bar.update(task, completed=done, loss=f"{metrics['loss']:.4f}")
 
-        summary = run_training(cfg, resume=resume, on_step=on_step)
+        summary = run_training(cfg, data, resume=resume, on_step=on_step)
         bar.update(task, completed=summary.end_step)
     table = Table(title=f"amgen train {stage}", show_header=False)
     table.add_column("what", no_wrap=True)

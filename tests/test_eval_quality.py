@@ -1,19 +1,13 @@
-"""The benchmark runner and its report on a tiny random model; the downstream test's data path."""
+"""The benchmark runner and its report on a tiny random model (the downstream test: test_eval_segmenter.py)."""
 import json
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 
-from evaluation.downstream import DatasetShapeError, ParquetSamples, run_downstream
 from evaluation.quality import GROUND_TRUTH, GROUND_TRUTH_VAE, MODES, QualitySettings, acceptance, pipeline_mapping, run_quality
 from evaluation.report import picture, write_json, write_markdown
 from evaluation.segmenter import Segmenter, SegmenterConfig
-from evaluation.segmenter_train import SegmenterTrainConfig
 from amadapter.testing import tiny_pipeline
-from amgen_core.image_io import encode_png
 from toytown import make_triples
 
 
@@ -76,40 +70,6 @@ def test_acceptance_bar_passes_and_fails():
 
 def test_pipeline_mapping_inverts_the_triple_map():
     assert pipeline_mapping({26001: 26000, 26002: 26000, 27000: 26003}) == {26000: [26001, 26002], 26003: [27000]}
-
-
-def _write_dataset(path, n, hw=(64, 128)):
-    triples = list(make_triples(n, seed=7, height=hw[0], width=hw[1]))
-    struct = lambda data: {"bytes": data, "path": None}  # noqa: E731
-    table = pa.table({
-        "sample_id": [f"s{i}" for i in range(n)],
-        "image": [struct(encode_png(t.target_image)) for t in triples],
-        "label": [struct(encode_png(t.target_label)) for t in triples],
-    })
-    path.mkdir(parents=True)
-    pq.write_table(table, path / "train-00000-of-00001.parquet")
-    return triples
-
-
-def test_parquet_samples_read_back_exactly(tmp_path):
-    triples = _write_dataset(tmp_path / "data", 3)
-    samples = ParquetSamples(tmp_path, (64, 128))
-    assert samples.size == 3
-    img, label = samples[2]
-    assert np.array_equal(img, triples[2].target_image) and np.array_equal(label, triples[2].target_label)
-    with pytest.raises(DatasetShapeError, match="differs"):
-        ParquetSamples(tmp_path, (32, 32))[0]
-
-
-def test_downstream_runs_both_arms(tmp_path):
-    _write_dataset(tmp_path / "ds" / "data", 2)
-    cfg = SegmenterTrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=2, log_every=2, threads=1)
-    result = run_downstream(tmp_path / "ds", tmp_path / "runs", cfg, real_n=3, heldout_n=2, log=lambda *_: None)
-    assert result["n_synthetic"] == 2 and result["n_real"] == 3
-    for arm in ("real_only", "real_plus_synthetic"):
-        assert 0.0 <= result[arm]["miou"] <= 100.0
-        assert (tmp_path / "runs" / arm / "checkpoint.pt").exists()
-    assert result["delta_miou"] == pytest.approx(result["real_plus_synthetic"]["miou"] - result["real_only"]["miou"], abs=0.02)
 
 
 def test_cli_quality_prints_json_last(tmp_path):

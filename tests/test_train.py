@@ -1,4 +1,5 @@
-"""Training loops: loss goes down, resume is exact, stage 2 trains the matcher only, configs fail clearly.
+"""Training loops: loss goes down, resume is exact, stage 2 trains the matcher only, configs fail clearly,
+and the loops train on whatever data they are given (a Cityscapes-format tree as well as toy-town).
 
 Tiny runs: the toy preset at 16x32 images (4x8 latents), batch 2, untrained VAE, one thread.
 """
@@ -12,6 +13,7 @@ import torch
 
 from training.loop import make_task, read_loss_log, train_worker
 from training.registry import load_train_config
+from training.sources import training_data
 
 TINY = ["data.height=16", "data.width=32", "batch_size=2", "torch_threads=1"]  # 1: no spinning on a busy box
 
@@ -21,9 +23,15 @@ def _config(stage, tmp_path, *overrides, name="run"):
     return load_train_config(stage, None, [*TINY, *extra, f"out_dir={tmp_path / name}", *overrides])
 
 
+def _task(cfg):
+    """The task on the data its config names, built as `amgen train` builds it."""
+    return make_task(cfg, training_data(cfg.data))
+
+
 def test_pairs_are_deterministic_by_seed_step_rank():
-    from training.data import ToyTownPairs, pair_batch
+    from training.data import pair_batch
     from training.loop import DataConfig
+    from training.sources import ToyTownPairs
 
     src = ToyTownPairs(DataConfig(height=32, width=64))
     a, b = pair_batch(src, 3, 5, 0, 3), pair_batch(src, 3, 5, 0, 3)
@@ -39,8 +47,8 @@ def test_pairs_are_deterministic_by_seed_step_rank():
 
 def test_crop_pairs_keep_ids_exact():
     """Two crops resized back: labels stay valid ids, instances keep their ids across crops."""
-    from training.data import ToyTownPairs
     from training.loop import DataConfig
+    from training.sources import ToyTownPairs
 
     src = ToyTownPairs(DataConfig(height=32, width=64, p_shared_appearance=0.0))
     pair = src.pair(np.random.default_rng(0))
@@ -54,7 +62,7 @@ def test_crop_pairs_keep_ids_exact():
 
 def test_twenty_steps_lower_the_loss(tmp_path):
     cfg = _config("stage1", tmp_path, "steps=20", "lr=2e-3", "checkpoint_every=100", "p_drop_exemplar=0.2")
-    summary = train_worker(make_task(cfg))
+    summary = train_worker(_task(cfg))
     losses = summary.losses
     assert len(losses) == 20 and all(np.isfinite(losses))
     first, last = np.mean(losses[:5]), np.mean(losses[-5:])
@@ -67,12 +75,12 @@ def test_twenty_steps_lower_the_loss(tmp_path):
 
 def test_resume_continues_exactly(tmp_path):
     opts = ("steps=4", "checkpoint_every=2", "p_drop_exemplar=0.3", "lr=1e-3")
-    full = train_worker(make_task(_config("stage1", tmp_path, *opts))).losses
+    full = train_worker(_task(_config("stage1", tmp_path, *opts))).losses
 
     cut = _config("stage1", tmp_path, *opts, name="cut")
-    first = train_worker(make_task(cut), max_steps=3)   # interrupted after 3 steps; last checkpoint at 2
+    first = train_worker(_task(cut), max_steps=3)   # interrupted after 3 steps; last checkpoint at 2
     assert first.checkpoint.endswith("step-0000002") and first.export is None
-    resumed = train_worker(make_task(cut), resume=True)
+    resumed = train_worker(_task(cut), resume=True)
     assert resumed.start_step == 2
     assert resumed.losses == full[2:]                      # bit-identical continuation
     rows = read_loss_log(tmp_path / "cut" / "loss.jsonl")  # the replayed step 2 is logged once
@@ -82,7 +90,7 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_stage2_trains_the_matcher_only(tmp_path):
     cfg = _config("stage2", tmp_path, "steps=3", "p_instance=0.4", "p_mapping=0.4", "lr=1e-2")
-    task = make_task(cfg)
+    task = _task(cfg)
     module = task.build(torch.device("cpu"))
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
@@ -103,7 +111,7 @@ def test_stage2_trains_the_matcher_only(tmp_path):
 
 def test_vae_stage_sets_latent_scale(tmp_path):
     cfg = _config("vae", tmp_path, "steps=3", "checkpoint_every=100")
-    summary = train_worker(make_task(cfg))
+    summary = train_worker(_task(cfg))
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(summary.export)
@@ -146,10 +154,10 @@ def test_cli_trains_and_summarizes(tmp_path):
 
 
 def test_vae_decoder_finetune_keeps_the_latent_space(tmp_path):
-    first = train_worker(make_task(_config("vae", tmp_path, "steps=1", "checkpoint_every=100")))
+    first = train_worker(_task(_config("vae", tmp_path, "steps=1", "checkpoint_every=100")))
     cfg = _config("vae", tmp_path, "steps=2", "checkpoint_every=100", "train=decoder", f"init_from={first.export}",
                   "lr=1e-2", name="dec")
-    summary = train_worker(make_task(cfg))
+    summary = train_worker(_task(cfg))
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
@@ -167,10 +175,10 @@ def test_gradient_checkpointing_and_bf16_switches(tmp_path):
     """Whole-pass checkpointing recomputes the same graph (same losses, bit for bit); bf16 autocast
     trains to nearby, finite losses."""
     opts = ("steps=2", "p_drop_exemplar=0", "appearance_grad=true", "checkpoint_every=100")
-    plain = train_worker(make_task(_config("stage1", tmp_path, *opts, name="plain"))).losses
-    ckpt = train_worker(make_task(_config("stage1", tmp_path, *opts, "gradient_checkpointing=true", name="gc"))).losses
+    plain = train_worker(_task(_config("stage1", tmp_path, *opts, name="plain"))).losses
+    ckpt = train_worker(_task(_config("stage1", tmp_path, *opts, "gradient_checkpointing=true", name="gc"))).losses
     assert ckpt == plain
-    bf16 = train_worker(make_task(_config("stage1", tmp_path, *opts, "mixed_precision=bf16", name="bf16"))).losses
+    bf16 = train_worker(_task(_config("stage1", tmp_path, *opts, "mixed_precision=bf16", name="bf16"))).losses
     assert all(np.isfinite(bf16)) and bf16 != plain
     assert np.allclose(bf16, plain, rtol=0.02)
 
@@ -236,9 +244,103 @@ def test_exemplar_noise_fraction_draws_lower_timesteps_and_validates():
 def test_stage2_near_zero_start_with_lower_exemplar_noise_trains(tmp_path):
     cfg = _config("stage2", tmp_path, "steps=2", "matcher_init=near_zero", "exemplar_t_fraction=[0.3, 0.8]",
                   "high_noise_bias=0.5")
-    module = make_task(cfg).build(torch.device("cpu"))
+    module = _task(cfg).build(torch.device("cpu"))
     for block in ("down", "mid", "up"):
         norm = module.matcher.phi(block).norms[-1]
         assert float(norm.weight.abs().sum()) == 0.0 and torch.all(norm.bias == 0.01)
-    summary = train_worker(make_task(cfg))
+    summary = train_worker(_task(cfg))
     assert len(summary.losses) == 2 and all(np.isfinite(summary.losses))
+
+
+# ---------------------------------------------------------------------------------------------
+# data as an argument: a Cityscapes-format tree, read through connectors.cityscapes
+
+
+@pytest.fixture(scope="module")
+def city_tree(tmp_path_factory):
+    """Three frames in Cityscapes layout (leftImg8bit/ + gtFine/), 16x32, as a user's tree would be."""
+    from toytown import make_tree
+
+    root = tmp_path_factory.mktemp("cityscapes")
+    make_tree(root, 3, seed=5, height=16, width=32)
+    return root
+
+
+def test_stages_train_on_a_cityscapes_tree_passed_in(city_tree, tmp_path):
+    """The caller opens the tree (connectors.cityscapes) and hands it over; every batch is made of
+    the tree's own frames, and both the VAE and stage 1 train a couple of steps on them."""
+    from amgen_core.image_io import read_image
+    from connectors.cityscapes import CityscapesSource
+    from training.data import LayoutPairs, to_unit_range
+
+    frames = sorted(city_tree.glob("leftImg8bit/train/*/*_leftImg8bit.png"))
+    assert len(frames) == 3
+    tree_images = to_unit_range(np.stack([read_image(f) for f in frames]))
+    whole = ("data.crop_scale=[1.0, 1.0]", "data.flip=false")  # crops = the frames themselves
+
+    reads = []
+
+    class Counting(CityscapesSource):
+        def read_item(self, item):
+            reads.append(item.layout_id)
+            return super().read_item(item)
+
+    for stage, key in (("vae", "image"), ("stage1", "target_image")):
+        cfg = _config(stage, tmp_path, "steps=2", "checkpoint_every=100", *whole, name=stage)
+        task = make_task(cfg, LayoutPairs(cfg.data, Counting(city_tree), name="tree"))
+        batch = task.batch(0, 0, 1)[key]
+        assert all(any(torch.equal(img, t) for t in tree_images) for img in batch), stage
+        summary = train_worker(task)
+        assert summary.steps_run == 2 and all(np.isfinite(summary.losses)), stage
+    assert reads and set(reads) <= {f.name.replace("_leftImg8bit.png", "") for f in frames}
+    assert (tmp_path / "stage1" / "pipeline" / "model_index.json").is_file()
+    assert (tmp_path / "vae" / "vae" / "config.json").is_file()
+
+
+def test_config_data_section_builds_the_same_cityscapes_data(city_tree, tmp_path):
+    """`data: {source: cityscapes, root: ...}` (what `amgen train` reads) trains exactly as the same
+    tree passed in by hand, and a torch-style dataset of (image, label) tuples does too."""
+    from connectors.cityscapes import CityscapesSource
+    from training.data import LayoutPairs
+
+    cfg = _config("stage1", tmp_path, "steps=2", "checkpoint_every=100", "data.source=cityscapes",
+                  f"data.root={city_tree}")
+    by_config = train_worker(_task(cfg)).losses
+    by_hand = train_worker(make_task(cfg, LayoutPairs(cfg.data, CityscapesSource(city_tree)))).losses
+    assert by_config == by_hand
+
+    class Tuples(torch.utils.data.Dataset):  # (image, label, instance) per index, as a user's Dataset gives
+        def __init__(self):
+            self.source = CityscapesSource(city_tree)
+            self.items = self.source.list_items()
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            layout = self.source.read_item(self.items[i])
+            return layout.image, layout.label, layout.instance
+
+    as_tuples = train_worker(make_task(cfg, LayoutPairs(cfg.data, Tuples()))).losses
+    assert as_tuples == by_config
+
+
+def test_layout_data_errors_name_the_data(city_tree, tmp_path):
+    from training.data import LayoutPairs
+    from training.loop import DataConfig
+
+    cfg = DataConfig(height=16, width=32)
+    with pytest.raises(ValueError, match="my set: holds no samples"):
+        LayoutPairs(cfg, [], name="my set")
+    label = np.zeros((16, 32), np.uint8)
+    with pytest.raises(ValueError, match="my set sample 0: training needs images"):
+        LayoutPairs(cfg, [(None, label)], name="my set").pair(np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"differ in size"):
+        LayoutPairs(cfg, [(np.zeros((8, 8, 3), np.uint8), label)]).image(np.random.default_rng(0))
+    with pytest.raises(TypeError, match="layout record or an"):
+        LayoutPairs(cfg, ["not a sample"]).image(np.random.default_rng(0))
+    empty = tmp_path / "empty"
+    (empty / "gtFine" / "train").mkdir(parents=True)
+    (empty / "leftImg8bit" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=f"{empty}: no 'train' items"):
+        training_data(DataConfig(source="cityscapes", root=str(empty)))

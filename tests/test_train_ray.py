@@ -11,6 +11,7 @@ import pytest
 
 from training.loop import latest_checkpoint, read_loss_log, run_training
 from training.registry import load_train_config
+from training.sources import training_data
 
 pytestmark = [
     pytest.mark.slow,
@@ -25,7 +26,7 @@ def test_two_cpu_workers_train_and_checkpoint(tmp_path):
         "steps=3", "batch_size=2", "data.height=32", "data.width=64", "scale_images=8", "torch_threads=1",
         "num_workers=2", "checkpoint_every=2", f"out_dir={tmp_path / 'ray'}"])
     try:
-        summary = run_training(cfg)
+        summary = run_training(cfg, training_data(cfg.data))  # each worker gets a pickled copy
     finally:
         ray.shutdown()
     assert summary.steps_run == 3 and summary.end_step == 3

@@ -1,12 +1,17 @@
-"""Training pairs, made on the fly and deterministic by (seed, step, rank): no dataset on disk.
+"""Training pairs and batches, deterministic by (seed, step, rank), from data the caller chooses.
 
 A pair is an exemplar (image, label ids, instances) and a target (the same three); the target
 image is the denoising target, so its appearance must be the one the exemplar shows:
 
-- **shared appearance** (toy-town only): one palette rendered on two independent layouts. The
-  target is the exemplar's appearance on another street, which is the task at inference time.
-- **two crops** (the release's pairs): one image, two independent random crops resized back to
-  the training size. Works for any source with images, e.g. a user's Cityscapes tree.
+- **shared appearance** (toy-town only, training/sources.py): one palette rendered on two
+  independent layouts. The target is the exemplar's appearance on another street, which is the
+  task at inference time.
+- **two crops** (the release's pairs, :class:`LayoutPairs`): one image, two independent random
+  crops resized back to the training size. Works for any layouts with images, e.g. a user's
+  Cityscapes tree.
+
+The tasks take a :class:`PairData` as an argument; ``training/sources.py`` builds one from a
+training config's ``data`` section.
 
 Images go out as float tensors in [-1, 1] (B,3,H,W); labels as int64 (B,H,W) Cityscapes ids;
 instances as int64 (B,H,W) (id*1000+k for things, the plain id for stuff).
@@ -14,7 +19,7 @@ instances as int64 (B,H,W) (id*1000+k for things, the plain id for stuff).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -78,68 +83,88 @@ def crop_pair(rng: np.random.Generator, image, label, instance, config: DataConf
 
 
 # ---------------------------------------------------------------------------------------------
-# sources
+# pair data: what the tasks receive (built by the caller, see training/sources.py)
 
 
-class ToyTownPairs:
-    """Pairs from toy-town, rendered on demand."""
-
-    def __init__(self, config: DataConfig):
-        import toytown
-
-        self.config = config
-        self._tt = toytown
-
-    def scene(self, rng: np.random.Generator):
-        layout = self._tt.sample_layout(rng, height=self.config.height, width=self.config.width)
-        return layout
-
-    def image(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """One rendered scene: image, label, instance (the VAE's data)."""
-        layout = self.scene(rng)
-        appearance = self._tt.sample_appearance(rng, domain=self.config.domain)
-        img = self._tt.render(layout, appearance, seed=int(rng.integers(2**31)))
-        return img, layout.label, layout.instance
+class PairData(Protocol):
+    """What a training task draws from; every draw is a pure function of ``rng``."""
 
     def pair(self, rng: np.random.Generator) -> Pair:
-        if rng.random() < self.config.p_shared_appearance:
-            a, b = self.scene(rng), self.scene(rng)
-            appearance = self._tt.sample_appearance(rng, domain=self.config.domain)
-            ia = self._tt.render(a, appearance, seed=int(rng.integers(2**31)))
-            ib = self._tt.render(b, appearance, seed=int(rng.integers(2**31)))
-            return Pair(ia, a.label, a.instance, ib, b.label, b.instance, kind="shared_appearance")
-        image, label, instance = self.image(rng)
-        return crop_pair(rng, image, label, instance, self.config)
+        """One (exemplar, target) pair (stage 1 and stage 2)."""
+
+    def image(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One frame: image HxWx3 uint8, label HxW uint8, instance HxW int (the VAE's data)."""
 
 
-class SourcePairs:
-    """Release-style pairs (two crops of one image) from a layout source with images, e.g. a
-    Cityscapes tree. The item list is read once; one item is decoded per pair."""
+class SourceLayouts:
+    """A layout source (``list_items()`` + ``read_item(item)``, e.g. any ``connectors`` source) as a
+    map-style dataset (``len`` and ``[i]``, torch's Dataset protocol): items are listed once, one is
+    decoded per index."""
 
-    def __init__(self, config: DataConfig, source=None):
-        if source is None:
-            from connectors.cityscapes import CityscapesSource
-
-            source = CityscapesSource(config.root, split=config.split)
-        self.config = config
+    def __init__(self, source):
         self.source = source
         self.items = source.list_items()
-        if not self.items:
-            raise FileNotFoundError(f"{config.root}: no {config.split!r} items found for training")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.source.read_item(self.items[i])
+
+
+def as_dataset(layouts):
+    """Random access to ``layouts``: a layout source, a map-style dataset (``len`` and ``[i]``: a torch
+    Dataset, a list), or any other finite iterable, which is read once into a list."""
+    if hasattr(layouts, "list_items") and hasattr(layouts, "read_item"):
+        return SourceLayouts(layouts)
+    if hasattr(layouts, "__len__") and hasattr(layouts, "__getitem__"):
+        return layouts
+    return list(layouts)
+
+
+def sample_arrays(sample, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, label, instance) of one sample: a layout record (``image``, ``label``, ``instance``
+    attributes) or a tuple (image, label) / (image, label, instance). Without instances, the label
+    ids stand in (every class one region)."""
+    if hasattr(sample, "label"):
+        image, label, instance = getattr(sample, "image", None), sample.label, getattr(sample, "instance", None)
+    elif isinstance(sample, (tuple, list)) and len(sample) in (2, 3):
+        image, label, instance = (*sample, None)[:3]
+    else:
+        raise TypeError(f"{where}: a training sample is a layout record or an (image, label[, instance]) tuple, "
+                        f"got {type(sample).__name__}")
+    if image is None:
+        raise ValueError(f"{where}: training needs images, this layout has none")
+    image, label = np.asarray(image), np.asarray(label)
+    if image.shape[:2] != label.shape:
+        raise ValueError(f"{where}: image {image.shape[:2]} and label {label.shape} differ in size")
+    instance = label.astype(np.int32) if instance is None else np.asarray(instance)
+    return image, label, instance
+
+
+def _sample_name(sample, index: int, name: str) -> str:
+    meta = getattr(sample, "meta", None) or {}
+    return str(meta.get("image_path") or meta.get("path") or getattr(sample, "layout_id", None) or f"{name} sample {index}")
+
+
+class LayoutPairs:
+    """Release-style pairs (two crops of one image) from any layouts with images, e.g. a Cityscapes
+    tree read through ``connectors.cityscapes``. One sample is decoded per pair, picked by ``rng``."""
+
+    def __init__(self, config: DataConfig, layouts, name: str = "training data"):
+        self.config = config
+        self.name = name
+        self.layouts = as_dataset(layouts)
+        if len(self.layouts) == 0:
+            raise ValueError(f"{name}: holds no samples to train on")
 
     def _read(self, rng: np.random.Generator):
-        item = self.items[int(rng.integers(len(self.items)))]
-        layout = self.source.read_item(item)
-        if layout.image is None:
-            raise ValueError(f"{item.get('path', item)}: training needs images, this layout has none")
-        instance = layout.instance if layout.instance is not None else layout.label.astype(np.int32)
-        image, label = layout.image, layout.label
-        if image.shape[:2] != label.shape:
-            raise ValueError(f"{item.get('path', item)}: image {image.shape[:2]} and label {label.shape} differ in size")
-        return image, label, instance
+        index = int(rng.integers(len(self.layouts)))
+        sample = self.layouts[index]
+        return sample_arrays(sample, _sample_name(sample, index, self.name))
 
     def _read_framed(self, rng: np.random.Generator):
-        """One item resized to the training frame (image bicubic, ids nearest)."""
+        """One sample resized to the training frame (image bicubic, ids nearest)."""
         image, label, instance = self._read(rng)
         H, W = self.config.height, self.config.width
         if image.shape[:2] != (H, W):
@@ -155,10 +180,6 @@ class SourcePairs:
         return crop_pair(rng, *self._read_framed(rng), self.config)
 
 
-def make_source(config: DataConfig):
-    return ToyTownPairs(config) if config.source == "toytown" else SourcePairs(config)
-
-
 # ---------------------------------------------------------------------------------------------
 # batches
 
@@ -168,8 +189,8 @@ def to_unit_range(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def pair_batch(source, seed: int, step: int, rank: int, batch_size: int) -> dict[str, Any]:
-    pairs = [source.pair(rng_for(seed, step, rank, i)) for i in range(batch_size)]
+def pair_batch(data: PairData, seed: int, step: int, rank: int, batch_size: int) -> dict[str, Any]:
+    pairs = [data.pair(rng_for(seed, step, rank, i)) for i in range(batch_size)]
     stack = lambda name, dtype: torch.from_numpy(np.stack([getattr(p, name) for p in pairs]).astype(dtype))  # noqa: E731
     return {
         "exemplar_image": to_unit_range(np.stack([p.exemplar_image for p in pairs])),
@@ -182,9 +203,7 @@ def pair_batch(source, seed: int, step: int, rank: int, batch_size: int) -> dict
     }
 
 
-def image_batch(source, seed: int, step: int, rank: int, batch_size: int) -> dict[str, Any]:
-    images = [source.image(rng_for(seed, step, rank, i, salt=1))[0] for i in range(batch_size)]
+def image_batch(data: PairData, seed: int, step: int, rank: int, batch_size: int) -> dict[str, Any]:
+    images = [data.image(rng_for(seed, step, rank, i, salt=1))[0] for i in range(batch_size)]
     return {"image": to_unit_range(np.stack(images))}
 
-
-BatchFn = Callable[[int, int, int], dict[str, Any]]

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from pydantic import Field, model_validator
 
-from training.data import make_source, pair_batch
+from training.data import PairData, pair_batch
 from training.loop import TrainConfig, TrainConfigError
 
 
@@ -185,20 +185,21 @@ def uniform(generator: torch.Generator) -> float:
 
 
 class PairTask:
-    """The Task side stage 1 and stage 2 share: pairs as data, a pipeline folder as result.
-    Subclasses give ``step_class`` (the module wrapping the pipeline) and ``trainable_prefixes``."""
+    """The Task side stage 1 and stage 2 share: pairs from ``data`` (built by the caller, see
+    training/sources.py), a pipeline folder as result. Subclasses give ``step_class`` (the module
+    wrapping the pipeline) and ``trainable_prefixes``."""
 
     step_class: type
 
-    def __init__(self, config: DiffusionConfig):
+    def __init__(self, config: DiffusionConfig, data: PairData):
         self.config = config
-        self.source = make_source(config.data)
+        self.data = data
 
     def build(self, device: torch.device) -> torch.nn.Module:
         return self.step_class(build_pipeline(self.config, device), self.config)
 
     def batch(self, step: int, rank: int, world_size: int):
-        return pair_batch(self.source, self.config.seed, step, rank, self.config.batch_size)
+        return pair_batch(self.data, self.config.seed, step, rank, self.config.batch_size)
 
     def export(self, module, out_dir: Path) -> Path:
         return export_pipeline(module.pipe, out_dir / "pipeline")

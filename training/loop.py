@@ -34,7 +34,8 @@ class TrainConfigError(ValueError):
 
 
 class DataConfig(BaseModel):
-    """Where training pairs come from. Toy-town is generated on the fly; nothing is read from disk."""
+    """Where training pairs come from (training/sources.py turns it into the data the tasks get).
+    Toy-town is generated on the fly; nothing is read from disk."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -97,7 +98,8 @@ class TrainConfig(BaseModel):
 
 
 class Task(Protocol):
-    """One training stage, as the loop sees it."""
+    """One training stage, as the loop sees it. A task is made from its config and its data
+    (``task_class(stage)(config, data)``, see :func:`make_task`)."""
 
     config: TrainConfig
 
@@ -477,17 +479,19 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 # entry point: one process, or Ray Train with N workers from the same config
 
 
-def run_training(config: TrainConfig, *, resume: bool = False,
+def run_training(config: TrainConfig, data, *, resume: bool = False,
                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> TrainSummary:
+    """Train ``config.stage`` on ``data`` (a :class:`training.data.PairData`; training/sources.py
+    builds one from ``config.data``). Ray workers get a pickled copy of ``data``."""
     if config.num_workers <= 1:
-        return train_worker(make_task(config), resume=resume, on_step=on_step)
-    return _run_ray(config, resume)
+        return train_worker(make_task(config, data), resume=resume, on_step=on_step)
+    return _run_ray(config, data, resume)
 
 
-def make_task(config: TrainConfig) -> Task:
+def make_task(config: TrainConfig, data) -> Task:
     from training.registry import task_class
 
-    return task_class(config.stage)(config)
+    return task_class(config.stage)(config, data)
 
 
 def _ray_worker(payload: dict[str, Any]) -> None:
@@ -497,13 +501,13 @@ def _ray_worker(payload: dict[str, Any]) -> None:
 
     config = config_class(payload["config"]["stage"]).model_validate(payload["config"])
     ctx = ray.train.get_context()
-    summary = train_worker(make_task(config), rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
+    summary = train_worker(make_task(config, payload["data"]), rank=ctx.get_world_rank(), world_size=ctx.get_world_size(),
                            resume=payload["resume"], distributed=True)
     if ctx.get_world_rank() == 0:
         Path(config.out_dir, "summary.json").write_text(json.dumps(summary.as_dict() | {"losses": summary.losses}))
 
 
-def _run_ray(config: TrainConfig, resume: bool) -> TrainSummary:
+def _run_ray(config: TrainConfig, data, resume: bool) -> TrainSummary:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -519,7 +523,7 @@ def _run_ray(config: TrainConfig, resume: bool) -> TrainSummary:
     t0 = time.perf_counter()
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "resume": resume},
+        train_loop_config={"config": config.model_dump(mode="json"), "data": data, "resume": resume},
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu),
         run_config=RunConfig(name=f"amgen-{config.stage}", storage_path=str(out_dir / "ray")),
     )

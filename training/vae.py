@@ -1,4 +1,5 @@
-"""Stage 0 (toy preset only): train the AutoencoderKL on toy-town images.
+"""Stage 0 (toy preset only): train the AutoencoderKL on the frames of the data it is given
+(toy-town images for the bundled model).
 
 Loss: L1 + L2 reconstruction + a tiny KL weight (1e-6), so the latent stays close to a
 deterministic code, as SD's VAE does. After training the latent scale is measured on held-out
@@ -15,7 +16,7 @@ import torch
 from pydantic import Field, model_validator
 
 from amadapter.presets import get_preset
-from training.data import image_batch, make_source, rng_for, to_unit_range
+from training.data import PairData, image_batch, rng_for, to_unit_range
 from training.loop import TrainConfig
 
 
@@ -62,9 +63,11 @@ class VaeStep(torch.nn.Module):
 
 
 class VaeTask:
-    def __init__(self, config: VaeConfig):
+    """Trains on ``data.image(rng)`` frames; ``data`` is built by the caller (training/sources.py)."""
+
+    def __init__(self, config: VaeConfig, data: PairData):
         self.config = config
-        self.source = make_source(config.data)
+        self.data = data
 
     def build(self, device: torch.device) -> torch.nn.Module:
         from diffusers import AutoencoderKL
@@ -84,11 +87,11 @@ class VaeTask:
         return ("vae.",)
 
     def batch(self, step: int, rank: int, world_size: int):
-        return image_batch(self.source, self.config.seed, step, rank, self.config.batch_size)
+        return image_batch(self.data, self.config.seed, step, rank, self.config.batch_size)
 
     def held_out_images(self, n: int) -> torch.Tensor:
         # salt 7: a stream the training batches never draw from
-        imgs = [self.source.image(rng_for(self.config.seed, 0, 0, i, salt=7))[0] for i in range(n)]
+        imgs = [self.data.image(rng_for(self.config.seed, 0, 0, i, salt=7))[0] for i in range(n)]
         return to_unit_range(np.stack(imgs))
 
     def export(self, module: VaeStep, out_dir: Path) -> Path:
