@@ -181,12 +181,11 @@ class AMAttnProcessor:
 
     def _uncond_logits(self, attn, q_u, dtype):
         """Exemplar logits of the unconditional rows against the exemplar's unconditional tokens
-        (the release's CFG batch, whose max includes them)."""
-        key = self.name + UNCOND_SUFFIX
-        if key not in self.state.tokens:
-            raise ValueError(f"{self.name}: release_compat needs the exemplar's unconditional tokens ({key!r}); "
-                             "record the bank with keep_uncond (AMAdapterPipeline does when the matcher has release_compat)")
-        k_u, _ = self._exemplar_keys(attn, self.state.tokens[key], dtype, True)
+        (the release's CFG batch, whose max includes them). A bank recorded without CFG has
+        none: its appearance pass skipped the unconditional half because both halves were the
+        same (identical text embeddings), so the conditional tokens are also the unconditional."""
+        tokens = self.state.tokens
+        k_u, _ = self._exemplar_keys(attn, tokens.get(self.name + UNCOND_SUFFIX, tokens[self.name]), dtype, True)
         return (q_u * attn.scale) @ k_u.transpose(-1, -2)
 
     def _augmented(self, attn, q, k, v):
