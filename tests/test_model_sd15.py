@@ -1,4 +1,7 @@
 """SD1.5 loading and the release importer, on a tiny random SD1.5-shaped folder."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +115,10 @@ def _release_files(folder, sd_dir, tmp_path):
 def test_import_release_maps_every_key_and_keeps_the_computation(sd_dir, tmp_path):
     rel = tmp_path / "release"
     unet_sd, cn, mt = _release_files(rel, sd_dir, tmp_path)
+    # the re-creations carry exactly the key names the release's source defines
+    release = json.loads((Path(__file__).parent / "fixtures" / "release_keys.json").read_text())["checkpoints"]
+    assert sorted(cn.state_dict()) == sorted(e["key"] for e in release["controlnext"]["keys"])
+    assert sorted(mt.state_dict()) == sorted(e["key"] for e in release["matcher"]["keys"])
     import_release(rel / "unet.safetensors", rel / "controlnext.safetensors", rel / "matcher.pth", sd_dir, tmp_path / "out")
     pipe = AMAdapterPipeline.from_pretrained(tmp_path / "out")
     assert pipe.matcher.config.cost_transposed is True and pipe.matcher.config.num_heads == 2
