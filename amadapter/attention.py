@@ -29,6 +29,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from amadapter.matcher import Matcher, block_of
 
 CHUNK_ELEMENTS = 1 << 25  # logits per query chunk (128 MB in fp32)
+UNCOND_SUFFIX = "#uncond"  # recorded-token key of a layer's unconditional rows (release_compat)
 
 
 class AttentionState:
@@ -39,6 +40,7 @@ class AttentionState:
         self.latent_hw: tuple[int, int] | None = None
         self.cond_start = 0  # rows [cond_start:] are conditional; rows before use plain attention
         self.keep_grad = False
+        self.keep_uncond = False
         self.recorded: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, torch.Tensor] | None = None
         self.exemplar_hw: tuple[int, int] | None = None
@@ -46,14 +48,17 @@ class AttentionState:
         self.cost_fn: Callable | None = None
 
     @contextlib.contextmanager
-    def recording(self, latent_hw, cond_start: int = 0, keep_grad: bool = False):
-        """Yields the dict that fills with {layer name: (B_cond, N, C) tokens}."""
+    def recording(self, latent_hw, cond_start: int = 0, keep_grad: bool = False, keep_uncond: bool = False):
+        """Yields the dict that fills with {layer name: (B_cond, N, C) tokens}; with
+        ``keep_uncond`` (imported release weights) also {layer name + UNCOND_SUFFIX: the
+        unconditional rows' tokens}, which the release's max reads."""
         self.phase, self.latent_hw, self.cond_start, self.keep_grad = "record", tuple(latent_hw), cond_start, keep_grad
+        self.keep_uncond = keep_uncond
         self.recorded = {}
         try:
             yield self.recorded
         finally:
-            self.phase, self.recorded = None, {}
+            self.phase, self.recorded, self.keep_uncond = None, {}, False
 
     @contextlib.contextmanager
     def generating(self, tokens, latent_hw, exemplar_hw, cond_start: int = 0, matcher=None, cost_fn=None):
@@ -131,6 +136,8 @@ class AMAttnProcessor:
         if st.phase == "record":
             rec = hidden_states[st.cond_start :]
             st.recorded[self.name] = rec if st.keep_grad else rec.detach()
+            if st.keep_uncond and st.cond_start > 0:
+                st.recorded[self.name + UNCOND_SUFFIX] = hidden_states[: st.cond_start].detach()
 
         B, N, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -163,14 +170,31 @@ class AMAttnProcessor:
             out = out + residual
         return out / attn.rescale_output_factor
 
+    def _exemplar_keys(self, attn, tokens, dtype, release: bool):
+        if release:  # the release hands its bank over in fp16 (mutual_self_attention_sa_aug.py:337,385)
+            tokens = tokens.to(torch.float16)
+        tokens = tokens.to(dtype=dtype)
+        k_ex = _heads(attn.to_k(tokens), attn.heads)
+        if attn.norm_k is not None:
+            k_ex = attn.norm_k(k_ex)
+        return k_ex, tokens
+
+    def _uncond_logits(self, attn, q_u, dtype):
+        """Exemplar logits of the unconditional rows against the exemplar's unconditional tokens
+        (the release's CFG batch, whose max includes them). A bank recorded without CFG has
+        none: its appearance pass skipped the unconditional half because both halves were the
+        same (identical text embeddings), so the conditional tokens are also the unconditional."""
+        tokens = self.state.tokens
+        k_u, _ = self._exemplar_keys(attn, tokens.get(self.name + UNCOND_SUFFIX, tokens[self.name]), dtype, True)
+        return (q_u * attn.scale) @ k_u.transpose(-1, -2)
+
     def _augmented(self, attn, q, k, v):
         st = self.state
         c = st.cond_start
-        tokens = st.tokens[self.name].to(dtype=q.dtype)
-        k_ex = _heads(attn.to_k(tokens), attn.heads)  # once per layer per step, for the whole batch
+        release = st.matcher is not None and st.matcher.config.release_compat
+        # once per layer per step, for the whole batch
+        k_ex, tokens = self._exemplar_keys(attn, st.tokens[self.name], q.dtype, release)
         v_ex = _heads(attn.to_v(tokens), attn.heads)
-        if attn.norm_k is not None:
-            k_ex = attn.norm_k(k_ex)
         qc, kc, vc = q[c:], k[c:], v[c:]
         if st.matcher is None:
             n = qc.shape[0]
@@ -181,8 +205,13 @@ class AMAttnProcessor:
             q_hw = token_grid(q.shape[2], st.latent_hw)
             e_hw = token_grid(k_ex.shape[2], st.exemplar_hw)
 
+            uncond = self._uncond_logits(attn, q[:c], q.dtype) if release and c > 0 else None
+            if uncond is not None and uncond.shape[0] != qc.shape[0]:
+                raise ValueError(f"{self.name}: release_compat pairs each conditional row with one unconditional row; "
+                                 f"got {c} unconditional and {qc.shape[0]} conditional rows")
+
             def refine(logits):
-                st.matcher.refine_(logits, st.cost_fn, q_hw, e_hw, self.block)
+                st.matcher.refine_(logits, st.cost_fn, q_hw, e_hw, self.block, uncond_logits=uncond)
 
             out_c = joint_attention(qc, kc, vc, k_ex, v_ex, attn.scale, refine)
         if c == 0:

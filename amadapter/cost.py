@@ -8,6 +8,12 @@ majority (mode-of-block) sampling, never blurred colours, so thin classes surviv
 Decision on unlabeled pixels: id 0 ("unlabeled") matches nothing, not even itself;
 every other Cityscapes id matches the same id (including classes ignored in evaluation,
 which are still real, consistent regions such as "ground" or "static").
+
+``sampling="release_colour"`` is the public release's cost, for imported release weights only
+(Matcher ``release_compat``): the colourised maps are resized bilinearly and positions match
+when all three colour channels are exactly equal (src/pipelines/pipeline_ours.py:1096-1098 of
+cvlab-kaist/AM-Adapter). Blended boundary colours then match only identical blends, and
+unlabeled (black, shared by ids 0-4) matches black.
 """
 from __future__ import annotations
 
@@ -15,9 +21,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from amgen_core.labels import colorize
 
 UNLABELED_ID = 0
 SAMPLING = ("majority", "nearest")
+RELEASE_COLOUR = "release_colour"  # the release's colour-equality cost (imported weights only)
 
 
 def resample_ids(ids: np.ndarray, size: tuple[int, int], method: str = "majority") -> np.ndarray:
@@ -66,6 +76,24 @@ def _pairwise(t_keys: np.ndarray, e_keys: np.ndarray, rule) -> torch.Tensor:
     return table[torch.from_numpy(ti.ravel())][:, torch.from_numpy(ei.ravel())]
 
 
+def release_colours(ids: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """Label ids (H, W) -> the release's resized colour map (h*w, 3), float32.
+
+    As the release reads its colour PNGs: uint8 colours / 255 in float32, then a bilinear
+    resize without antialiasing (align_corners=False)."""
+    rgb = torch.from_numpy(colorize(ids).astype(np.float32) / np.float32(255.0)).permute(2, 0, 1)[None]
+    if tuple(size) != tuple(rgb.shape[-2:]):
+        rgb = F.interpolate(rgb, size=tuple(size), mode="bilinear", align_corners=False)
+    return rgb[0].reshape(3, -1).T
+
+
+def release_colour_cost(target: np.ndarray, exemplar: np.ndarray, q_hw, e_hw) -> torch.Tensor:
+    """(Nq, Ne) bool: target cell i matches exemplar cell j when their resized colours are
+    exactly equal in all three channels."""
+    t, e = release_colours(target, q_hw), release_colours(exemplar, e_hw)
+    return (t[:, None, :] == e[None, :, :]).all(-1)
+
+
 def _class_rule(tu: np.ndarray, eu: np.ndarray) -> np.ndarray:
     return (tu[:, None] == eu[None, :]) & (tu[:, None] != UNLABELED_ID)
 
@@ -96,9 +124,12 @@ class CostSpec:
     ):
         if granularity not in ("class", "instance"):
             raise ValueError(f"unknown granularity {granularity!r}; choose 'class' or 'instance'")
-        if sampling not in SAMPLING:
-            raise ValueError(f"unknown label sampling {sampling!r}; choose one of {SAMPLING}")
+        if sampling not in (*SAMPLING, RELEASE_COLOUR):
+            raise ValueError(f"unknown label sampling {sampling!r}; choose one of {(*SAMPLING, RELEASE_COLOUR)}")
         uses_instances = granularity == "instance" or instance_mapping is not None
+        if sampling == RELEASE_COLOUR and uses_instances:
+            raise ValueError(f"label sampling {RELEASE_COLOUR!r} (the release's colour cost) compares class colours only; "
+                             "it takes no instance granularity or instance_mapping")
         if uses_instances and (exemplar_instance is None or target_instances is None):
             raise ValueError("instance granularity / instance_mapping need exemplar_instance and target_instances")
         self.granularity = granularity
@@ -136,6 +167,10 @@ class CostSpec:
     def cost(self, q_hw: tuple[int, int], e_hw: tuple[int, int], device=None, dtype=torch.float32) -> torch.Tensor:
         """(N, Nq, Ne) cost at target grid ``q_hw`` and exemplar grid ``e_hw``."""
         key = (tuple(q_hw), tuple(e_hw), str(device), dtype)
+        if key not in self._cache and self.sampling == RELEASE_COLOUR:
+            mats = [release_colour_cost(t, self.exemplars[i % len(self.exemplars)], q_hw, e_hw)
+                    for i, t in enumerate(self.targets)]
+            self._cache[key] = torch.stack(mats).to(device=device, dtype=dtype)
         if key not in self._cache:
             e_small = [resample_ids(e, e_hw, self.sampling) for e in self.exemplars]
             mats = [_pairwise(resample_ids(t, q_hw, self.sampling), e_small[i % len(e_small)], self._rule)

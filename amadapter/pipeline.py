@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
 from amadapter.attention import AttentionState, install_processors
 from amadapter.bank import BankCache, ExemplarBank
-from amadapter.cost import CostSpec
+from amadapter.cost import RELEASE_COLOUR, CostSpec
 from amgen_core.labels import check_label_ids, colorize
 from amadapter.matcher import Matcher
 from amadapter.presets import get_preset
@@ -275,7 +275,8 @@ class AMAdapterPipeline:
             encoder_hidden_states, cond_start = self._embeds(noisy_latents.shape[0], cfg=False)
         if guidance is None:
             guidance = self.structure_net(exemplar_cond, timestep)
-        with self.attn_state.recording(noisy_latents.shape[-2:], cond_start, keep_grad=grad) as rec:
+        with self.attn_state.recording(noisy_latents.shape[-2:], cond_start, keep_grad=grad,
+                                       keep_uncond=self.matcher.config.release_compat) as rec:
             eps = self._unet(noisy_latents, timestep, encoder_hidden_states, guidance)
             tokens = dict(rec)
         return eps, tokens
@@ -471,7 +472,8 @@ class AMAdapterPipeline:
             if mode == "am_adapter":
                 ex_instance = bank.instance if exemplar_instance is None else np.asarray(exemplar_instance)
                 cost = CostSpec(targets, bank.label, target_instances=instances, exemplar_instance=ex_instance,
-                                granularity=granularity, instance_mapping=instance_mapping, sampling=label_sampling)
+                                granularity=granularity, instance_mapping=instance_mapping,
+                                sampling=RELEASE_COLOUR if self.matcher.config.release_compat else label_sampling)
 
         sched = self._scheduler(num_inference_steps)
         n = len(targets)

@@ -8,8 +8,12 @@ Conv4d, inference.py) and ControlNeXt's SD1.5 ControlNeXtModel; the tables below
 them onto ours. Any unexpected, missing or wrongly shaped key fails the import with a
 message naming the file and the keys.
 
-The release's cost matrix is transposed relative to its logits; the imported matcher
-gets ``cost_transposed=True`` so that it sees what it was trained on.
+The imported matcher gets ``release_compat=True`` (saved in matcher/config.json, so it travels
+with the weights): sampling then reproduces the release's inference, which these weights were
+trained and tuned with (the down stack for every layer, one max over the CFG pair, the fixed
+32x32 colour cost resized as a flattened matrix, the transposed cost, an fp16 bank; see
+docs/architecture.md, "Release compatibility"). tests/fixtures/release_keys.json lists the
+release's key names and shapes with the source lines they come from.
 """
 from __future__ import annotations
 
@@ -109,6 +113,26 @@ def _read(path, kind: str) -> dict:
     return sd
 
 
+def import_structure_net(sd: dict, source: str, out_channels: int = 320) -> StructureNet:
+    """A ControlNeXt state dict -> a loaded StructureNet (sd15 preset, ``out_channels`` wide)."""
+    structure_net = StructureNet(**dict(get_preset("sd15")["structure_net"], out_channels=out_channels))
+    load_checked(structure_net, convert_controlnext_keys(sd, source), source)
+    return structure_net
+
+
+def import_matcher(sd: dict, source: str) -> Matcher:
+    """An ``OurModel`` state dict -> a loaded Matcher with ``release_compat`` on (heads read
+    from the first conv: its input channels are H + 1)."""
+    m_sd = convert_matcher_keys(sd, source)
+    first = m_sd.get("phi_down.convs.0.query_conv.weight")
+    if first is None:
+        raise ReleaseImportError(f"{source}: missing keys ['encoders.0.conv4d.0.0.query_conv.weight']")
+    heads = first.shape[1] - 1
+    matcher = Matcher(**dict(get_preset("sd15")["matcher"], num_heads=heads, cost_transposed=True, release_compat=True))
+    load_checked(matcher, m_sd, source)
+    return matcher
+
+
 def import_release(unet_safetensors, controlnext_safetensors, matcher_pth, sd15_dir, out_dir):
     """Release checkpoints + a local SD1.5 diffusers folder -> an amgen model folder.
 
@@ -118,18 +142,9 @@ def import_release(unet_safetensors, controlnext_safetensors, matcher_pth, sd15_
     pipe = AMAdapterPipeline.from_sd15(sd15_dir)
     load_checked(pipe.unet, _strip_module(_read(unet_safetensors, "UNet")), str(unet_safetensors))
 
-    sn_sd = convert_controlnext_keys(_read(controlnext_safetensors, "ControlNeXt"), str(controlnext_safetensors))
-    sn_cfg = dict(get_preset("sd15")["structure_net"], out_channels=pipe.unet.config.block_out_channels[0])
-    structure_net = StructureNet(**sn_cfg)
-    load_checked(structure_net, sn_sd, str(controlnext_safetensors))
-
-    m_sd = convert_matcher_keys(_read(matcher_pth, "matcher"), str(matcher_pth))
-    first = m_sd.get("phi_down.convs.0.query_conv.weight")
-    if first is None:
-        raise ReleaseImportError(f"{matcher_pth}: missing keys ['encoders.0.conv4d.0.0.query_conv.weight']")
-    heads = first.shape[1] - 1  # input channels are H + 1
-    matcher = Matcher(**dict(get_preset("sd15")["matcher"], num_heads=heads, cost_transposed=True))
-    load_checked(matcher, m_sd, str(matcher_pth))
+    structure_net = import_structure_net(_read(controlnext_safetensors, "ControlNeXt"), str(controlnext_safetensors),
+                                         out_channels=pipe.unet.config.block_out_channels[0])
+    matcher = import_matcher(_read(matcher_pth, "matcher"), str(matcher_pth))
 
     pipe.structure_net = structure_net.eval().requires_grad_(False)
     pipe.matcher = matcher.eval().requires_grad_(False)

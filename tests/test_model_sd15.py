@@ -1,4 +1,7 @@
 """SD1.5 loading and the release importer, on a tiny random SD1.5-shaped folder."""
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -40,7 +43,8 @@ def test_from_sd15_encodes_the_prompt_once_and_samples(sd_dir, tmp_path):
     assert out.images.shape == (1, 32, 32, 3)
 
 
-# ---- release-shaped checkpoints, written from the release's published layer layout
+# ---- release-shaped checkpoints, built as the release builds them (key names and shapes are
+# checked against the release's own source in tests/test_release_compat.py)
 class ReleaseControlNeXt(nn.Module):
     """The layout of ControlNeXt's SD1.5 ControlNeXtModel (keys and forward)."""
 
@@ -111,9 +115,14 @@ def _release_files(folder, sd_dir, tmp_path):
 def test_import_release_maps_every_key_and_keeps_the_computation(sd_dir, tmp_path):
     rel = tmp_path / "release"
     unet_sd, cn, mt = _release_files(rel, sd_dir, tmp_path)
+    # the re-creations carry exactly the key names the release's source defines
+    release = json.loads((Path(__file__).parent / "fixtures" / "release_keys.json").read_text())["checkpoints"]
+    assert sorted(cn.state_dict()) == sorted(e["key"] for e in release["controlnext"]["keys"])
+    assert sorted(mt.state_dict()) == sorted(e["key"] for e in release["matcher"]["keys"])
     import_release(rel / "unet.safetensors", rel / "controlnext.safetensors", rel / "matcher.pth", sd_dir, tmp_path / "out")
     pipe = AMAdapterPipeline.from_pretrained(tmp_path / "out")
     assert pipe.matcher.config.cost_transposed is True and pipe.matcher.config.num_heads == 2
+    assert pipe.matcher.config.release_compat is True  # saved in matcher/config.json, travels with the weights
     assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in unet_sd.items())
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
