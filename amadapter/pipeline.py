@@ -398,20 +398,26 @@ class AMAdapterPipeline(DiffusionPipeline):
 
         return guidance_at
 
+    def _inverse_scheduler(self, sched: DDIMScheduler) -> DDIMInverseScheduler:
+        """diffusers' DDIM inversion on the sampling scheduler's timesteps, starting from alpha 1
+        (or alphas_cumprod[0], as ``set_alpha_to_one`` says) and never clipping x0."""
+        inverse = DDIMInverseScheduler.from_config(self.scheduler.config, clip_sample=False)
+        inverse.set_timesteps(sched.num_inference_steps, device=sched.timesteps.device)
+        if not torch.equal(inverse.timesteps.cpu(), sched.timesteps.flip(0).cpu()):
+            raise ValueError(f"DDIM inversion timesteps {inverse.timesteps.tolist()} are not the sampling "
+                             f"timesteps {sched.timesteps.tolist()} reversed (scheduler config mismatch)")
+        return inverse
+
     def _invert(self, z0: torch.Tensor, guidance_at, sched: DDIMScheduler, on_step=None) -> torch.Tensor:
-        """Deterministic DDIM inversion (uncond embedding, exemplar structure guidance).
-        ``on_step(t, z)`` sees the latent after each step (for analysis)."""
+        """Deterministic DDIM inversion (uncond embedding, exemplar structure guidance) over the
+        timesteps of ``sched`` in reverse. ``on_step(t, z)`` sees the latent after each step."""
         uncond, _ = self.text_embeds.pair()
         states = uncond.to(self.dtype).expand(z0.shape[0], -1, -1)
-        alphas = sched.alphas_cumprod.to(device=z0.device)
-        a_prev = torch.as_tensor(sched.final_alpha_cumprod, device=z0.device)
+        inverse = self._inverse_scheduler(sched)
         z = z0
-        for t in sched.timesteps.flip(0):
+        for t in inverse.timesteps:
             eps = self._unet(z, t, states, guidance_at(t))
-            a_t = alphas[int(t)]
-            x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
-            z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
-            a_prev = a_t
+            z = inverse.step(eps, t, z).prev_sample
             if on_step is not None:
                 on_step(int(t), z)
         return z
