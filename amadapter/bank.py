@@ -3,10 +3,13 @@ exemplar alone; computed once, it serves every target of that exemplar."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from cachetools import LRUCache
+
+if TYPE_CHECKING:  # the stage imports this module for its defaults; torch comes with the pipeline
+    import torch
 
 
 @dataclass

@@ -17,6 +17,14 @@ LEGACY_FORMAT_VERSION = 1
 PACKAGE_CLASSES = ("StructureNet", "Matcher", "TextEmbeds")
 
 
+def dtype_kwarg() -> str:
+    """The name diffusers' from_pretrained takes a dtype under: ``dtype`` since it deprecated
+    ``torch_dtype`` (mid 2026, recognisable by its resolver), ``torch_dtype`` before."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype"
+
+
 def read_index(path: Path, class_name: str) -> dict:
     index_file = Path(path) / "model_index.json"
     if not index_file.is_file():
@@ -59,7 +67,7 @@ def load_legacy_components(path: Path, classes: dict, dtype=None) -> dict:
         if name == "scheduler" or dtype is None:
             parts[name] = klass.from_pretrained(sub)
         else:
-            parts[name] = klass.from_pretrained(sub, torch_dtype=dtype)
+            parts[name] = klass.from_pretrained(sub, **{dtype_kwarg(): dtype})
     return parts
 
 

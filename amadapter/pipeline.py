@@ -80,7 +80,7 @@ def _as_maps(maps, where: str, dtype=None) -> list[np.ndarray]:
 def _deprecated_callback(callback):
     if callback is not None:
         warnings.warn("callback(i, n) is deprecated; use callback_on_step_end(pipe, i, t, callback_kwargs) "
-                      "or pipe.set_progress_bar_config(...)", FutureWarning, stacklevel=3)
+                      "or pipe.set_progress_bar_config(...)", FutureWarning, stacklevel=4)  # past torch.no_grad's wrapper
     return callback
 
 
@@ -162,7 +162,7 @@ class AMAdapterPipeline(DiffusionPipeline):
         else:
             folder_format.check_component_folders(path, index)
             if dtype is not None:
-                kwargs["torch_dtype"] = dtype
+                kwargs[folder_format.dtype_kwarg()] = dtype
             # no accelerate meta-device init: the same tensors (and hash) whether accelerate is installed or not
             kwargs.setdefault("low_cpu_mem_usage", False)
             bar_was_on = diffusers_logging.is_progress_bar_enabled()
