@@ -64,10 +64,11 @@ def load_legacy_components(path: Path, classes: dict, dtype=None) -> dict:
         sub = Path(path) / name
         if not sub.is_dir():
             raise FileNotFoundError(f"{sub}: component folder missing")
-        if name == "scheduler" or dtype is None:
+        if name == "scheduler":
             parts[name] = klass.from_pretrained(sub)
-        else:
-            parts[name] = klass.from_pretrained(sub, **{dtype_kwarg(): dtype})
+        else:  # no accelerate meta-device init, as the current-layout loader
+            kw = {} if dtype is None else {dtype_kwarg(): dtype}
+            parts[name] = klass.from_pretrained(sub, low_cpu_mem_usage=False, **kw)
     return parts
 
 
