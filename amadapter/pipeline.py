@@ -10,22 +10,33 @@ denoises the exemplar trajectory and records its attn1 tokens (:meth:`encode_exe
 :class:`ExemplarBank`); the generation net then denoises any number of targets reading
 that bank. Exemplars may have a different size from the targets (both must be
 multiples of :attr:`stride`): the matching works across grids, nothing is resized.
+
+It is a ``diffusers.DiffusionPipeline``: components are registered modules, ``save_pretrained``
+writes diffusers' folder layout (``model_index.json`` naming ``["amadapter", "StructureNet"]``
+etc.), and ``DiffusionPipeline.from_pretrained(folder)`` returns an AMAdapterPipeline once
+this module is imported (diffusers resolves a pipeline class name on its own package, see
+:func:`_register_with_diffusers`). Offloading, progress bars and ``callback_on_step_end``
+behave as in diffusers' own pipelines.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMInverseScheduler, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import logging as diffusers_logging
 
 from amadapter.attention import AttentionState, install_processors
-from amadapter.bank import BankCache, ExemplarBank
+from amadapter import folder_format
+from amadapter.bank import DEFAULT_BANK_CACHE_BYTES, BankCache, ExemplarBank
 from amadapter.cost import RELEASE_COLOUR, CostSpec
 from amgen_core.labels import check_label_ids, colorize
 from amadapter.matcher import Matcher
@@ -34,7 +45,6 @@ from amadapter.structure_net import StructureInjector, StructureNet
 from amadapter.text_embeds import TextEmbeds
 
 MODES = ("structure_only", "sa_aug", "am_adapter")
-FORMAT_VERSION = 1
 _MODEL_COMPONENTS = ("unet", "vae", "structure_net", "matcher", "text_embeds")
 _CLASSES = {
     "unet": UNet2DConditionModel,
@@ -43,7 +53,7 @@ _CLASSES = {
     "structure_net": StructureNet,
     "matcher": Matcher,
     "text_embeds": TextEmbeds,
-}
+}  # the order model_hash() reads them in: do not reorder
 
 
 class InputError(ValueError):
@@ -67,19 +77,57 @@ def _as_maps(maps, where: str, dtype=None) -> list[np.ndarray]:
     return out
 
 
-class AMAdapterPipeline:
-    def __init__(self, unet, vae, scheduler, structure_net, matcher, text_embeds, *, preset: str | None = None,
-                 bank_cache_size: int = 8):
-        self.unet, self.vae, self.scheduler = unet, vae, scheduler
-        self.structure_net, self.matcher, self.text_embeds = structure_net, matcher, text_embeds
+def _deprecated_callback(callback):
+    if callback is not None:
+        warnings.warn("callback(i, n) is deprecated; use callback_on_step_end(pipe, i, t, callback_kwargs) "
+                      "or pipe.set_progress_bar_config(...)", FutureWarning, stacklevel=4)  # past torch.no_grad's wrapper
+    return callback
+
+
+def _register_with_diffusers(cls) -> None:
+    """``DiffusionPipeline.from_pretrained`` looks a folder's ``_class_name`` up on the diffusers
+    package itself; naming our class there lets it load our folders (after ``import amadapter``
+    has made the components resolvable as ``["amadapter", ...]``)."""
+    if getattr(diffusers, cls.__name__, None) is not cls:
+        setattr(diffusers, cls.__name__, cls)
+
+
+def _package_level(entry):
+    """``("amadapter.structure_net", "StructureNet")`` -> ``("amadapter", "StructureNet")``: the
+    package exports our component classes, so model_index.json need not name private modules."""
+    if isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str) \
+            and entry[0].startswith("amadapter.") and entry[1] in folder_format.PACKAGE_CLASSES:
+        return ("amadapter", entry[1])
+    return entry
+
+
+class AMAdapterPipeline(DiffusionPipeline):
+    # The UNet and the VAE are the big parts; the structure net, matcher and text embeddings are
+    # small and are read outside their forward() (matcher.refine_, text_embeds.pair), which
+    # accelerate's offload hooks would not see, so they stay on the accelerator.
+    model_cpu_offload_seq = "unet->vae"
+    _exclude_from_cpu_offload = ["structure_net", "matcher", "text_embeds"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler,
+                 structure_net: StructureNet, matcher: Matcher, text_embeds: TextEmbeds, *,
+                 preset: str | None = None, bank_cache_size: int | None = None,
+                 bank_cache_bytes: int = DEFAULT_BANK_CACHE_BYTES):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler, structure_net=structure_net,
+                              matcher=matcher, text_embeds=text_embeds)
+        self.register_to_config(preset=preset)
         self.preset = preset
         self.attn_state = AttentionState()
         self.attn_layers = install_processors(unet, self.attn_state)
         self.injector = StructureInjector(unet)
-        self.bank_cache = BankCache(bank_cache_size)
-        for module in self._modules().values():
+        self.bank_cache = BankCache(max_items=bank_cache_size, max_bytes=bank_cache_bytes)
+        for module in self._torch_modules().values():
             module.eval()
             module.requires_grad_(False)
+
+    def register_to_config(self, **kwargs):
+        super().register_to_config(**{k: _package_level(v) for k, v in kwargs.items()})
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -101,39 +149,37 @@ class AMAdapterPipeline:
 
     @classmethod
     def from_pretrained(cls, path, device=None, dtype=None, **kwargs) -> "AMAdapterPipeline":
-        """Load a folder written by :meth:`save_pretrained` (one subfolder per component)."""
+        """Load a model folder: diffusers' layout (what :meth:`save_pretrained` writes) through
+        ``DiffusionPipeline.from_pretrained``, or the older amgen layout (``format_version: 1``).
+
+        ``dtype`` None keeps fp32 (fp16 files are upcast exactly); ``kwargs`` go to the pipeline
+        (``bank_cache_bytes``, ...) or, for the diffusers layout, to diffusers' loader."""
         path = Path(path)
-        index_file = path / "model_index.json"
-        if not index_file.is_file():
-            raise FileNotFoundError(f"{index_file}: not an amgen model folder (model_index.json missing)")
-        index = json.loads(index_file.read_text())
-        if index.get("_class_name") != cls.__name__:
-            raise ValueError(f"{index_file}: holds a {index.get('_class_name')!r}, not an {cls.__name__}")
-        parts = {}
-        for name, klass in _CLASSES.items():
-            sub = path / name
-            if not sub.is_dir():
-                raise FileNotFoundError(f"{sub}: component folder missing")
-            if name == "scheduler":
-                parts[name] = klass.from_pretrained(sub)
-            else:
-                parts[name] = klass.from_pretrained(sub, torch_dtype=dtype) if dtype else klass.from_pretrained(sub)
-        pipe = cls(**parts, preset=index.get("preset"), **kwargs)
+        index = folder_format.read_index(path, cls.__name__)
+        if folder_format.is_legacy(index):
+            parts = folder_format.load_legacy_components(path, _CLASSES, dtype)
+            pipe = cls(**parts, preset=index.get("preset"), **kwargs)
+        else:
+            folder_format.check_component_folders(path, index)
+            if dtype is not None:
+                kwargs[folder_format.dtype_kwarg()] = dtype
+            # no accelerate meta-device init: the same tensors (and hash) whether accelerate is installed or not
+            kwargs.setdefault("low_cpu_mem_usage", False)
+            bar_was_on = diffusers_logging.is_progress_bar_enabled()
+            diffusers_logging.disable_progress_bar()  # no "Loading pipeline components" bar, as before
+            try:
+                pipe = super().from_pretrained(str(path), **kwargs)
+            finally:
+                if bar_was_on:
+                    diffusers_logging.enable_progress_bar()
         return pipe.to(device, dtype)
 
-    def save_pretrained(self, path) -> Path:
+    def save_pretrained(self, path, **kwargs) -> Path:
+        """diffusers' layout: one folder per component (safetensors) and ``model_index.json``,
+        which also records :meth:`model_hash` (as ``_model_hash``, which loaders skip)."""
         path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        for name in _CLASSES:
-            getattr(self, name).save_pretrained(path / name)
-        index = {
-            "_class_name": type(self).__name__,
-            "format_version": FORMAT_VERSION,
-            "preset": self.preset,
-            "model_hash": self.model_hash(),
-            "components": {n: c.__name__ for n, c in _CLASSES.items()},
-        }
-        (path / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        super().save_pretrained(str(path), **kwargs)
+        folder_format.finish_index(path, self.model_hash())
         return path
 
     @classmethod
@@ -179,24 +225,18 @@ class AMAdapterPipeline:
         return pipe.to(device, dtype)
 
     # ----------------------------------------------------------------- basics
-    def _modules(self) -> dict[str, torch.nn.Module]:
+    def _torch_modules(self) -> dict[str, torch.nn.Module]:
         return {n: getattr(self, n) for n in _MODEL_COMPONENTS}
 
-    def to(self, device=None, dtype=None) -> "AMAdapterPipeline":
-        if device is None and dtype is None:
+    def to(self, *args, **kwargs) -> "AMAdapterPipeline":
+        """diffusers' ``to`` (``to(device)``, ``to(dtype)``, ``to(device, dtype)``, keywords);
+        ``to(None, None)`` changes nothing. Cached banks are dropped when anything moves."""
+        if all(a is None for a in args) and kwargs.get("device") is None and kwargs.get("dtype") is None:
             return self
-        for module in self._modules().values():
-            module.to(device=device, dtype=dtype)
+        kwargs.setdefault("silence_dtype_warnings", True)  # fp16 on CPU is how export.py saves fp16 files
+        super().to(*args, **kwargs)
         self.bank_cache.clear()  # banks hold tensors of the old device/dtype
         return self
-
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.unet.dtype
 
     @property
     def vae_scale_factor(self) -> int:
@@ -206,6 +246,11 @@ class AMAdapterPipeline:
     def stride(self) -> int:
         """Image sizes must be multiples of this (VAE factor x UNet downsampling)."""
         return self.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def _device(self) -> torch.device:
+        """Where inputs go: the accelerator under model CPU offload, else the UNet's device."""
+        return self._execution_device
 
     def model_hash(self) -> str:
         """sha256 over every component's config and weights (names, dtypes, shapes, bytes)."""
@@ -230,13 +275,13 @@ class AMAdapterPipeline:
         if ids.ndim == 2:
             ids = ids[None]
         rgb = torch.from_numpy(colorize(ids)).permute(0, 3, 1, 2)
-        return rgb.to(device=self.device, dtype=self.dtype) / 255.0
+        return rgb.to(device=self._device, dtype=self.dtype) / 255.0
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
         """uint8 (N, H, W, 3) -> scaled latents (N, 4, H/f, W/f); the posterior mean."""
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        x = x.to(device=self.device, dtype=self.dtype) / 127.5 - 1.0
+        x = x.to(device=self._device, dtype=self.dtype) / 127.5 - 1.0
         return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -247,7 +292,7 @@ class AMAdapterPipeline:
 
     def _scheduler(self, num_inference_steps: int) -> DDIMScheduler:
         sched = DDIMScheduler.from_config(self.scheduler.config)
-        sched.set_timesteps(num_inference_steps, device=self.device)
+        sched.set_timesteps(num_inference_steps, device=self._device)
         return sched
 
     def _embeds(self, n: int, cfg: bool) -> tuple[torch.Tensor, int]:
@@ -354,20 +399,26 @@ class AMAdapterPipeline:
 
         return guidance_at
 
+    def _inverse_scheduler(self, sched: DDIMScheduler) -> DDIMInverseScheduler:
+        """diffusers' DDIM inversion on the sampling scheduler's timesteps, starting from alpha 1
+        (or alphas_cumprod[0], as ``set_alpha_to_one`` says) and never clipping x0."""
+        inverse = DDIMInverseScheduler.from_config(self.scheduler.config, clip_sample=False)
+        inverse.set_timesteps(sched.num_inference_steps, device=sched.timesteps.device)
+        if not torch.equal(inverse.timesteps.cpu(), sched.timesteps.flip(0).cpu()):
+            raise ValueError(f"DDIM inversion timesteps {inverse.timesteps.tolist()} are not the sampling "
+                             f"timesteps {sched.timesteps.tolist()} reversed (scheduler config mismatch)")
+        return inverse
+
     def _invert(self, z0: torch.Tensor, guidance_at, sched: DDIMScheduler, on_step=None) -> torch.Tensor:
-        """Deterministic DDIM inversion (uncond embedding, exemplar structure guidance).
-        ``on_step(t, z)`` sees the latent after each step (for analysis)."""
+        """Deterministic DDIM inversion (uncond embedding, exemplar structure guidance) over the
+        timesteps of ``sched`` in reverse. ``on_step(t, z)`` sees the latent after each step."""
         uncond, _ = self.text_embeds.pair()
         states = uncond.to(self.dtype).expand(z0.shape[0], -1, -1)
-        alphas = sched.alphas_cumprod.to(device=z0.device)
-        a_prev = torch.as_tensor(sched.final_alpha_cumprod, device=z0.device)
+        inverse = self._inverse_scheduler(sched)
         z = z0
-        for t in sched.timesteps.flip(0):
+        for t in inverse.timesteps:
             eps = self._unet(z, t, states, guidance_at(t))
-            a_t = alphas[int(t)]
-            x0 = (z - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
-            z = a_t.sqrt() * x0 + (1 - a_t).sqrt() * eps
-            a_prev = a_t
+            z = inverse.step(eps, t, z).prev_sample
             if on_step is not None:
                 on_step(int(t), z)
         return z
@@ -375,14 +426,16 @@ class AMAdapterPipeline:
     @torch.no_grad()
     def encode_exemplar(self, image, label, instance=None, *, num_inference_steps: int = 20,
                         guidance_scale: float = 7.5, key=None, callback=None) -> ExemplarBank:
-        """VAE encode, DDIM inversion and the step-locked appearance pass of one exemplar.
+        """VAE encode, DDIM inversion and the step-locked appearance pass of one exemplar
+        (``callback(i, n)`` after each appearance step: deprecated, kept for old callers).
 
         With ``key`` the bank is cached (bounded LRU) under (key, steps, guidance, size,
         device, dtype); change weights -> call ``pipe.bank_cache.clear()``."""
         image, label, instance = self._check_exemplar(image, label, instance)
+        callback = _deprecated_callback(callback)
         cache_key = None
         if key is not None:
-            cache_key = (key, int(num_inference_steps), float(guidance_scale), label.shape, str(self.device), str(self.dtype))
+            cache_key = (key, int(num_inference_steps), float(guidance_scale), label.shape, str(self._device), str(self.dtype))
             hit = self.bank_cache.get(cache_key)
             if hit is not None:
                 return hit
@@ -420,7 +473,7 @@ class AMAdapterPipeline:
         """One CPU generator per sample, so a sample never depends on its batch neighbours."""
         c = self.unet.config.in_channels
         noise = [torch.randn((c, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-        return torch.stack(noise).to(device=self.device, dtype=self.dtype)
+        return torch.stack(noise).to(device=self._device, dtype=self.dtype)
 
     @torch.no_grad()
     def __call__(
@@ -441,7 +494,20 @@ class AMAdapterPipeline:
         callback: Callable[[int, int], None] | None = None,
         exemplar_key=None,
         label_sampling: str = "majority",
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> AMAdapterOutput:
+        """Sample one image per target label map (and seed), reading ``bank`` or the exemplar.
+
+        ``callback_on_step_end(pipe, i, t, callback_kwargs)`` runs after each step with the
+        tensors named in ``callback_on_step_end_tensor_inputs`` (``"latents"``); a dict it
+        returns may replace them. ``callback(i, n)`` is the older progress hook (deprecated)."""
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise InputError(f"callback_on_step_end_tensor_inputs: {unknown} not among {self._callback_tensor_inputs}")
+        callback = _deprecated_callback(callback)
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose one of {MODES}")
         targets = [check_label_ids(t, f"target_labels[{i}]") for i, t in enumerate(_as_maps(target_labels, "target_labels"))]
@@ -484,7 +550,7 @@ class AMAdapterPipeline:
         cfg = guidance_scale > 1.0 and not (mode == "structure_only" and self.text_embeds.identical_halves)
         states, cond_start = self._embeds(n, cfg)
         steps = len(sched.timesteps)
-        for i, t in enumerate(sched.timesteps):
+        for i, t in enumerate(self.progress_bar(sched.timesteps)):
             latents = torch.cat([z, z]) if cfg else z
             eps = self.generation_eps(
                 latents, t, cond_map, tokens=None if bank is None else bank.tokens[i],
@@ -495,6 +561,15 @@ class AMAdapterPipeline:
                 eps_u, eps_c = eps.chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
             z = sched.step(eps, t, z).prev_sample
+            if callback_on_step_end is not None:
+                tensors = {"latents": z}
+                returned = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                z = (returned or {}).get("latents", z)
             if callback is not None:
                 callback(i + 1, steps)
-        return AMAdapterOutput(images=self.decode_latents(z), latents=z)
+        images = self.decode_latents(z)
+        self.maybe_free_model_hooks()
+        return AMAdapterOutput(images=images, latents=z)
+
+
+_register_with_diffusers(AMAdapterPipeline)

@@ -24,14 +24,14 @@ class ModelNotFoundError(FileNotFoundError):
 
 
 def load_pipeline(model: str | Path):
-    from amadapter.pipeline import AMAdapterPipeline
+    """A model folder, or RANDOM_TOY, through :func:`amadapter.loading.load_model`."""
+    from amadapter.loading import load_model
 
-    if str(model) == RANDOM_TOY:
-        return AMAdapterPipeline.from_preset("toy", seed=0)
-    path = Path(model)
-    if not path.is_dir():
-        raise ModelNotFoundError(f"{path}: no model folder here (train one with `amgen train`, or pass --model {RANDOM_TOY})")
-    return AMAdapterPipeline.from_pretrained(path)
+    if str(model) != RANDOM_TOY and not Path(model).is_dir():
+        raise ModelNotFoundError(f"{model}: no model folder here (train one with `amgen train`, or pass --model {RANDOM_TOY})")
+    pipe = load_model(model).pipe
+    pipe.set_progress_bar_config(disable=True)  # the benchmark reports its own progress
+    return pipe
 
 
 def _shown(path: str | Path) -> str:

@@ -146,7 +146,8 @@ class SynthesisConfig(_Strict):
     torch_threads: int | None = Field(None, ge=1)  # None: = num_cpus of the actor
     batch_size: int = Field(8, ge=1)  # targets per model call; a batch shares one exemplar
     allow_cpu_fallback: bool = False  # no GPU in the cluster: run on CPU instead of failing
-    bank_cache_size: int = Field(64, ge=0)  # exemplar banks kept per actor (LRU)
+    bank_cache_size: int = Field(64, ge=0)  # exemplar banks kept per actor at most (LRU)
+    bank_cache_bytes: int = Field(2 << 30, ge=0)  # and their tensor bytes at most (2 GiB, as amadapter.bank)
     gpu_wait_s: float = Field(0.0, ge=0.0)  # autoscaling cluster: ask for the GPUs and wait this long
 
 
@@ -198,7 +199,8 @@ _NOT_HASHED = {
     "name": None,
     "output": {"dir", "export_cityscapes", "preview", "preview_rows"},
     "ray": None,
-    "synthesis": {"actors", "num_cpus", "num_gpus", "allow_cpu_fallback", "bank_cache_size", "gpu_wait_s"},
+    "synthesis": {"actors", "num_cpus", "num_gpus", "allow_cpu_fallback", "bank_cache_size", "bank_cache_bytes",
+                  "gpu_wait_s"},
 }
 
 

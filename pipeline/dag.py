@@ -350,7 +350,8 @@ def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers):
                         batch_size=1, batch_format="numpy", num_cpus=LOADER_CPUS)
     ds = ds.map_batches(Synthesizer, fn_constructor_args=(model,),
                         fn_constructor_kwargs={"device": workers.device, "torch_threads": workers.torch_threads,
-                                               "bank_cache_size": cfg.synthesis.bank_cache_size},
+                                               "bank_cache_size": cfg.synthesis.bank_cache_size,
+                                               "bank_cache_bytes": cfg.synthesis.bank_cache_bytes},
                         batch_size=1, batch_format="numpy", compute=_actors(workers.actors),
                         num_cpus=workers.num_cpus, num_gpus=workers.num_gpus or None)
     if cfg.score.enabled:

@@ -15,7 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from amadapter.bank import DEFAULT_BANK_CACHE_BYTES
 from amadapter.bundled import toy_model_dir
+from amadapter.loading import bundled_toy_available, load_model
 from amgen_core.image_io import encode_png
 from stages.group import unpack_arrays
 
@@ -28,7 +30,7 @@ SAMPLE_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
 
 def toy_weights_available(path: Path = TOY_WEIGHTS) -> bool:
     """True once the trained toy model has been saved into the package (see training/)."""
-    return (path / "model_index.json").is_file()
+    return bundled_toy_available(path)
 
 
 def resolve_device(device: str) -> str:
@@ -41,30 +43,21 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def load_pipeline(model: dict[str, Any], device: str = "cpu", bank_cache_size: int = 64):
-    """The one place that turns ``model`` config into an ``AMAdapterPipeline`` and a display name.
-
-    ``path: toy`` takes the bundled trained toy weights when they exist and a random-weight toy
-    model (seed 0) until then, so the demo switches to the trained model without a config change.
-    """
+def load_pipeline(model: dict[str, Any], device: str = "cpu", bank_cache_size: int | None = 64,
+                  bank_cache_bytes: int = DEFAULT_BANK_CACHE_BYTES):
+    """The stage's view of :func:`amadapter.loading.load_model`: ``model`` config -> (pipeline,
+    display name). ``path: toy`` takes the bundled trained toy weights when they exist and a
+    random-weight toy model (seed 0, "toy-random") until then. Banks are cached per actor within
+    ``bank_cache_bytes`` and at most ``bank_cache_size`` of them."""
     import torch
-    from amadapter.pipeline import AMAdapterPipeline
 
     dtype = getattr(torch, model.get("dtype", "float32"))
-    path = model.get("path", "toy")
-    kw = {"bank_cache_size": int(bank_cache_size)}
-    if path == "toy":
-        if toy_weights_available():
-            pipe, name = AMAdapterPipeline.from_pretrained(str(TOY_WEIGHTS), device=device, dtype=dtype, **kw), "toy"
-        else:
-            pipe, name = AMAdapterPipeline.from_preset("toy", seed=0, **kw).to(device, dtype), "toy-random"
-    elif path == "sd15":
-        pipe = AMAdapterPipeline.from_sd15(model["sd15_dir"], adapter_dir=model.get("adapter_dir"),
-                                           device=device, dtype=dtype, **kw)
-        name = "sd15"
-    else:
-        pipe, name = AMAdapterPipeline.from_pretrained(path, device=device, dtype=dtype, **kw), Path(path).name
-    return pipe, name
+    loaded = load_model(model.get("path", "toy"), device=device, dtype=dtype, sd15_dir=model.get("sd15_dir"),
+                        adapter_dir=model.get("adapter_dir"),
+                        bank_cache_size=None if bank_cache_size is None else int(bank_cache_size),
+                        bank_cache_bytes=int(bank_cache_bytes))
+    loaded.pipe.set_progress_bar_config(disable=True)  # rows report progress, not per-step bars
+    return loaded.pipe, loaded.name
 
 
 def _error(member: dict, stage: str, reason: str) -> dict[str, Any]:
@@ -76,14 +69,14 @@ class Synthesizer:
     """Ray Data batch function over loaded groups (see stages/group.py) -> one row per sample."""
 
     def __init__(self, model: dict[str, Any], *, device: str = "cpu", torch_threads: int | None = None,
-                 bank_cache_size: int = 64):
+                 bank_cache_size: int = 64, bank_cache_bytes: int = DEFAULT_BANK_CACHE_BYTES):
         import torch
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.settings = dict(model)
         self.device = resolve_device(device)
-        self.pipe, name = load_pipeline(model, self.device, bank_cache_size)
+        self.pipe, name = load_pipeline(model, self.device, bank_cache_size, bank_cache_bytes)
         self.model_id = f"{name}@{self.pipe.model_hash()[:16]}"
 
     # -- one group

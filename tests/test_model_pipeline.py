@@ -1,9 +1,12 @@
 """The sampling pipeline on a tiny random-weight model (CPU, 32x32 / 32x48, 2 steps)."""
+import io
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from amadapter.bank import BankCache, ExemplarBank
 from amadapter.cost import CostSpec
 from amgen_core.labels import LabelError
 from amadapter.pipeline import AMAdapterPipeline, InputError
@@ -92,11 +95,17 @@ def test_exemplar_reuse_equals_recompute_and_batch_equals_single(pipe, scene):
     image, label, _ = scene
     targets = [np.concatenate([tiny_scene(s)[1], tiny_scene(s)[1][:, :16]], axis=1) for s in (1, 2)]  # 32x48
     steps = []
+
+    def on_step_end(p, i, t, tensors):
+        assert p is pipe and set(tensors) == {"latents"} and tensors["latents"].shape == (2, 4, 16, 24)
+        steps.append((i, int(t)))
+        return {}
+
     bank = pipe.encode_exemplar(image, label, num_inference_steps=STEPS, guidance_scale=7.5)
     batch = pipe(targets, bank=bank, seeds=[3, 4], num_inference_steps=STEPS, guidance_scale=7.5,
-                 callback=lambda i, n: steps.append((i, n)))
+                 callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"])
     assert batch.images.shape == (2, 32, 48, 3) and batch.images.dtype == np.uint8
-    assert steps == [(1, STEPS), (2, STEPS)]
+    assert steps == [(0, bank.timesteps[0]), (1, bank.timesteps[1])]
     for i, (target, seed) in enumerate(zip(targets, [3, 4])):
         single = pipe([target], image, label, seeds=[seed], num_inference_steps=STEPS, guidance_scale=7.5)
         torch.testing.assert_close(single.latents[0], batch.latents[i], rtol=1e-4, atol=1e-4)
@@ -150,3 +159,87 @@ def test_bad_inputs_raise_clear_errors(pipe, scene):
         pipe(label, image, label, mode="magic", **kw)
     with pytest.raises(InputError, match="2 seeds for 1 targets"):
         pipe(label, image, label, seeds=[1, 2], num_inference_steps=STEPS)
+
+
+def test_callbacks_progress_bar_and_the_deprecated_hook(pipe, scene):
+    image, label, _ = scene
+    kw = dict(seeds=[1], num_inference_steps=STEPS, mode="sa_aug", exemplar_key="ex-cb")
+    plain = pipe(label, image, label, **kw)
+    # a callback may replace the latents: zeroing them after the last step decodes zeros
+    out = pipe(label, image, label, **kw, callback_on_step_end=lambda p, i, t, d: {"latents": d["latents"] * 0}
+               if i == STEPS - 1 else {})
+    assert torch.count_nonzero(out.latents) == 0
+    assert np.array_equal(out.images, pipe.decode_latents(torch.zeros_like(plain.latents)))
+    with pytest.raises(InputError, match="not among"):
+        pipe(label, image, label, **kw, callback_on_step_end=lambda *a: {}, callback_on_step_end_tensor_inputs=["eps"])
+    seen = []
+    with pytest.warns(FutureWarning, match="callback"):
+        again = pipe(label, image, label, **kw, callback=lambda i, n: seen.append((i, n)))
+    assert seen == [(1, STEPS), (2, STEPS)] and np.array_equal(again.images, plain.images)
+    bar = io.StringIO()
+    pipe.set_progress_bar_config(file=bar, ncols=60)
+    try:
+        pipe(label, image, label, **kw)
+    finally:
+        pipe.set_progress_bar_config()
+    assert f"{STEPS}/{STEPS}" in bar.getvalue()
+
+
+def test_diffusers_pipeline_surface(pipe):
+    from diffusers import DiffusionPipeline
+
+    assert isinstance(pipe, DiffusionPipeline)
+    assert sorted(pipe.components) == ["matcher", "scheduler", "structure_net", "text_embeds", "unet", "vae"]
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
+    # every torch component is either offloaded in sequence or kept on the accelerator
+    offloaded = pipe.model_cpu_offload_seq.split("->")
+    modules = {k for k, v in pipe.components.items() if isinstance(v, torch.nn.Module)}
+    assert sorted(offloaded + pipe._exclude_from_cpu_offload) == sorted(modules)
+    assert pipe.to(None, None) is pipe
+
+
+def test_model_cpu_offload_keeps_outputs(scene):
+    """With accelerate, offloading (onto the CPU here, the only device a CPU test has) must not
+    change a bit; without it, diffusers' ImportError must name accelerate."""
+    import importlib.util
+
+    image, label, _ = scene
+    pipe = tiny_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(seeds=[2], num_inference_steps=STEPS)
+    before = pipe(label, image, label, **kw)
+    if importlib.util.find_spec("accelerate") is None:
+        with pytest.raises(ImportError, match="accelerate"):
+            pipe.enable_model_cpu_offload(device="cpu")
+        return
+    pipe.enable_model_cpu_offload(device="cpu")
+    after = pipe(label, image, label, **kw)
+    assert np.array_equal(before.images, after.images) and torch.equal(before.latents, after.latents)
+
+
+def _bank(nbytes: int) -> ExemplarBank:
+    tokens = [{"layer": torch.zeros(nbytes // 4, dtype=torch.float32)}]
+    return ExemplarBank(timesteps=(1,), tokens=tokens, label=np.zeros((4, 4), np.uint8), instance=None,
+                        latent_hw=(1, 1), guidance_scale=1.0)
+
+
+def test_bank_cache_is_bounded_by_bytes_then_count():
+    cache = BankCache(max_bytes=1000)
+    for key in "abc":
+        cache.put(key, _bank(400))
+    assert len(cache) == 2 and cache.nbytes == 800 and cache.get("a") is None  # a was least recent
+    assert cache.get("b") is not None  # b is now the most recent
+    cache.put("d", _bank(400))
+    assert cache.get("c") is None and cache.get("b") is not None and cache.get("d") is not None
+    cache.put("huge", _bank(2000))  # larger than the whole budget: not kept, nothing evicted
+    assert cache.get("huge") is None and len(cache) == 2
+    assert (cache.hits, cache.misses) == (3, 3)
+    counted = BankCache(max_items=1, max_bytes=10_000)
+    counted.put("a", _bank(40))
+    counted.put("b", _bank(40))
+    assert len(counted) == 1 and counted.get("b") is not None
+    off = BankCache(max_items=0)
+    off.put("a", _bank(40))
+    assert len(off) == 0
+    with pytest.raises(ValueError, match="max_bytes"):
+        BankCache(max_bytes=-1)
