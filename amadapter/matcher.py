@@ -119,6 +119,9 @@ class Matcher(ModelMixin, ConfigMixin):
     release_cost_side = RELEASE_COST_SIDE
     release_resized_side = RELEASE_RESIZED_SIDE
 
+    # release_compat came after the bundled toy model; off, it changes nothing (model_hash).
+    _hash_neutral_defaults = {"release_compat": False}
+
     @register_to_config
     def __init__(
         self,

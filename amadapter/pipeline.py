@@ -259,6 +259,11 @@ class AMAdapterPipeline(DiffusionPipeline):
             comp = getattr(self, name)
             h.update(name.encode())
             config = {k: v for k, v in dict(comp.config).items() if not k.startswith("_")}  # no paths/versions
+            # Options added after models were published leave the hash alone at their default:
+            # the same weights with the same behaviour keep their identity.
+            for key, default in getattr(comp, "_hash_neutral_defaults", {}).items():
+                if config.get(key) == default:
+                    config.pop(key)
             h.update(json.dumps(config, sort_keys=True, default=str).encode())
             if isinstance(comp, torch.nn.Module):
                 for key, t in sorted(comp.state_dict().items()):
