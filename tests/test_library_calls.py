@@ -29,15 +29,18 @@ def test_min_snr_loss_via_diffusers_compute_snr_equals_the_direct_quotient(gamma
     t = torch.arange(sched.config.num_train_timesteps)
     g = torch.Generator().manual_seed(0)
     pred, noise = torch.randn(len(t), 4, 2, 2, generator=g), torch.randn(len(t), 4, 2, 2, generator=g)
-    # Per step, so that every one of the 1000 weights is compared on its own.
+    # One step per call (every 7th step, both sides of the cap), so each weight is compared on its own.
+    t = t[::7]
     new = torch.stack([eps_loss(pred[i:i + 1], noise[i:i + 1], t[i:i + 1], sched, gamma) for i in range(len(t))])
     old = torch.stack([_old_eps_loss(pred[i:i + 1], noise[i:i + 1], t[i:i + 1], sched, gamma) for i in range(len(t))])
     # compute_snr squares sqrt(a)/sqrt(1-a): measured max relative difference 2.5e-7 (gamma 5),
     # 3.7e-7 (gamma 1), i.e. float32 rounding; weight-1 steps stay bit-identical.
     torch.testing.assert_close(new, old, rtol=1e-6, atol=0)
-    a = sched.alphas_cumprod
+    a = sched.alphas_cumprod[t]
     capped = (a / (1 - a)) <= gamma
     assert torch.equal(new[capped], old[capped]) and capped.any() and not capped.all()
+    # All 1000 steps in one batch.
+    t = torch.arange(sched.config.num_train_timesteps)
     batch = eps_loss(pred, noise, t, sched, gamma)
     torch.testing.assert_close(batch, _old_eps_loss(pred, noise, t, sched, gamma), rtol=1e-6, atol=0)
 
@@ -92,3 +95,72 @@ def test_resize_nearest_keeps_dtype_ids_and_identity():
     small = resize_nearest(lab, (16, 32))
     assert small.dtype == np.uint8 and set(np.unique(small)) <= set(np.unique(lab))
     assert resize_nearest(lab, lab.shape) is lab
+
+
+# ----------------------------------------------------------------------------- paired bootstrap
+def _old_compare(a, b, n_boot=1000, seed=0):
+    """evaluation.stats.compare before scipy: own index draws, weights from bincount, row 0 the point."""
+    from evaluation.stats import Interval, _stack, _statistics
+
+    n = len(a)
+    draws = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    weights = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
+    weights = np.concatenate([np.ones((1, n)), weights])
+    sa, sb = _statistics(weights, *_stack(a)), _statistics(weights, *_stack(b))
+    values = {"class_de2000_reduction": 1.0 - sa[:, 0] / sb[:, 0],
+              "controllability_difference": sa[:, 1] - sb[:, 1], "miou_difference": sa[:, 2] - sb[:, 2]}
+    out = {}
+    for name, v in values.items():
+        boot = v[1:][np.isfinite(v[1:])]
+        low, high = np.percentile(boot, [2.5, 97.5]) if boot.size else (np.nan, np.nan)
+        out[name] = Interval(float(v[0]), float(low), float(high))
+    return out
+
+
+def _records(n, error_scale, rng, vehicles=(0, 4)):
+    from evaluation.stats import TripleRecord
+
+    out = []
+    for _ in range(n):
+        cm = rng.integers(0, 20, (19, 19))
+        cm[np.diag_indices(19)] += rng.integers(20, 80, 19)
+        pairs, total = int(rng.integers(1, 6)), int(rng.integers(*vehicles))
+        out.append(TripleRecord(cm, float(rng.uniform(5, 30) * pairs * error_scale), pairs,
+                                int(rng.integers(0, total + 1)), total))
+    return out
+
+
+@pytest.mark.parametrize("n, n_boot, seed", [(1, 100, 0), (2, 200, 0), (3, 1000, 1), (20, 1000, 0), (57, 500, 7), (200, 1000, 0)])
+def test_scipy_paired_bootstrap_gives_the_old_intervals(n, n_boot, seed):
+    """scipy.stats.bootstrap(paired=True) draws rng.integers(0, n, (n_boot, n)) from default_rng(seed),
+    the very indices the old code drew: the intervals are bit-identical; the point estimate, now a
+    one-row matrix product, may move by one float64 rounding step."""
+    from evaluation.stats import compare
+
+    rng = np.random.default_rng(n)
+    a, b = _records(n, 0.7, rng), _records(n, 1.0, rng)  # some triples have no vehicle: NaN resamples
+    new, old = compare(a, b, n_boot=n_boot, seed=seed), _old_compare(a, b, n_boot=n_boot, seed=seed)
+    assert list(new) == list(old)
+    for name in new:
+        assert np.array_equal([new[name].low, new[name].high], [old[name].low, old[name].high], equal_nan=True), name
+        assert new[name].point == pytest.approx(old[name].point, rel=1e-14, abs=1e-14, nan_ok=True)
+    as_array = lambda c: np.array([[i.point, i.low, i.high] for i in c.values()])  # noqa: E731
+    assert np.array_equal(as_array(compare(a, b, n_boot=n_boot, seed=seed)), as_array(new), equal_nan=True)
+    if n > 3:
+        assert not np.array_equal(as_array(compare(a, b, n_boot=n_boot, seed=seed + 1)), as_array(new), equal_nan=True)
+
+
+def test_finite_resamples_give_scipys_own_percentile_interval():
+    from scipy.stats import bootstrap
+
+    from evaluation.stats import compare
+
+    rng = np.random.default_rng(5)
+    a, b = _records(30, 0.8, rng, vehicles=(3, 6)), _records(30, 1.0, rng, vehicles=(3, 6))
+    ours = compare(a, b, n_boot=400, seed=3)["controllability_difference"]
+    rate = lambda recs, i: (np.array([r.hits for r in recs])[i].sum(-1)  # noqa: E731
+                            / np.array([r.total for r in recs])[i].sum(-1))
+    ref = bootstrap((np.arange(30),), lambda i, axis=-1: rate(a, i) - rate(b, i), n_resamples=400, paired=True,
+                    vectorized=True, method="percentile", rng=3).confidence_interval
+    assert (ours.low, ours.high) == pytest.approx((ref.low, ref.high), rel=1e-12)
+    assert ours.low < ours.point < ours.high
