@@ -124,7 +124,7 @@ def _fit(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Nearest-resize to ``hw`` (exemplars can differ in size from their targets).
 
     Source pixel floor(i * in / out) in exact integers. Not cv2's INTER_NEAREST: it computes the
-    same rule in floating point and picks the pixel before an exact boundary for some odd sizes
+    same rule in floating point and picks the pixel before an exact boundary for some sizes
     (e.g. 6 -> 34 rows), which would change preview bytes; PIL samples pixel centres instead.
     """
     if img.shape[:2] == hw:

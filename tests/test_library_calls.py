@@ -61,6 +61,27 @@ def test_upscale_via_pil_nearest_equals_repeat():
     assert checked == 215  # (h, w, min_height) cases that enlarge
 
 
+
+def test_fit_is_exact_integer_floor_which_cv2_nearest_misses():
+    """_fit takes source pixel floor(i * in / out) in integers; cv2.INTER_NEAREST means the same but
+    computes it in floating point and lands one pixel early on some exact boundaries, so _fit
+    stays hand-written (the preview bytes depend on it)."""
+    import cv2
+
+    from stages.write import _fit
+
+    cv2_differs = []
+    for n_in in SIZES:
+        src = np.repeat((np.arange(n_in) % 251).astype(np.uint8)[:, None, None], 3, axis=2)  # (n_in, 1, 3)
+        for n_out in SIZES:
+            want = src[(np.arange(n_out) * n_in) // n_out]
+            got = _fit(src, (n_out, 1))
+            assert np.array_equal(got, want) and np.array_equal(_fit(src.transpose(1, 0, 2), (1, n_out)),
+                                                                want.transpose(1, 0, 2)), (n_in, n_out)
+            if not np.array_equal(cv2.resize(src, (1, n_out), interpolation=cv2.INTER_NEAREST), want):
+                cv2_differs.append((n_in, n_out))
+    assert (6, 34) in cv2_differs  # measured with OpenCV 5.1: 46 of these 3249 size pairs
+
 def _centres(n_in: int, n_out: int) -> np.ndarray:
     return (np.arange(n_out) + 0.5) * n_in / n_out
 
