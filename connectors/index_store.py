@@ -108,8 +108,10 @@ def _search_preassigned(shard, q: np.ndarray, k: int, probes: tuple[np.ndarray, 
                         sel) -> tuple[np.ndarray, np.ndarray]:
     """IVF search with coarse probes computed by the caller (the shared quantizer).
 
-    Calls the C++ method directly: the Python wrapper accepts no SearchParameters, which the
-    per-call nprobe and the filter selector need.
+    Calls the C++ method directly: the per-call nprobe and the filter selector need
+    SearchParameters, and the Python wrapper ``index.search_preassigned(x, k, Iq, Dq, params=)``
+    still refuses them in faiss 1.15.1 (``assert params is None, "params not supported"``) and
+    requires ``Iq.shape[1] == index.nprobe``, i.e. a shared shard mutated per call.
     """
     cdis, assign = (np.ascontiguousarray(a) for a in probes)
     params = faiss.SearchParametersIVF(nprobe=assign.shape[1])
@@ -503,17 +505,16 @@ class ShardedIndex:
         kk = min(k, hi - lo)
         if kk <= 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
-        sel, bits = None, None
+        sel = None
         if mask is not None and self.device == "cpu":
-            bits = np.packbits(mask[lo:hi], bitorder="little")
-            sel = faiss.IDSelectorBitmap(hi - lo, faiss.swig_ptr(bits))
+            # The one-argument wrapper takes the packed bytes and keeps them alive with the selector.
+            sel = faiss.IDSelectorBitmap(np.packbits(mask[lo:hi], bitorder="little"))
         if self.kind == "ivf" and probes is not None:
             dist, idx = _search_preassigned(shard, q, kk, probes, sel)
         elif sel is not None:
             dist, idx = shard.search(q, kk, params=faiss.SearchParameters(sel=sel))
         else:
             dist, idx = shard.search(q, kk)
-        del bits  # the selector reads this buffer; keep it alive until here
         rows = np.where(idx >= 0, idx + lo, -1)
         return dist, rows
 

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow.parquet as pq
+from PIL import Image
 
 from amgen_core.labels import colorize
 from amgen_core.image_io import decode_png, encode_png, write_bytes_atomic
@@ -107,12 +108,25 @@ class ShardWriter:
 # ---------------------------------------------------------------- preview
 
 def _upscale(img: np.ndarray, min_height: int = 128) -> np.ndarray:
+    """Enlarge an RGB uint8 tile by the smallest whole factor that reaches ``min_height``.
+
+    PIL's nearest filter at a whole factor repeats every pixel f x f times (no centre falls on a
+    pixel boundary), the same bytes as ``repeat`` (tests/test_library_calls.py).
+    """
     f = max(1, -(-min_height // img.shape[0]))
-    return img.repeat(f, 0).repeat(f, 1) if f > 1 else img
+    if f == 1:
+        return img
+    h, w = img.shape[:2]
+    return np.asarray(Image.fromarray(img).resize((w * f, h * f), Image.NEAREST))
 
 
 def _fit(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
-    """Nearest-resize to ``hw`` (exemplars can differ in size from their targets)."""
+    """Nearest-resize to ``hw`` (exemplars can differ in size from their targets).
+
+    Source pixel floor(i * in / out) in exact integers. Not cv2's INTER_NEAREST: it computes the
+    same rule in floating point and picks the pixel before an exact boundary for some sizes
+    (e.g. 6 -> 34 rows), which would change preview bytes; PIL samples pixel centres instead.
+    """
     if img.shape[:2] == hw:
         return img
     rows = (np.arange(hw[0]) * img.shape[0]) // hw[0]

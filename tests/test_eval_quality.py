@@ -49,11 +49,47 @@ def test_report_files(tiny_report, tmp_path):
     md_path = tmp_path / "quality.md"
     write_markdown(report, md_path, ctx)
     text = md_path.read_text()
-    assert "| am_adapter | 2 |" in text and ("**PASS**" in text or "**FAIL**" in text)
+    assert "| am_adapter | 2 |" in text
+    _check_verdicts_against_the_table(text)
     # Hand-written analysis survives a rerun.
     md_path.write_text(text.replace("(no analysis written yet)", "my analysis"))
     write_markdown(report, md_path, ctx)
     assert "my analysis" in md_path.read_text()
+
+
+def _cells(text: str, first: str) -> list[str]:
+    """The cells of the markdown table row that starts with ``| first |``."""
+    rows = [line for line in text.splitlines() if line.startswith(f"| {first} |")]
+    assert len(rows) == 1, (first, rows)
+    return [c.strip() for c in rows[0].strip("|").split("|")]
+
+
+def _number(cell: str) -> float | None:
+    return None if cell == "n/a" else float(cell)
+
+
+def _check_verdicts_against_the_table(text: str) -> None:
+    """Recompute issue 3's bar from the figures the report prints, and compare with the verdicts
+    it prints next to them (the rule is restated here, not imported from evaluation.quality)."""
+    result = text.split("## Result", 1)[1].split("By toy-town domain", 1)[0]
+    fig = {}
+    for mode in ("structure_only", "sa_aug", "am_adapter"):
+        _, _, miou, class_de, _, _, control = _cells(result, mode)
+        hits, total = (int(v) for v in control.split("(")[1].rstrip(")").split("/"))
+        fig[mode] = {"miou": float(miou), "class_de": _number(class_de), "control": hits / total if total else None}
+    am, sa, so = fig["am_adapter"], fig["sa_aug"], fig["structure_only"]
+    want = {}
+    if am["class_de"] is not None and sa["class_de"]:
+        want["am_adapter beats sa_aug on per-class colour error by >= 25%"] = 1 - am["class_de"] / sa["class_de"] >= 0.25
+    want["am_adapter beats sa_aug on controllability"] = (
+        am["control"] is not None and sa["control"] is not None and am["control"] > sa["control"])
+    want["am_adapter mIoU within 2 points of structure_only or better"] = am["miou"] >= so["miou"] - 2.0
+    bar = text.split("## Acceptance bar", 1)[1].split("## Analysis", 1)[0]
+    for criterion, ok in want.items():
+        assert _cells(bar, criterion)[1] == ("**PASS**" if ok else "**FAIL**"), (criterion, fig)
+    assert bar.count("| **PASS** |") + bar.count("| **FAIL** |") == len(want)
+    overall = "met" if all(want.values()) else "NOT met"
+    assert f"Overall: the acceptance bar is **{overall}**." in bar
 
 
 def test_acceptance_bar_passes_and_fails():

@@ -202,3 +202,32 @@ def test_cuda_without_gpu_is_a_clear_error(tmp_path, data):
     with pytest.raises(RuntimeError, match="faiss sees no GPU"):
         ShardedIndex.load(tmp_path / "idx", device="cuda")
     assert ShardedIndex.load(tmp_path / "idx", device="auto").device == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_bitmap_selector_wrapper_gives_what_the_raw_pointer_gave(tmp_path, kind):
+    """faiss.IDSelectorBitmap(bits) (the wrapper, which keeps ``bits`` alive) against the old
+    IDSelectorBitmap(n_rows, swig_ptr(bits)): same hits, bit for bit, at a partial probe too."""
+    import faiss
+
+    from connectors.index_store import _search_preassigned
+
+    x = unit_vectors(1200, seed=6)
+    index = ShardedIndex.build(x, [f"v{i}" for i in range(1200)], [{"i": i} for i in range(1200)],
+                               tmp_path / kind, 3, ivf_threshold=100 if kind == "ivf" else 10_000, nlist=16, nprobe=3)
+    assert index.kind == kind
+    q = unit_vectors(20, seed=7)
+    mask = np.random.default_rng(8).random(1200) < 0.3
+    probes = index._quantizer.search(q, 3) if kind == "ivf" else None
+    for s in range(index.num_shards):
+        lo, hi = int(index._offsets[s]), int(index._offsets[s + 1])
+        bits = np.packbits(mask[lo:hi], bitorder="little")
+        old_sel = faiss.IDSelectorBitmap(hi - lo, faiss.swig_ptr(bits))
+        if kind == "ivf":
+            want_d, want_i = _search_preassigned(index._shards[s], q, 25, probes, old_sel)
+        else:
+            want_d, want_i = index._shards[s].search(q, 25, params=faiss.SearchParameters(sel=old_sel))
+        got_d, got_rows = index._search_shard(s, q, 25, mask, 3, probes)
+        assert np.array_equal(got_rows, np.where(want_i >= 0, want_i + lo, -1))
+        assert np.array_equal(got_d, want_d)
+        assert mask[got_rows[got_rows >= 0]].all() and (got_rows >= 0).sum() > 0

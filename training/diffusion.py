@@ -173,8 +173,11 @@ def eps_loss(pred: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, s
     per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
     if snr_gamma is None:
         return per_sample.mean()
-    a = scheduler.alphas_cumprod.to(per_sample.device)[timesteps]
-    snr = a / (1 - a)
+    from diffusers.training_utils import compute_snr
+
+    # alpha_bar / (1 - alpha_bar), via square roots: equal to the direct quotient to float32
+    # rounding (<= 3.5e-7 relative over all 1000 steps; tests/test_library_calls.py).
+    snr = compute_snr(scheduler, timesteps.to(per_sample.device))
     weight = torch.clamp(snr, max=snr_gamma) / snr
     return (weight * per_sample).mean()
 
