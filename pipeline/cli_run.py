@@ -25,7 +25,7 @@ DEMO_MIN_SAMPLES = 64
 def _user_errors() -> tuple[type[BaseException], ...]:
     from connectors.index_store import IndexFormatError, IndexNotFoundError
     from pipeline.config import ConfigError
-    from pipeline.dag import ClusterResourceError
+    from pipeline.cluster import ClusterResourceError
     from pipeline.plan import PlanError
     from pipeline.resume import OutputFolderError
     from stages.score import ScoreUnavailableError
@@ -68,7 +68,8 @@ def print_plan(summary, cfg, console) -> None:
 def run_command(config: Path, overrides: list[str], out: Optional[Path], dry_run: bool, overwrite: bool,
                 quiet: bool = False, json_summary: bool = False) -> None:
     from pipeline.config import load_config
-    from pipeline.dag import print_summary, run_pipeline
+    from pipeline.console import print_summary
+    from pipeline.run import run_pipeline
 
     console = _console()
     errors = _user_errors()
@@ -88,7 +89,8 @@ def run_command(config: Path, overrides: list[str], out: Optional[Path], dry_run
 def demo_command(out: Path, n: int, inputs: Optional[Path], steps: Optional[int], overwrite: bool) -> None:
     from connectors.verify import verify_dataset
     from pipeline.config import load_config
-    from pipeline.dag import print_summary, run_pipeline
+    from pipeline.console import print_summary
+    from pipeline.run import run_pipeline
 
     console = _console()
     if n < 1:
