@@ -70,9 +70,10 @@ def main() -> None:
 
     from toytown import make_tree
     from pipeline.config import config_from_dict
-    from pipeline.dag import run_pipeline
+    from pipeline.run import run_pipeline
     from pipeline.plan import load_plan
-    from stages.group import group_samples, load_group, source_spec
+    from stages.group import group_samples, load_group
+    from stages.read import source_spec
 
     work = args.work or Path(tempfile.mkdtemp(prefix="amgen-bench-"))
     tree = work / "toytown"

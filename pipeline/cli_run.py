@@ -24,8 +24,8 @@ DEMO_MIN_SAMPLES = 64
 def _user_errors() -> tuple[type[BaseException], ...]:
     from connectors.index_store import IndexFormatError, IndexNotFoundError
     from pipeline.config import ConfigError
+    from pipeline.cluster import ClusterResourceError
     from pipeline.presets import PresetNotFoundError
-    from pipeline.dag import ClusterResourceError
     from pipeline.plan import PlanError
     from pipeline.resume import OutputFolderError
     from stages.score import ScoreUnavailableError
@@ -68,8 +68,9 @@ def print_plan(summary, cfg, console) -> None:
 def run_command(config: str, overrides: list[str], out: Optional[Path], dry_run: bool, overwrite: bool,
                 quiet: bool = False, json_summary: bool = False) -> None:
     from pipeline.config import load_config
-    from pipeline.dag import print_summary, run_pipeline
+    from pipeline.console import print_summary
     from pipeline.presets import resolve_config
+    from pipeline.run import run_pipeline
 
     console = _console()
     errors = _user_errors()
@@ -89,8 +90,9 @@ def run_command(config: str, overrides: list[str], out: Optional[Path], dry_run:
 def demo_command(out: Path, n: int, inputs: Optional[Path], steps: Optional[int], overwrite: bool) -> None:
     from connectors.verify import verify_dataset
     from pipeline.config import load_config
-    from pipeline.dag import print_summary, run_pipeline
+    from pipeline.console import print_summary
     from pipeline.presets import resolve_config
+    from pipeline.run import run_pipeline
 
     console = _console()
     if n < 1:

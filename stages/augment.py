@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from amgen_core.records import Layout, stable_seed
+from stages.read import batch_columns, cached_source, error_row, read_item
 
 RECORD_VERSION = 1
 FILL = 255  # ignore while transforming; 255 is never a valid label id nor instance id
@@ -145,3 +146,30 @@ def augment_layout(layout: Layout, cfg: Any, run_seed: int = 0) -> tuple[Layout,
 def record_json(record: dict) -> str:
     """The canonical JSON text of a record (what ``sample_id`` and the ``augment`` column hold)."""
     return json.dumps(record, sort_keys=True, separators=(",", ":"))
+
+
+def read_and_augment_batch(batch: dict[str, Any], spec: str, augment: Any, run_seed: int) -> dict[str, list]:
+    """Ray Data batch function of the plan pass: item descriptors (JSON) -> read -> augment.
+
+    Keeps labels only (the plan needs where classes are, not pixels; the synthesis pass reads the
+    image again). ``spec`` is a ``stages.read.source_spec``; ``augment`` the run's augment settings
+    (``pipeline.config.AugmentConfig``). A bad item or an augmentation that cannot apply becomes an
+    error row (``error`` holds its JSON) with a 1x1 placeholder label.
+    """
+    src = cached_source(spec)
+    rows = []
+    for raw in batch["item"]:
+        item = json.loads(raw)
+        lay, err = read_item(src, item, stage="read")
+        rec = ""
+        if lay is not None:
+            lay.image = None
+            try:
+                lay, rec_d = augment_layout(lay, augment, run_seed)
+                rec = record_json(rec_d)
+            except ValueError as e:
+                lay, err = None, error_row(item, "augment", e)
+        rows.append({"layout_id": str(item["item_id"]), "item": str(raw), "augment": rec,
+                     "error": "" if lay is not None else json.dumps(err),
+                     "label": lay.label if lay is not None else np.zeros((1, 1), np.uint8)})
+    return batch_columns(rows, ("layout_id", "item", "augment", "error", "label"))

@@ -127,16 +127,29 @@ class EmbedStage:
 
     Works on the dict-of-arrays batches of Ray Data ``map_batches`` (``batch_format="numpy"``)
     and on plain dicts; a column of equally sized maps may arrive as (N, H, W) or as an object
-    array of HxW maps.
+    array of HxW maps. With ``error_column``, rows whose error is non-empty (quarantined by an
+    earlier stage, with a placeholder label) get a zero vector instead. An instance is a plain
+    callable, so Ray runs it as a task, not as an actor.
     """
 
-    def __init__(self, label_column: str = "label", output_column: str = "embedding"):
+    def __init__(self, label_column: str = "label", output_column: str = "embedding",
+                 error_column: str | None = None):
         self.label_column = label_column
         self.output_column = output_column
+        self.error_column = error_column
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         if self.label_column not in batch:
             raise KeyError(f"embed stage: batch has no {self.label_column!r} column (has {sorted(batch)})")
+        labels = batch[self.label_column]
+        where = f"batch[{self.label_column!r}]"
         out = dict(batch)
-        out[self.output_column] = embed_layouts(batch[self.label_column], where=f"batch[{self.label_column!r}]")
+        if self.error_column is None:
+            out[self.output_column] = embed_layouts(labels, where=where)
+            return out
+        ok = [i for i, err in enumerate(batch[self.error_column]) if not err]
+        emb = np.zeros((len(labels), EMBED_DIM), np.float32)
+        if ok:
+            emb[ok] = embed_layouts([labels[i] for i in ok], where=where)
+        out[self.output_column] = emb
         return out

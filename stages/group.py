@@ -4,7 +4,7 @@ A group is a run of consecutive plan rows with the same (shard, exemplar), at mo
 long. Groups never cross a shard, so a shard's batches -- and so its bytes -- are the same
 whether it is synthesized alone (a resume) or with every other shard.
 
-``GroupLoader`` is the CPU step in front of the model actors: it re-reads each target by its item
+``load_groups_batch`` is the CPU step in front of the model actors: it re-reads each target by its item
 descriptor, replays its recorded augmentation, reads the exemplar, and packs everything into one
 row (arrays in an ``.npz`` payload), so the actors only compute.
 """
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import io
 import json
-from functools import lru_cache
 from typing import Any, Iterable
 
 import numpy as np
 
 from stages.augment import replay
-from stages.read import error_row, make_source, read_item
+from stages.read import batch_columns, cached_source, error_row, read_item
 
 GROUP_COLUMNS = ("group", "payload", "error")
 
@@ -47,18 +46,6 @@ def pack_arrays(arrays: dict[str, np.ndarray]) -> bytes:
 def unpack_arrays(data: bytes) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-
-
-@lru_cache(maxsize=8)
-def cached_source(spec_json: str):
-    spec = json.loads(spec_json)
-    return make_source(spec["kind"], spec["root"], spec.get("split", "train"), spec.get("options"))
-
-
-def source_spec(src: Any) -> str:
-    """A SourceConfig as the JSON string the loader rebuilds the connector from (cheap to ship)."""
-    return json.dumps({"kind": src.kind, "root": str(src.root), "split": src.split, "options": src.options},
-                      sort_keys=True)
 
 
 def load_group(group: dict[str, Any], target_spec: str, exemplar_spec: str) -> dict[str, Any]:
@@ -113,16 +100,7 @@ def _sample_error(member: dict, stage: str, reason: str, path: str | None) -> di
             "sample_id": member["sample_id"]}
 
 
-class GroupLoader:
+def load_groups_batch(batch: dict[str, Any], target_spec: str, exemplar_spec: str) -> dict[str, list]:
     """Ray Data batch function (numpy format): a batch of group descriptors -> loaded group rows."""
-
-    def __init__(self, target_spec: str, exemplar_spec: str):
-        self.target_spec, self.exemplar_spec = target_spec, exemplar_spec
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
-        out: dict[str, list] = {k: [] for k in GROUP_COLUMNS}
-        for g in batch["group"]:
-            row = load_group(json.loads(g), self.target_spec, self.exemplar_spec)
-            for k in GROUP_COLUMNS:
-                out[k].append(row[k])
-        return out
+    rows = [load_group(json.loads(g), target_spec, exemplar_spec) for g in batch["group"]]
+    return batch_columns(rows, GROUP_COLUMNS)

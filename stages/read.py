@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -45,6 +46,19 @@ def make_source(kind: str, root: str, split: str = "train", options: dict[str, A
 def source_from_config(src: Any) -> LayoutSource:
     """``src`` is a ``pipeline.config.SourceConfig`` (or anything with kind/root/split/options)."""
     return make_source(src.kind, str(Path(src.root)), src.split, src.options)
+
+
+def source_spec(src: Any) -> str:
+    """A SourceConfig as the JSON string a batch function rebuilds the connector from (cheap to ship)."""
+    return json.dumps({"kind": src.kind, "root": str(src.root), "split": src.split, "options": src.options},
+                      sort_keys=True)
+
+
+@lru_cache(maxsize=8)
+def cached_source(spec_json: str) -> LayoutSource:
+    """The connector of a ``source_spec``, built once per worker process."""
+    spec = json.loads(spec_json)
+    return make_source(spec["kind"], spec["root"], spec.get("split", "train"), spec.get("options"))
 
 
 def as_item(raw: Any, source_name: str) -> Item:
@@ -113,3 +127,17 @@ def read_item(source: LayoutSource, item: Item, stage: str = "read") -> tuple[La
         return validate_layout(layout, where), None
     except BAD_INPUT_ERRORS as e:
         return None, error_row(item, stage, e)
+
+
+# ---------------------------------------------------------------- batches (Ray Data ``batch_format="numpy"``)
+
+def batch_rows(batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A dict of columns -> one dict per row."""
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: batch[k][i] for k in keys} for i in range(n)]
+
+
+def batch_columns(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> dict[str, list]:
+    """Rows -> a dict of columns (only ``keys``, in that order)."""
+    return {k: [r[k] for r in rows] for k in keys}

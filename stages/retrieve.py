@@ -36,6 +36,7 @@ from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, NUM_TRAIN_IDS, ch
 from connectors.index_store import Filter, ShardedIndex
 from stages.embed import EMBED_DIM, EMBED_VERSION, embed_layouts
 from amgen_core.records import Layout
+from stages.read import batch_columns, batch_rows, cached_source, read_item
 
 DEFAULT_RERANK_SIZE = (32, 64)
 THUMB_BATCH = 256
@@ -232,11 +233,95 @@ class RetrieveStage:
         return out
 
 
+class PlanRetrieveStage:
+    """Retrieve of the plan pass (a callable class: the index loads once per actor).
+
+    Takes the columns of the read + augment and embed batches (``layout_id``, ``item``, ``augment``,
+    ``error``, ``label``, ``embedding``); rows with an error skip the query. Returns the plan row
+    columns with ``matches``: the k picks as JSON (best first), "" for a skipped row.
+    ``exclude_self``: a target never gets itself as its exemplar.
+    """
+
+    PLAN_COLUMNS = ("layout_id", "item", "augment", "error")
+
+    def __init__(self, index_dir: str, k: int, candidates: int, diversity: float, filters: Mapping[str, Any] | None,
+                 exclude_self: bool):
+        self.stage = RetrieveStage(index_dir, k=k, candidates=max(candidates, k), diversity=diversity,
+                                   filters=filters or None, id_column="layout_id" if exclude_self else "__none__")
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, list]:
+        rows = batch_rows(batch)
+        ok = [i for i, r in enumerate(rows) if not r["error"]]
+        matches = [""] * len(rows)
+        if ok:
+            sub = {"layout_id": np.array([rows[i]["layout_id"] for i in ok], dtype=object),
+                   "label": [rows[i]["label"] for i in ok],
+                   "embedding": np.stack([rows[i]["embedding"] for i in ok])}
+            res = self.stage(sub)
+            for j, i in enumerate(ok):
+                matches[i] = str(res["exemplar_matches"][j])
+        out = batch_columns(rows, self.PLAN_COLUMNS)
+        out["matches"] = matches
+        return out
+
+
+# ---------------------------------------------------------------- the exemplar index
+
 def exemplar_meta(layout: Layout) -> dict[str, Any]:
     """What the index keeps about an exemplar for filtering: source, split and scalar meta (e.g. domain)."""
     meta: dict[str, Any] = {"source": layout.source, "split": layout.split}
     meta.update({k: v for k, v in layout.meta.items() if isinstance(v, (str, int, float, bool)) or v is None})
     return meta
+
+
+def index_thumb(label: np.ndarray, size: tuple[int, int] = DEFAULT_RERANK_SIZE) -> np.ndarray:
+    """The small label map the index stores for the exact rerank."""
+    return resize_nearest(label, size).astype(np.uint8)
+
+
+def write_exemplar_index(ids: Sequence[str], embeddings: np.ndarray, thumbs: Sequence[np.ndarray],
+                         metas: Sequence[dict], out_dir: str | os.PathLike, num_shards: int = 1,
+                         **index_kwargs: Any) -> ShardedIndex:
+    """The one place an exemplar index is written: embeddings, ids, meta and small label maps."""
+    if not len(ids):
+        raise ValueError(f"index build {out_dir}: no layouts to index")
+    return ShardedIndex.build(np.asarray(embeddings, np.float32), [str(x) for x in ids], list(metas), out_dir,
+                              num_shards, labels=np.stack(thumbs).astype(np.uint8), embedding_version=EMBED_VERSION,
+                              **index_kwargs)
+
+
+INDEX_ROW_COLUMNS = ("layout_id", "error", "embedding", "thumb", "meta")
+
+
+def index_rows_batch(batch: Mapping[str, Any], spec: str,
+                     thumb_size: tuple[int, int] = DEFAULT_RERANK_SIZE) -> dict[str, list]:
+    """Ray Data batch function (numpy format): exemplar item descriptors (JSON, column ``item``) ->
+    read -> what the index keeps (embedding, small label map, meta as JSON).
+
+    An unreadable item, or one without an image (it cannot lend appearance), gets its error row as
+    JSON in ``error`` and placeholder values. ``spec`` is a ``stages.read.source_spec``.
+    """
+    src = cached_source(spec)
+    rows, good = [], []
+    for raw in batch["item"]:
+        item = json.loads(raw)
+        lay, err = read_item(src, item, stage="exemplar")
+        if lay is not None and lay.image is None:
+            lay, err = None, {"input_id": item["item_id"], "source": item.get("source"), "stage": "exemplar",
+                              "reason": "exemplar has no image", "path": item.get("path")}
+        row = {"layout_id": str(item["item_id"]), "error": "", "embedding": np.zeros(1, np.float32),
+               "thumb": np.zeros((1, 1), np.uint8), "meta": json.dumps({}, sort_keys=True)}
+        if lay is None:
+            row["error"] = json.dumps(err)
+        else:
+            row["thumb"] = index_thumb(lay.label, thumb_size)
+            row["meta"] = json.dumps(exemplar_meta(lay), sort_keys=True)
+            good.append((row, lay.label))
+        rows.append(row)
+    if good:
+        for (row, _), vec in zip(good, embed_layouts([lab for _, lab in good])):
+            row["embedding"] = vec
+    return batch_columns(rows, INDEX_ROW_COLUMNS)
 
 
 @dataclass
@@ -253,7 +338,7 @@ def build_exemplar_index(layouts: Iterable[Layout], out_dir: str | os.PathLike, 
                          thumb_size: tuple[int, int] = DEFAULT_RERANK_SIZE, require_image: bool = False,
                          on_layout: Callable[[Layout], None] | None = None,
                          **index_kwargs: Any) -> tuple[ShardedIndex, IndexBuildStats]:
-    """Embed ``layouts`` and write a sharded index with their small label maps for the rerank.
+    """Embed ``layouts`` (in one process, streaming) and write their index (``write_exemplar_index``).
 
     Meta per row: ``source``, ``split`` and the scalar entries of ``layout.meta`` (e.g. domain).
     ``require_image`` skips layouts without an image (they cannot serve as exemplars).
@@ -281,16 +366,14 @@ def build_exemplar_index(layouts: Iterable[Layout], out_dir: str | os.PathLike, 
         label = check_label_ids(layout.label, where=f"layout {layout.layout_id}")
         ids.append(str(layout.layout_id))
         metas.append(exemplar_meta(layout))
-        thumbs.append(resize_nearest(label, thumb_size))
+        thumbs.append(index_thumb(label, thumb_size))
         pending.append(label)
         if len(pending) >= THUMB_BATCH:
             flush()
     flush()
     if not ids:
         raise ValueError(f"index build {out_dir}: no layouts to index" + (f" ({skipped} had no image)" if skipped else ""))
-    index = ShardedIndex.build(np.concatenate(vectors), ids, metas, out_dir, num_shards,
-                               labels=np.stack(thumbs).astype(np.uint8), embedding_version=EMBED_VERSION,
-                               **index_kwargs)
+    index = write_exemplar_index(ids, np.concatenate(vectors), thumbs, metas, out_dir, num_shards, **index_kwargs)
     stats = IndexBuildStats(count=len(ids), skipped=skipped, shards=index.num_shards, kind=index.kind,
                             seconds=time.perf_counter() - t0, out_dir=str(Path(out_dir)))
     return index, stats

@@ -130,7 +130,7 @@ def test_shipped_configs_validate_and_comment_every_key(name):
 
 
 def test_workers_are_checked_against_the_cluster_before_any_actor_starts(tmp_path):
-    from pipeline.dag import ClusterResourceError, plan_workers
+    from pipeline.cluster import ClusterResourceError, plan_workers
 
     def cfg(*ov):
         return config_from_dict(base(tmp_path), where="gpu.yaml", overrides=list(ov))

@@ -35,7 +35,7 @@ def world(tmp_path_factory, ray_local):
 
 
 def run(world, out, *, overwrite=False, dry_run=False, fail_after_shards=None, **sections):
-    from pipeline.dag import run_pipeline
+    from pipeline.run import run_pipeline
 
     cfg = config_from_dict(run_tree(world["tree"], world["model"], out, **sections), where=str(world["base"] / "cfg.yaml"))
     return run_pipeline(cfg, overwrite=overwrite, dry_run=dry_run, fail_after_shards=fail_after_shards)
@@ -128,7 +128,7 @@ def test_bad_inputs_are_quarantined_and_the_run_goes_on(world):
     shutil.copytree(world["tree"], root)
     broken = break_three(root)
     out = world["base"] / "bad_out"
-    from pipeline.dag import run_pipeline
+    from pipeline.run import run_pipeline
     from test_stages import tiny_segmenter
 
     seg = tiny_segmenter(world["base"] / "seg")  # and score this run, through Ray as well
@@ -180,3 +180,15 @@ def test_cli_run_reports_config_errors_and_dry_run(world, tmp_path):
                                    "--set", "synthesis.allow_cpu_fallback=true"])
     assert res.exit_code == 0, res.output
     assert "samples planned" in res.output and "falling back to CPU" in res.output.replace("\n", " ")
+
+
+def test_two_actors_write_the_same_shards_as_one(world, first):
+    """The actor pool only changes speed: two CPU actors give the same shard bytes as one."""
+    out, s1 = first
+    out2 = world["base"] / "two_actors"
+    # Half a CPU slot each, so the loader tasks still find a slot on the 2-CPU test cluster.
+    s2 = run(world, out2, synthesis={"actors": 2, "num_cpus": 0.5})
+    assert s1.workers["actors"] == 1 and s2.workers["actors"] == 2
+    assert (s2.synthesized, s2.shards_written) == (N_TARGETS, 3)
+    assert s2.config_hash == s1.config_hash
+    assert file_digests(out2) == file_digests(out)

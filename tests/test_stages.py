@@ -183,7 +183,7 @@ def test_synthesizer_one_bank_per_group_and_bad_sample_is_quarantined(tmp_path, 
 
 
 def test_load_group_quarantines_unusable_exemplar(tmp_path):
-    from stages.group import source_spec
+    from stages.read import source_spec
     from pipeline.config import SourceConfig
 
     root = make_toytown(tmp_path / "toy", 5)

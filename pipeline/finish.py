@@ -1,0 +1,186 @@
+"""What a run leaves besides the shards: the manifest, the dataset card, the preview and the
+optional Cityscapes tree, and the run's summary.
+
+The manifest is rewritten after every finished shard (``complete: false``), so a crashed run
+leaves one that names every shard on disk; the last write, after the derived files, says
+``complete: true``.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from connectors.parquet_sink import DatasetCardInfo, ShardStats, read_errors, write_dataset_card, write_manifest
+from pipeline.config import RunConfig
+from pipeline.plan import Plan
+from pipeline.resume import previous_shard_stats
+from stages.read import source_spec
+
+
+@dataclass
+class RunSummary:
+    out: str
+    mode: str                     # new | resume | overwrite | dry-run
+    config_hash: str
+    model: str | None
+    targets: int
+    planned: int
+    exemplars: int
+    shards: int
+    shards_skipped: int           # finished before this run
+    shards_written: int           # by this run
+    synthesized: int              # samples this run produced
+    written: int                  # samples in the dataset (all shards)
+    quarantined: int              # inputs and samples in errors/
+    quarantined_by_stage: dict[str, int] = field(default_factory=dict)
+    banks_encoded: int = 0
+    workers: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    images_per_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for pkg in ("amgen", "torch", "diffusers", "ray", "datasets", "albumentations", "faiss-cpu", "pyarrow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def count_stages(errors: list[dict]) -> dict[str, int]:
+    """Error rows per stage, by stage name."""
+    out: dict[str, int] = {}
+    for e in errors:
+        out[e["stage"]] = out.get(e["stage"], 0) + 1
+    return dict(sorted(out.items()))
+
+
+def manifest(cfg: RunConfig, summary: RunSummary, stats: dict[int, ShardStats], complete: bool,
+             runs: list[dict]) -> dict[str, Any]:
+    return {
+        "format": "amgen-dataset", "format_version": 1, "name": cfg.name, "complete": complete,
+        "config": cfg.model_dump(mode="json"), "config_hash": summary.config_hash, "model": summary.model,
+        "counts": {"targets": summary.targets, "planned": summary.planned, "exemplars": summary.exemplars,
+                   "written": sum(s.rows for s in stats.values()), "quarantined": summary.quarantined,
+                   "quarantined_by_stage": summary.quarantined_by_stage, "shards": summary.shards,
+                   "shards_finished": len(stats)},
+        "shards": [stats[i] for i in sorted(stats)],
+        "runs": runs,
+        "versions": versions(),
+    }
+
+
+class ManifestLog:
+    """The manifest's state during a run: stats of every finished shard (earlier runs' and this
+    one's), the list of runs with this run's entry last, and the run summary it reports."""
+
+    def __init__(self, cfg: RunConfig, out: Path, summary: RunSummary, stats: dict[int, ShardStats],
+                 runs: list[dict]):
+        self.cfg, self.out, self.summary = cfg, out, summary
+        self.stats = stats
+        self.runs = runs
+        self.this_run: dict[str, Any] = {"mode": summary.mode, "started_unix": round(time.time(), 3),
+                                         "shards_written": 0, "synthesized": 0}
+        self.runs.append(self.this_run)
+
+    @classmethod
+    def open(cls, cfg: RunConfig, out: Path, summary: RunSummary, done: set[int], num_shards: int) -> ManifestLog:
+        """Continue the manifest of ``out`` (none yet: a new one); the summary takes its model."""
+        from connectors.parquet_sink import read_manifest
+
+        stats = previous_shard_stats(out, done, num_shards)
+        try:
+            prev = read_manifest(out)
+        except (FileNotFoundError, ValueError):
+            prev = {}
+        summary.model = prev.get("model")
+        return cls(cfg, out, summary, stats, list(prev.get("runs", [])))
+
+    def shard_written(self, stats: ShardStats, shard: int, synthesized: int, model: str | None) -> None:
+        """A shard is on disk: record it and rewrite the (incomplete) manifest."""
+        self.stats[shard] = stats
+        self.this_run["shards_written"] += 1
+        self.this_run["synthesized"] = synthesized
+        self.summary.model = model
+        self.write(complete=False)
+
+    def write(self, complete: bool) -> None:
+        write_manifest(self.out, manifest(self.cfg, self.summary, self.stats, complete=complete, runs=self.runs))
+
+
+def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: float, t_start: float) -> RunSummary:
+    """Count what is on disk, write the derived files, then the complete manifest.
+
+    ``writer``: the pass's ``stages.write.ShardWriter`` (what this run synthesized)."""
+    summary, out, stats = log.summary, log.out, log.stats
+    summary.shards_written = len(writer.written)
+    summary.synthesized = writer.synthesized
+    summary.banks_encoded = writer.banks_new
+    summary.model = writer.model or summary.model
+    errors = read_errors(out)
+    summary.quarantined = len(errors)
+    summary.quarantined_by_stage = count_stages(errors)
+    summary.written = sum(s.rows for s in stats.values())
+    summary.images_per_s = round(writer.synthesized / synth_s, 3) if writer.synthesized and synth_s > 0 else 0.0
+    t_fin = time.perf_counter()
+    write_derived_outputs(cfg, plan, out, summary, stats)
+    summary.timings.update({"synthesize_s": round(synth_s, 3), "model_s": round(writer.model_seconds, 3),
+                            "finish_s": round(time.perf_counter() - t_fin, 3),
+                            "total_s": round(time.perf_counter() - t_start, 3)})
+    log.this_run.update({"synthesized": writer.synthesized, "timings": summary.timings,
+                         "images_per_s": summary.images_per_s, "banks_encoded": writer.banks_new})
+    log.write(complete=True)
+    return summary
+
+
+def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSummary,
+                          stats: dict[int, ShardStats]) -> None:
+    """Dataset card, preview and the optional Cityscapes tree: all derived from the shards on disk."""
+    from stages.score import SCORE_COLUMNS
+    from stages.write import make_preview, preview_samples, write_preview
+
+    pixels = np.sum([s.label_pixels for s in stats.values() if s.label_pixels], axis=0) if stats else None
+    sources = [f"{cfg.source.kind}:{cfg.source.root} ({cfg.source.split})"]
+    if cfg.exemplars.source is not None:
+        sources.append(f"exemplars {cfg.exemplars.source.kind}:{cfg.exemplars.source.root}")
+    write_dataset_card(out, DatasetCardInfo(
+        num_samples=summary.written, num_shards=plan.num_shards, num_errors=summary.quarantined,
+        score_columns=SCORE_COLUMNS if cfg.score.enabled else (), model=summary.model or "",
+        config_hash=summary.config_hash, sources=sources,
+        label_pixels=None if pixels is None else [int(x) for x in pixels], license=cfg.output.license,
+        extra={"exemplars per target": cfg.exemplars.k, "sampling": f"{cfg.model.steps} steps, guidance "
+               f"{cfg.model.guidance_scale:g}, mode {cfg.model.mode}"}))
+    if cfg.output.preview:
+        by_sid = {r["sample_id"]: r for r in plan.rows}
+        ex_spec = source_spec(cfg.exemplars.source or cfg.source)
+
+        def exemplar_image(sid: str, _ex_id: str):
+            from stages.read import cached_source, read_item
+
+            r = by_sid.get(sid)
+            if r is None:
+                return None
+            lay, _ = read_item(cached_source(ex_spec), json.loads(r["exemplar_item"]), stage="preview")
+            return None if lay is None else lay.image
+
+        grid = make_preview(preview_samples(out, cfg.output.preview_rows), exemplar_image)
+        if grid is not None:
+            write_preview(out, grid)
+    if cfg.output.export_cityscapes:
+        from connectors.cityscapes_export import export_cityscapes
+        from pipeline.resume import CITYSCAPES_DIR
+
+        export_cityscapes(out, out / CITYSCAPES_DIR, overwrite=True)

@@ -1,0 +1,113 @@
+"""Pass 1: the exemplar index for the run, then the plan.
+
+    exemplar items -> read + embed (index rows)                      -> OUT/index
+    target items   -> read + augment -> embed -> retrieve (one actor) -> OUT/plan.parquet
+
+Retrieval needs a complete index, and an exact resume needs every sample's place fixed before
+any pixel exists, so the plan is the run's one barrier. The batch functions are the stages'
+(stages/retrieve.py, stages/augment.py, stages/embed.py); this module only wires them with Ray.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cluster import actor_pool
+from pipeline.config import RunConfig
+from pipeline.console import NullProgress, Reporter
+from pipeline.plan import Plan, make_plan
+from stages.read import item_json, list_items, source_from_config, source_spec
+
+PLAN_BATCH = 32
+
+
+def collect(ds, total: int, label: str, rep: Reporter | None) -> list[dict[str, Any]]:
+    """All rows of a (small, metadata-only) dataset, with a progress bar while they stream in."""
+    rows = []
+    with (rep.progress(total, label) if rep else NullProgress()) as bar:
+        for row in ds.iter_rows():
+            rows.append(row)
+            bar.update(bar.task_ids[0], completed=len(rows))
+    return rows
+
+
+def build_run_index(cfg: RunConfig, ex_items: list[dict], index_dir: Path, ex_spec: str,
+                    rep: Reporter | None = None) -> tuple[int, list[dict]]:
+    """Build the exemplar index from the exemplar source; returns (rows indexed, error rows)."""
+    import ray
+    from stages.retrieve import index_rows_batch, write_exemplar_index
+
+    ds = ray.data.from_items([{"item": item_json(it)} for it in ex_items])
+    ds = ds.map_batches(index_rows_batch, fn_kwargs={"spec": ex_spec}, batch_size=PLAN_BATCH, batch_format="numpy")
+    rows = sorted(collect(ds, len(ex_items), "index", rep), key=lambda r: str(r["layout_id"]))
+    good = [r for r in rows if not r["error"]]
+    errors = [json.loads(r["error"]) for r in rows if r["error"]]
+    if not good:
+        raise ValueError(f"{cfg.origin}: exemplars: no usable exemplar (with an image) in the exemplar source; "
+                         f"{len(errors)} quarantined")
+    write_exemplar_index([str(r["layout_id"]) for r in good], np.stack([r["embedding"] for r in good]),
+                         [r["thumb"] for r in good], [json.loads(r["meta"]) for r in good], index_dir,
+                         cfg.exemplars.index_shards, seed=cfg.seed)
+    return len(good), errors
+
+
+@dataclass
+class PlanTimings:
+    index_s: float = 0.0
+    plan_s: float = 0.0
+
+
+def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTimings,
+                 rep: Reporter | None = None) -> Plan:
+    """Index (unless the config names a prebuilt one), then read, augment, embed and retrieve every
+    target; returns the plan with every error row of the pass."""
+    import ray
+    from stages.augment import read_and_augment_batch
+    from stages.embed import EmbedStage
+    from stages.retrieve import PlanRetrieveStage
+
+    src_cfg = cfg.source
+    ex_cfg = cfg.exemplars.source or cfg.source
+    t_spec, e_spec = source_spec(src_cfg), source_spec(ex_cfg)
+    targets = list_items(source_from_config(src_cfg), src_cfg.limit)
+    ex_items = targets if cfg.exemplars.source is None else list_items(source_from_config(ex_cfg), ex_cfg.limit)
+    extra_errors: list[dict] = []
+    t0 = time.perf_counter()
+    if cfg.exemplars.index is None:
+        if rep:
+            rep.info(f"building the exemplar index over {len(ex_items)} layouts")
+        _, ex_errors = build_run_index(cfg, ex_items, index_dir, e_spec, rep)
+        if cfg.exemplars.source is not None:  # same source: the target pass reports these itself
+            extra_errors += ex_errors
+        index_path = str(index_dir)
+    else:
+        index_path = cfg.exemplars.index
+    timings.index_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if rep:
+        rep.info(f"planning {len(targets)} targets (read, augment, embed, retrieve)")
+    ex = cfg.exemplars
+    ds = ray.data.from_items([{"item": item_json(it)} for it in targets])
+    ds = ds.map_batches(read_and_augment_batch, fn_kwargs={"spec": t_spec, "augment": cfg.augment, "run_seed": cfg.seed},
+                        batch_size=PLAN_BATCH, batch_format="numpy")
+    ds = ds.map_batches(EmbedStage(error_column="error"), batch_size=PLAN_BATCH, batch_format="numpy")
+    ds = ds.map_batches(PlanRetrieveStage, fn_constructor_args=(index_path, ex.k, ex.candidates, ex.diversity,
+                                                                dict(ex.filters), ex.exclude_self),
+                        batch_size=PLAN_BATCH, batch_format="numpy", compute=actor_pool(1))
+    rows = sorted(collect(ds, len(targets), "plan", rep), key=lambda r: str(r["layout_id"]))
+    read_errors_ = [json.loads(r["error"]) for r in rows if r["error"]]
+    planned = [{"target_id": str(r["layout_id"]), "target_item": str(r["item"]), "augment": str(r["augment"]),
+                "matches": json.loads(r["matches"]) if r["matches"] else []} for r in rows if not r["error"]]
+    ex_lookup = {str(it["item_id"]): item_json(it) for it in ex_items}
+    plan = make_plan(planned, ex_lookup, k=ex.k, seed=cfg.seed, rows_per_shard=cfg.output.rows_per_shard,
+                     config_hash=cfg_hash)
+    plan.errors = sorted(plan.errors + read_errors_ + extra_errors,
+                         key=lambda e: (str(e["input_id"]), e["stage"], e["reason"]))
+    plan.num_targets = len(targets)
+    timings.plan_s = time.perf_counter() - t0
+    return plan

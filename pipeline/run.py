@@ -1,0 +1,92 @@
+"""The run as a Ray Data DAG, in two streaming passes around one barrier: the plan.
+
+    pass 1 (plan)    items -> read -> augment -> embed -> retrieve            -> OUT/plan.parquet
+    pass 2 (samples) plan -> group by exemplar -> load -> synthesize (actor pool) -> score -> write
+
+Pass 2 only sees groups of unfinished shards. This module only orders the jobs:
+pipeline/cluster.py (Ray, actor sizing), plan_pass.py, synthesis_pass.py, finish.py (manifest,
+card, preview, export), console.py (progress, summary), demo_data.py (toy-town inputs).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from connectors.parquet_sink import write_errors
+from pipeline.cluster import ensure_ray, plan_workers, quiet_ray_data, wait_for_gpus
+from pipeline.config import RunConfig, check_paths, config_hash
+from pipeline.console import Reporter
+from pipeline.demo_data import prepare_toytown
+from pipeline.finish import RunSummary, count_stages
+from pipeline.plan import load_plan, plan_config_hash, save_plan
+from pipeline.plan_pass import PlanTimings, compute_plan
+from pipeline.resume import INDEX_DIR, finished_shards, prepare_out
+from pipeline.synthesis_pass import synthesize_and_write
+
+
+def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwrite: bool = False,
+                 dry_run: bool = False, console=None, fail_after_shards: int | None = None) -> RunSummary:
+    """Plan (or load the plan), synthesize the unfinished shards, write, summarize.
+
+    ``fail_after_shards``: raise after that many shards were written (tests use it to crash a run).
+    """
+    t_start = time.perf_counter()
+    rep = Reporter(console)
+    out = Path(out or cfg.output.dir)
+    check_paths(cfg)
+    if cfg.score.enabled:
+        from stages.score import check_scorer
+
+        check_scorer(cfg.score.segmenter)
+    h = config_hash(cfg)
+    existing = plan_config_hash(out)
+    if dry_run:
+        mode = "dry-run"
+        if existing is not None and existing != h and not overwrite:
+            prepare_out(out, h, overwrite=False)  # raises the config-mismatch error
+    else:
+        mode = prepare_out(out, h, overwrite)
+    prepare_toytown(cfg, rep.info)
+    started_ray = ensure_ray(cfg)
+    try:
+        import ray
+
+        quiet_ray_data(False)
+        timings = PlanTimings()
+        reuse_plan = existing == h and not overwrite
+        if reuse_plan:
+            plan = load_plan(out)
+            rep.info(f"resuming {out}: plan of {plan.num_samples} samples in {plan.num_shards} shards")
+        elif dry_run:
+            with tempfile.TemporaryDirectory(prefix="amgen-index-") as tmp:
+                plan = compute_plan(cfg, h, Path(tmp) / INDEX_DIR, timings, rep)
+        else:
+            plan = compute_plan(cfg, h, out / INDEX_DIR, timings, rep)
+            if plan.errors:
+                write_errors(plan.errors, out, "plan")
+            save_plan(plan, out)
+        workers = plan_workers(cfg, ray.cluster_resources() if dry_run else wait_for_gpus(cfg, rep.info))
+        if workers.note:
+            rep.info(workers.note)
+        done = finished_shards(out, plan.num_shards) if reuse_plan else set()
+        pending = [s for s in range(plan.num_shards) if s not in done]
+        summary = RunSummary(
+            out=str(out), mode=mode, config_hash=h, model=None,
+            targets=plan.num_targets, planned=plan.num_samples, exemplars=plan.num_exemplars(),
+            shards=plan.num_shards, shards_skipped=len(done), shards_written=0, synthesized=0, written=0,
+            quarantined=len(plan.errors), workers=asdict(workers),
+            timings={"index_s": round(timings.index_s, 3), "plan_s": round(timings.plan_s, 3)})
+        if dry_run:
+            summary.quarantined_by_stage = count_stages(plan.errors)
+            summary.written = sum(len(plan.shard_rows(s)) for s in done)
+            summary.timings["total_s"] = round(time.perf_counter() - t_start, 3)
+            return summary
+        return synthesize_and_write(cfg, plan, out, pending, done, workers, summary, rep, t_start, fail_after_shards)
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
