@@ -46,3 +46,10 @@ def item_error_row(item: Mapping[str, Any], stage: str, error: BaseException | s
     """Quarantine row for a source item (a connector's descriptor dict), blaming the failing file."""
     return quarantine_row(str(item.get("item_id")), stage, error, source=item.get("source"),
                           path=blamed_path(error, item))
+
+
+def sample_error_row(member: Mapping[str, Any], stage: str, error: BaseException | str,
+                     path: str | None = None) -> dict[str, Any]:
+    """Quarantine row of one planned sample (``member`` holds its target_id and sample_id), so the
+    writer can count it against the sample's shard."""
+    return {**quarantine_row(member["target_id"], stage, error, path=path), "sample_id": member["sample_id"]}

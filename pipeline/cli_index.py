@@ -8,7 +8,7 @@ from typing import Any, Iterator, List, Optional
 
 import typer
 
-SOURCES = ("cityscapes", "toytown", "parquet")
+from connectors.registry import SOURCE_KINDS as SOURCES
 SHOWN_META = ("domain", "split")   # the table's meta columns; --json prints all of it
 
 index_app = typer.Typer(no_args_is_help=True, help="The sharded exemplar index (layout embeddings + FAISS).")
@@ -25,21 +25,32 @@ def _fail(console, message: str) -> None:
     raise typer.Exit(2)
 
 
-def open_source(source: str, root: Path, split: str, limit: int | None = None):
-    """The layout source behind ``--source`` (toy-town trees are Cityscapes-format)."""
-    if source in ("cityscapes", "toytown"):
-        from connectors.cityscapes import CityscapesSource
+def open_source(source: str, root: Path, split: str, options: dict[str, Any] | None = None):
+    """The layout source behind ``--source``, through the registry `amgen run` uses too."""
+    from connectors.registry import make_source
 
-        return CityscapesSource(root, split=split, limit=limit)
-    if source == "parquet":
-        from connectors.parquet_source import ParquetSource
+    if source not in SOURCES:
+        raise typer.BadParameter(f"{source!r} is not one of {', '.join(SOURCES)}", param_hint="--source")
+    return make_source(source, str(root), split, options)
 
-        return ParquetSource(root, split=split)
-    raise typer.BadParameter(f"{source!r} is not one of {', '.join(SOURCES)}", param_hint="--source")
+
+def parse_options(values: list[str] | None) -> dict[str, Any]:
+    """``--option key=value`` -> connector keyword arguments (YAML values), as a run config's
+    ``source.options``; e.g. ``--option label_table=table.yaml`` for a folder source."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for text in values or []:
+        key, sep, raw = text.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"{text!r}: expected key=value", param_hint="--option")
+        out[key] = yaml.safe_load(raw) if raw.strip() else None
+    return out
 
 
 def read_layouts(src, items: list, errors: list[dict], limit: int | None) -> Iterator:
     """Read items one by one; a bad input is recorded in ``errors`` (with its path) and skipped."""
+    from amgen_core.quarantine import blamed_path
     from connectors.source_api import BAD_INPUT_ERRORS
 
     for item in items[:limit] if limit else items:
@@ -48,7 +59,7 @@ def read_layouts(src, items: list, errors: list[dict], limit: int | None) -> Ite
         except BAD_INPUT_ERRORS as exc:
             row = item if isinstance(item, dict) else getattr(item, "to_row", lambda: {})()
             errors.append({"item": str(row.get("item_id", row.get("layout_id", "?"))),
-                           "path": str(row.get("path", row.get("label", ""))), "reason": str(exc)})
+                           "path": str(blamed_path(exc, row) or row.get("label", "")), "reason": str(exc)})
 
 
 def parse_filters(values: list[str] | None) -> dict[str, Any] | None:
@@ -87,6 +98,8 @@ def build_cmd(
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF lists (default ~4*sqrt(N))"),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists probed per query"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the IVF k-means sample"),
+    options: Optional[List[str]] = typer.Option(None, "--option", help="connector argument key=value, as a run "
+                                                "config's source.options (e.g. label_table=table.yaml for folder)"),
 ) -> None:
     """Embed every layout of a source and write a sharded FAISS index with a manifest."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -100,9 +113,9 @@ def build_cmd(
         raise typer.BadParameter(f"{source!r} is not one of {', '.join(SOURCES)}", param_hint="--source")
     t0 = time.perf_counter()
     try:
-        src = open_source(source, root, split, limit)
+        src = open_source(source, root, split, parse_options(options))
         items = src.list_items()
-    except BAD_INPUT_ERRORS as exc:
+    except (*BAD_INPUT_ERRORS, TypeError) as exc:
         _fail(console, str(exc))
     total = min(len(items), limit) if limit else len(items)
     errors: list[dict] = []

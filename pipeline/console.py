@@ -56,6 +56,8 @@ def print_summary(summary: RunSummary, console, verify_ok: bool | None = None) -
     t.add_row("output", summary.out)
     t.add_row("samples written", f"{summary.written} of {summary.planned} planned ({summary.synthesized} synthesized now)")
     t.add_row("shards", f"{summary.shards} ({summary.shards_written} written now, {summary.shards_skipped} already done)")
+    if summary.remade:
+        t.add_row("remade", "; ".join(f"{r['name']}: {r['reason']}" for r in summary.remade))
     by = ", ".join(f"{k}: {v}" for k, v in summary.quarantined_by_stage.items())
     t.add_row("quarantined", f"{summary.quarantined}" + (f" ({by}) -> errors/" if by else ""))
     t.add_row("targets / exemplars", f"{summary.targets} / {summary.exemplars} (banks encoded now: {summary.banks_encoded})")

@@ -43,6 +43,7 @@ class RunSummary:
     workers: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     images_per_s: float = 0.0
+    remade: list[dict[str, Any]] = field(default_factory=list)  # damaged/missing shards made again, with why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -94,14 +95,18 @@ class ManifestLog:
         self.runs = runs
         self.this_run: dict[str, Any] = {"mode": summary.mode, "started_unix": round(time.time(), 3),
                                          "shards_written": 0, "synthesized": 0}
+        if summary.remade:
+            self.this_run["remade"] = summary.remade
         self.runs.append(self.this_run)
 
     @classmethod
-    def open(cls, cfg: RunConfig, out: Path, summary: RunSummary, done: set[int], num_shards: int) -> ManifestLog:
+    def open(cls, cfg: RunConfig, out: Path, summary: RunSummary, done: set[int], num_shards: int,
+             known_stats: dict[int, ShardStats] | None = None) -> ManifestLog:
         """Continue the manifest of ``out`` (none yet: a new one); the summary takes its model."""
         from connectors.parquet_sink import read_manifest
 
-        stats = previous_shard_stats(out, done, num_shards)
+        known = known_stats or {}
+        stats = dict(known) if set(known) == set(done) else previous_shard_stats(out, done, num_shards)
         try:
             prev = read_manifest(out)
         except (FileNotFoundError, ValueError):

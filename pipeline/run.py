@@ -23,7 +23,7 @@ from pipeline.demo_data import prepare_toytown
 from pipeline.finish import RunSummary, count_stages
 from pipeline.plan import load_plan, plan_config_hash, save_plan
 from pipeline.plan_pass import PlanTimings, compute_plan
-from pipeline.resume import INDEX_DIR, finished_shards, prepare_out
+from pipeline.resume import INDEX_DIR, audit_shards, finished_shards, prepare_out
 from pipeline.synthesis_pass import synthesize_and_write
 
 
@@ -71,20 +71,29 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
         workers = plan_workers(cfg, ray.cluster_resources() if dry_run else wait_for_gpus(cfg, rep.info))
         if workers.note:
             rep.info(workers.note)
-        done = finished_shards(out, plan.num_shards) if reuse_plan else set()
+        remade, known = [], {}
+        if reuse_plan and not dry_run:
+            # Damaged or missing shards are moved aside and made again (a dry run moves nothing).
+            audit = audit_shards(out, plan.num_shards)
+            done, known, remade = audit.done, audit.stats, [r.to_dict() for r in audit.remade]
+            for r in audit.remade:
+                rep.info(f"remaking {r.name}: {r.reason}" + (f" (moved to {r.moved_to})" if r.moved_to else ""))
+        else:
+            done = finished_shards(out, plan.num_shards) if reuse_plan else set()
         pending = [s for s in range(plan.num_shards) if s not in done]
         summary = RunSummary(
             out=str(out), mode=mode, config_hash=h, model=None,
             targets=plan.num_targets, planned=plan.num_samples, exemplars=plan.num_exemplars(),
             shards=plan.num_shards, shards_skipped=len(done), shards_written=0, synthesized=0, written=0,
             quarantined=len(plan.errors), workers=asdict(workers),
-            timings={"index_s": round(timings.index_s, 3), "plan_s": round(timings.plan_s, 3)})
+            timings={"index_s": round(timings.index_s, 3), "plan_s": round(timings.plan_s, 3)}, remade=remade)
         if dry_run:
             summary.quarantined_by_stage = count_stages(plan.errors)
             summary.written = sum(len(plan.shard_rows(s)) for s in done)
             summary.timings["total_s"] = round(time.perf_counter() - t_start, 3)
             return summary
-        return synthesize_and_write(cfg, plan, out, pending, done, workers, summary, rep, t_start, fail_after_shards)
+        return synthesize_and_write(cfg, plan, out, pending, done, workers, summary, rep, t_start, fail_after_shards,
+                                    known_stats=known)
     finally:
         if started_ray:
             import ray

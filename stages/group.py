@@ -16,6 +16,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from amgen_core.quarantine import sample_error_row
 from stages.augment import replay
 from stages.read import batch_columns, cached_source, error_row, read_item
 
@@ -63,18 +64,18 @@ def load_group(group: dict[str, Any], target_spec: str, exemplar_spec: str) -> d
         ex, ex_err = None, error_row(ex_item, "exemplar", "exemplar has no image")
     for m in group["members"]:
         if ex is None:
-            errors.append(_sample_error(m, "exemplar", f"exemplar {group['exemplar_id']} unusable: {ex_err['reason']}",
+            errors.append(sample_error_row(m, "exemplar", f"exemplar {group['exemplar_id']} unusable: {ex_err['reason']}",
                                         ex_err.get("path")))
             continue
         item = json.loads(m["target_item"])
         lay, err = read_item(targets, item, stage="synthesize")
         if lay is None:
-            errors.append(_sample_error(m, "synthesize", err["reason"], err.get("path")))
+            errors.append(sample_error_row(m, "synthesize", err["reason"], err.get("path")))
             continue
         try:
             label, inst, _ = replay(m["augment"], lay.label, lay.instance)
         except ValueError as e:
-            errors.append(_sample_error(m, "augment", f"{type(e).__name__}: {e}", item.get("path")))
+            errors.append(sample_error_row(m, "augment", f"{type(e).__name__}: {e}", item.get("path")))
             continue
         ok_members.append(m)
         labels.append(label)
@@ -92,12 +93,6 @@ def load_group(group: dict[str, Any], target_spec: str, exemplar_spec: str) -> d
     desc = dict(group, members=ok_members)
     return {"group": json.dumps(desc, sort_keys=True), "payload": pack_arrays(arrays) if ok_members else b"",
             "error": json.dumps(errors)}
-
-
-def _sample_error(member: dict, stage: str, reason: str, path: str | None) -> dict[str, Any]:
-    """An error row keyed by the sample, so the writer can count it against the sample's shard."""
-    return {"input_id": member["target_id"], "source": None, "stage": stage, "reason": reason, "path": path,
-            "sample_id": member["sample_id"]}
 
 
 def load_groups_batch(batch: dict[str, Any], target_spec: str, exemplar_spec: str) -> dict[str, list]:

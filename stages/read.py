@@ -7,7 +7,6 @@ its own, so a corrupt PNG, an unknown label id or an image/label size mismatch b
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -17,31 +16,10 @@ import numpy as np
 
 from amgen_core.labels import check_label_ids
 from amgen_core.image_io import SizeMismatchError
+from connectors.registry import SOURCE_KINDS, make_source  # noqa: F401  (the read stage's sources)
 from connectors.source_api import BAD_INPUT_ERRORS, Item, LayoutSource
 from amgen_core.quarantine import item_error_row
 from amgen_core.records import Layout
-
-# kind -> (module, class); toy-town is written as a Cityscapes tree and read by the same connector.
-_CONNECTORS = {
-    "toytown": ("connectors.cityscapes", "CityscapesSource"),
-    "cityscapes": ("connectors.cityscapes", "CityscapesSource"),
-    "bdd100k": ("connectors.bdd100k", "BDD100KSource"),
-    "folder": ("connectors.folder", "FolderSource"),
-    "parquet": ("connectors.parquet_source", "ParquetSource"),
-}
-
-
-def make_source(kind: str, root: str, split: str = "train", options: dict[str, Any] | None = None) -> LayoutSource:
-    """Build the connector of ``kind`` reading ``root``; connector-specific kwargs come from ``options``."""
-    if kind not in _CONNECTORS:
-        raise ValueError(f"unknown source kind {kind!r} (expected one of {sorted(_CONNECTORS)})")
-    module, cls_name = _CONNECTORS[kind]
-    cls = getattr(importlib.import_module(module), cls_name)
-    kwargs = dict(options or {})
-    if kind != "parquet":
-        kwargs.setdefault("split", split)
-    return cls(root, **kwargs)
-
 
 def source_from_config(src: Any) -> LayoutSource:
     """``src`` is a ``pipeline.config.SourceConfig`` (or anything with kind/root/split/options)."""

@@ -19,6 +19,7 @@ from amadapter.bank import DEFAULT_BANK_CACHE_BYTES
 from amadapter.bundled import toy_model_dir
 from amadapter.loading import bundled_toy_available, load_model
 from amgen_core.image_io import encode_png
+from amgen_core.quarantine import sample_error_row
 from stages.group import unpack_arrays
 
 TOY_WEIGHTS = toy_model_dir()
@@ -58,11 +59,6 @@ def load_pipeline(model: dict[str, Any], device: str = "cpu", bank_cache_size: i
                         bank_cache_bytes=int(bank_cache_bytes))
     loaded.pipe.set_progress_bar_config(disable=True)  # rows report progress, not per-step bars
     return loaded.pipe, loaded.name
-
-
-def _error(member: dict, stage: str, reason: str) -> dict[str, Any]:
-    return {"input_id": member["target_id"], "source": None, "stage": stage, "reason": reason, "path": None,
-            "sample_id": member["sample_id"]}
 
 
 class Synthesizer:
@@ -117,7 +113,7 @@ class Synthesizer:
         try:
             bank = self._bank(arrays, key)
         except SAMPLE_ERRORS as e:
-            return [self._row(group, m, None, None, None, _error(m, "exemplar", f"{type(e).__name__}: {e}"))
+            return [self._row(group, m, None, None, None, sample_error_row(m, "exemplar", f"{type(e).__name__}: {e}"))
                     for m in members]
         bank_new = bank is not None and self._bank_misses() > misses_before
         results: list[tuple[np.ndarray | None, dict | None]] = [(None, None)] * len(members)
@@ -127,7 +123,7 @@ class Synthesizer:
         for i, m in enumerate(members):
             problem = self._unfit(labels[i], labels, instances[i])
             if problem:
-                results[i] = (None, _error(m, "synthesize", problem))
+                results[i] = (None, sample_error_row(m, "synthesize", problem))
             else:
                 good.append(i)
         ex_inst = arrays.get("exemplar_instance")
@@ -143,7 +139,7 @@ class Synthesizer:
                         img = self._generate(bank, [labels[i]], [instances[i]], [members[i]["seed"]], ex_inst, key)[0]
                         results[i] = (img, None)
                     except SAMPLE_ERRORS as e:
-                        results[i] = (None, _error(members[i], "synthesize", f"{type(e).__name__}: {e}"))
+                        results[i] = (None, sample_error_row(members[i], "synthesize", f"{type(e).__name__}: {e}"))
         seconds = (time.perf_counter() - t0) / len(members)
         rows = []
         for i, (m, (img, err)) in enumerate(zip(members, results)):

@@ -101,3 +101,30 @@ def test_build_from_parquet(tmp_path):
     assert res.exit_code == 0, res.output
     index = ShardedIndex.load(tmp_path / "idx")
     assert len(index) == 6 and index.meta(1)["domain"] == "night"
+
+
+def test_build_from_bdd100k_and_folder_trees_through_the_run_registry(tmp_path):
+    """`amgen index build` opens sources through the registry `amgen run` reads with: every kind works."""
+    from connectors.registry import SOURCE_KINDS
+    from pipeline.cli_index import SOURCES
+    from test_connectors_bdd100k import make_tree as make_bdd
+    from test_connectors_folder import make_folder
+
+    assert tuple(SOURCES) == SOURCE_KINDS and {"bdd100k", "folder"} <= set(SOURCES)
+    make_bdd(tmp_path / "bdd", n=3)
+    res = runner.invoke(app, ["index", "build", "--source", "bdd100k", "--root", str(tmp_path / "bdd"),
+                              "--out", str(tmp_path / "idx_bdd")])
+    assert res.exit_code == 0, res.output
+    assert len(ShardedIndex.load(tmp_path / "idx_bdd")) == 3
+
+    make_folder(tmp_path / "fold", n=2)
+    table = tmp_path / "table.yaml"
+    table.write_text("0: road\n1: 26\n255: unlabeled\n")
+    res = runner.invoke(app, ["index", "build", "--source", "folder", "--root", str(tmp_path / "fold"),
+                              "--option", f"label_table={table}", "--out", str(tmp_path / "idx_folder")])
+    assert res.exit_code == 0, res.output
+    assert len(ShardedIndex.load(tmp_path / "idx_folder")) == 2
+
+    res = runner.invoke(app, ["index", "build", "--source", "folder", "--root", str(tmp_path / "fold"),
+                              "--out", str(tmp_path / "idx_none")])
+    assert res.exit_code == 2 and "label_table" in res.output

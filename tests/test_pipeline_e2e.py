@@ -113,6 +113,34 @@ def test_crashed_run_resumes_to_the_same_bytes(world, first):
     assert not list((out2 / "data").glob(".*")), "no temporary files are left behind"
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_shard_is_moved_aside_and_remade_to_the_same_bytes(world, first, damage):
+    from pipeline.cli import app
+
+    out, _ = first
+    out2 = world["base"] / f"damaged_{damage}"
+    shutil.copytree(out, out2)
+    shard = out2 / "data" / "train-00001-of-00003.parquet"
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:1000])
+    else:
+        shard.unlink()
+    again = run(world, out2)
+    assert (again.mode, again.shards_skipped, again.shards_written, again.synthesized) == ("resume", 2, 1, 4)
+    (remade,) = again.remade
+    assert remade["name"] == "data/train-00001-of-00003.parquet"
+    if damage == "truncate":
+        assert "sha256 differs" in remade["reason"]
+        moved = out2 / remade["moved_to"]
+        assert moved.parent.parent.name == "damaged" and moved.stat().st_size == 1000
+    else:
+        assert remade["reason"] == "missing" and remade["moved_to"] is None
+    assert file_digests(out2) == file_digests(out)
+    assert json.loads((out2 / "manifest.json").read_text())["runs"][-1]["remade"] == again.remade
+    res = CliRunner().invoke(app, ["verify", str(out2)])
+    assert res.exit_code == 0, res.output
+
+
 def test_another_config_is_refused_in_an_existing_output(world, first):
     from pipeline.resume import OutputFolderError
 
