@@ -13,6 +13,8 @@ from typing import Callable
 from pipeline.config import RunConfig
 
 
+LOADER_CPUS = 0.25  # the loader (and scorer) tasks are light, but they must always find a CPU slot
+
 class ClusterResourceError(RuntimeError):
     """The cluster cannot run what the config asks for (e.g. GPUs that are not there)."""
 
@@ -89,6 +91,18 @@ def wait_for_gpus(cfg: RunConfig, say: Callable[[str], None] | None = None) -> d
     return have
 
 
+def _leave_room(cfg: RunConfig, cpus: float, actors: int, num_cpus: float, note: str) -> tuple[float, str]:
+    """The CPU request of each model actor, lowered where the actors would take every CPU slot: the
+    loader tasks (and the scorer) in front of and behind them could then never be scheduled, and
+    the run would wait forever. Only Ray's bookkeeping changes; threads and outputs do not."""
+    reserve = LOADER_CPUS * (2 if cfg.score.enabled else 1)
+    if not cpus or actors * num_cpus + reserve <= cpus:
+        return num_cpus, note
+    lowered = round((cpus - reserve) / actors, 4)
+    extra = f"each actor asks for {lowered:g} CPU instead of {num_cpus:g}, leaving {reserve:g} for the loader"
+    return lowered, f"{note}; {extra}" if note else extra
+
+
 def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> Workers:
     """Check the cluster against the config BEFORE asking for actors: an actor that asks for a GPU
     the cluster does not have waits forever instead of failing."""
@@ -107,7 +121,9 @@ def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> Workers:
         fit = int(gpus // s.num_gpus)
         device = "cuda" if m.device in ("auto", "cuda") else "cpu"
         note = "" if fit >= s.actors else f"only {fit} actor(s) fit on {gpus:g} GPU(s); using {fit}"
-        return Workers(min(s.actors, fit), s.num_gpus, s.num_cpus, device, threads, note)
+        actors = min(s.actors, fit)
+        num_cpus, note = _leave_room(cfg, cpus, actors, s.num_cpus, note)
+        return Workers(actors, s.num_gpus, num_cpus, device, threads, note)
     if m.device == "cuda":
         raise ClusterResourceError(f"{cfg.origin}: model.device is 'cuda' but synthesis.num_gpus is 0; "
                                    "give each actor a GPU (synthesis.num_gpus: 1) or use device: cpu/auto")
@@ -116,4 +132,6 @@ def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> Workers:
                                    f"cluster has {cpus:g} CPU(s)")
     fit = int(cpus // s.num_cpus) if cpus else s.actors
     note = "" if fit >= s.actors else f"only {fit} actor(s) fit on {cpus:g} CPU(s); using {fit}"
-    return Workers(max(1, min(s.actors, fit)), 0.0, s.num_cpus, "cpu", threads, note)
+    actors = max(1, min(s.actors, fit))
+    num_cpus, note = _leave_room(cfg, cpus, actors, s.num_cpus, note)
+    return Workers(actors, 0.0, num_cpus, "cpu", threads, note)

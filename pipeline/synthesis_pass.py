@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import Workers, actor_pool
+from pipeline.cluster import LOADER_CPUS, Workers, actor_pool
 from pipeline.config import RunConfig
 from pipeline.console import Reporter
 from pipeline.finish import ManifestLog, RunSummary, finish_run
@@ -20,7 +20,6 @@ from pipeline.plan import Plan
 from stages.group import group_samples, load_groups_batch
 from stages.read import source_spec
 
-LOADER_CPUS = 0.25  # the loader is light; it must never starve the model actors of CPU slots
 
 
 def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers):

@@ -145,3 +145,11 @@ def test_workers_are_checked_against_the_cluster_before_any_actor_starts(tmp_pat
         plan_workers(cfg("model.device=cuda"), {"CPU": 8.0, "GPU": 1.0})
     w = plan_workers(cfg("synthesis.actors=3", "synthesis.num_cpus=1"), {"CPU": 2.0})
     assert (w.actors, w.device, w.torch_threads) == (2, "cpu", 1)
+    # Actors never take every CPU slot: the loader tasks in front of them would never run (a hang).
+    assert w.num_cpus == 0.875 and "leaving 0.25 for the loader" in w.note
+    w = plan_workers(cfg("synthesis.num_cpus=2", "score.enabled=true"), {"CPU": 2.0})
+    assert (w.actors, w.num_cpus) == (1, 1.5)
+    w = plan_workers(cfg("synthesis.actors=1", "synthesis.num_cpus=1"), {"CPU": 2.0})
+    assert (w.actors, w.num_cpus, w.note) == (1, 1.0, "")
+    w = plan_workers(cfg("synthesis.num_gpus=1", "synthesis.num_cpus=4"), {"CPU": 4.0, "GPU": 1.0})
+    assert (w.actors, w.num_gpus, w.num_cpus) == (1, 1.0, 3.75)
