@@ -15,7 +15,7 @@ def _quiet_diffusers() -> None:
     dlog.set_verbosity_error()
 
 
-def _train(stage: str, config: Optional[Path], overrides: List[str], resume: bool, workers: Optional[int]) -> None:
+def _train(stage: str, config: Optional[str], overrides: List[str], resume: bool, workers: Optional[int]) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
@@ -27,6 +27,10 @@ def _train(stage: str, config: Optional[Path], overrides: List[str], resume: boo
     console = Console()
     _quiet_diffusers()
     try:
+        if config is not None:
+            from pipeline.presets import resolve_config
+
+            config = resolve_config(config)
         cfg = load_train_config(stage, config, overrides, num_workers=workers)
         data = training_data(cfg.data)
     except (ValueError, FileNotFoundError) as exc:
@@ -63,7 +67,8 @@ def register(app: typer.Typer) -> None:
 
     def make(stage: str):
         def command(
-            config: Optional[Path] = typer.Option(None, "--config", "-c", help="training YAML (configs/train_*.yaml)"),
+            config: Optional[str] = typer.Option(None, "--config", "-c", help="training YAML: a path or a preset name "
+                                                 "(amgen configs), e.g. train_toy_stage2"),
             overrides: List[str] = typer.Option([], "--set", help="override a config key: --set steps=100 --set data.domain=fog"),
             resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in out_dir"),
             workers: Optional[int] = typer.Option(None, "--workers", help="Ray Train workers (>1 uses TorchTrainer)"),

@@ -142,7 +142,7 @@ def test_cli_trains_and_summarizes(tmp_path):
     from pipeline.cli import app
 
     out = tmp_path / "cli"
-    args = ["train", "vae", "--config", "configs/train_toy_vae.yaml", *sum((["--set", a] for a in [
+    args = ["train", "vae", "--config", "train_toy_vae", *sum((["--set", a] for a in [
         *TINY, "steps=2", "warmup_steps=0", "checkpoint_every=1", "scale_images=8", f"out_dir={out}"]), [])]
     result = CliRunner(env={"COLUMNS": "250"}).invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -151,6 +151,8 @@ def test_cli_trains_and_summarizes(tmp_path):
     assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
     bad = CliRunner().invoke(app, ["train", "vae", "--set", "stepz=3"])
     assert bad.exit_code == 2 and "stepz" in bad.output
+    bad = CliRunner().invoke(app, ["train", "vae", "--config", "train_toy_vea"])
+    assert bad.exit_code == 2 and "no preset of that name" in bad.output
 
 
 def test_vae_decoder_finetune_keeps_the_latent_space(tmp_path):
