@@ -17,6 +17,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from amgen_core.yaml_files import read_yaml_mapping
+
 
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the file and the key."""
@@ -293,17 +295,8 @@ def config_from_dict(tree: dict, where: str = "<config>", overrides: list[str] |
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
     """Read, override and validate a YAML run config. Paths inside are checked by ``check_paths``."""
-    p = Path(path)
-    where = str(p)
-    if not p.is_file():
-        raise ConfigError(f"{where}: config file not found")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{where}: not valid YAML ({e})") from e
-    if not isinstance(tree, dict):
-        raise ConfigError(f"{where}: <root>: expected a mapping of sections, got {type(tree).__name__}")
-    return config_from_dict(tree, where, overrides)
+    tree = read_yaml_mapping(path, "config", error=ConfigError)
+    return config_from_dict(tree, str(Path(path)), overrides)
 
 
 def check_paths(cfg: RunConfig) -> None:

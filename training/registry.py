@@ -46,24 +46,15 @@ def apply_override(data: dict, assignment: str, where: str = "--set") -> None:
 def load_train_config(stage: str, path=None, overrides=(), **fields):
     """Read a YAML training config for ``stage``, apply ``key=value`` overrides and validate.
     Errors name the file and the bad key."""
-    from pathlib import Path
-
     import pydantic
-    import yaml
+
+    from amgen_core.yaml_files import read_yaml_mapping
 
     data: dict = {}
     where = "config"
     if path is not None:
         where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: training config not found")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{p}: not valid YAML ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: a training config must be a mapping, got {type(data).__name__}")
+        data = read_yaml_mapping(path, "training config")
     if data.setdefault("stage", stage) != stage:
         raise ValueError(f"{where}: holds stage {data['stage']!r} but `train {stage}` was asked for")
     for a in overrides:
