@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/pipeline_efficiency.py
 	$(BIN)/python bench/quality.py
+	$(BIN)/python bench/toytown_speed.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
