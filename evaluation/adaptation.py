@@ -258,3 +258,14 @@ def comparison_picture(data: AdaptationData, day_ids: Sequence[str], amgen_targe
         tiles.append(np.full((2, tiles[-1].shape[1], 3), 255, np.uint8))
     grid = np.concatenate(tiles[:-1], axis=0)
     return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def per_class_markdown(summary: dict[str, Any]) -> str:
+    """Night-test IoU per class (mean over seeds), one column per arm."""
+    arms = list(summary["arms"])
+    classes = sorted({c for v in summary["arms"].values() for c in v["night_iou_per_class"]})
+    lines = ["| class | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for c in classes:
+        cells = [summary["arms"][a]["night_iou_per_class"].get(c) for a in arms]
+        lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
+    return "\n".join(lines)
