@@ -1,8 +1,13 @@
-"""``amgen eval``: the quality benchmark, the judge segmenter and the downstream segmentation test."""
+"""``amgen eval``: the quality benchmark, the judge segmenter, the downstream segmentation test and
+the domain adaptation test (``amgen eval adapt``, whose data and amgen run are made here)."""
 from __future__ import annotations
 
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 
@@ -126,6 +131,192 @@ def segmenter_cmd(
                f"(delta {result['delta_miou']:+.2f}); checkpoints in {run_dir}")
     typer.echo(json.dumps({k: result[k] for k in ("n_real", "n_synthetic", "delta_miou")} |
                           {k: result[k]["miou"] for k in ("real_only", "real_plus_synthetic")}))
+
+
+# ----------------------------------------------------------------------------- amgen eval adapt
+ADAPT_TREES = {  # set -> (toy-town domain, city prefix: the prefix makes every set's layout ids distinct)
+    "day_train": ("day", "adaptday"), "night_bank": ("night", "adaptbank"), "night_test": ("night", "adapttest"),
+    "day_test": ("day", "adaptdaytest"), "night_real": ("night", "adaptnight"),
+}
+
+
+@dataclass
+class AdaptSizes:
+    day_n: int = 500        # labelled day scenes (the source amgen renders)
+    bank_n: int = 10        # labelled night scenes: the exemplar index and the baselines' references
+    test_n: int = 300       # held-out night scenes, and as many day scenes
+    night_real_n: int = 500  # real night scenes of the upper bound (e)
+
+
+def adapt_trees(work: Path, sizes: AdaptSizes, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """The experiment's toy-town trees under ``work/trees`` (made once; same seeds -> same bytes)."""
+    from evaluation.adaptation import ADAPT_TREE_SEEDS
+    from toytown import make_tree
+
+    counts = {"day_train": sizes.day_n, "night_bank": sizes.bank_n, "night_test": sizes.test_n,
+              "day_test": sizes.test_n, "night_real": sizes.night_real_n}
+    roots = {}
+    for name, (domain, prefix) in ADAPT_TREES.items():
+        root = roots[name] = work / "trees" / name
+        want = {"seed": ADAPT_TREE_SEEDS[name], "n": counts[name], "domain": domain, "start": 0}
+        made = root / "toytown_train.json"
+        if made.is_file() and all(json.loads(made.read_text()).get(k) == v for k, v in want.items()):
+            continue
+        if root.exists():
+            shutil.rmtree(root)  # a tree of other sizes: make it again, whole
+        log(f"making {counts[name]} {domain} scenes ({name}, seed {ADAPT_TREE_SEEDS[name]}) in {root}")
+        make_tree(root, counts[name], seed=ADAPT_TREE_SEEDS[name], domain=domain, city_prefix=prefix)
+    return roots
+
+
+def adapt_run_config(day_root: Path, bank_root: Path, out: Path, model: str = "toy", model_steps: int = 4,
+                     guidance: float = 3.0, ray_cpus: int = 2):
+    """The amgen run of arm (c): the day tree as targets, the night bank as the exemplar index
+    (filtered to night), no augmentation (the renderings keep the day layouts), one sample per layout."""
+    from pipeline.config import config_from_dict
+
+    tree = {
+        "name": "eval-adapt-night", "seed": 0,
+        "source": {"kind": "toytown", "root": str(day_root)},
+        "exemplars": {"source": {"kind": "toytown", "root": str(bank_root)}, "filters": {"domain": "night"},
+                      "k": 1, "diversity": 0.3},
+        "augment": {"enabled": False},
+        "model": {"path": model, "device": "cpu", "steps": model_steps, "guidance_scale": guidance},
+        "synthesis": {"actors": 1, "num_cpus": 1, "torch_threads": 1, "batch_size": 8, "allow_cpu_fallback": True},
+        "output": {"dir": str(out), "rows_per_shard": 64, "preview_rows": 8},
+        "ray": {"num_cpus": ray_cpus},
+    }
+    return config_from_dict(tree, where="amgen eval adapt (arm c run config)")
+
+
+def read_tree(root: Path, name: str, domain: str):
+    """A toy-town tree as in-memory samples (with its layout ids, in the connector's order)."""
+    from connectors.cityscapes import CityscapesSource
+    from evaluation.adaptation import SampleList
+
+    source = CityscapesSource(root)
+    layouts = [source.read_item(item) for item in source.list_items()]
+    for lay in layouts:
+        if lay.meta.get("domain") != domain:
+            raise ValueError(f"{root}: {lay.layout_id} is a {lay.meta.get('domain')!r} scene, expected {domain!r}")
+    return SampleList([(lay.image, lay.label) for lay in layouts], name=name, domain=domain), \
+        [lay.layout_id for lay in layouts]
+
+
+def read_amgen_output(out: Path):
+    """An amgen output's samples with their target and exemplar ids, in shard and row order."""
+    import pyarrow.parquet as pq
+
+    from amgen_core.image_io import decode_png
+    from evaluation.adaptation import SampleList
+
+    pairs, targets, exemplars = [], [], []
+    for p in sorted((out / "data").glob("train-*.parquet")):
+        for row in pq.read_table(p, columns=["sample_id", "target_id", "exemplar_id", "image", "label"]).to_pylist():
+            where = f"{p} sample {row['sample_id']}"
+            pairs.append((decode_png(row["image"]["bytes"], f"{where} image", "rgb"),
+                          decode_png(row["label"]["bytes"], f"{where} label", "label")))
+            targets.append(row["target_id"])
+            exemplars.append(row["exemplar_id"])
+    if not pairs:
+        raise ValueError(f"{out}: the amgen run wrote no samples")
+    return SampleList(pairs, name="amgen night renderings of the day layouts", domain="night (amgen)"), targets, exemplars
+
+
+def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 3.0,
+                       ray_cpus: int = 2, log: Callable[[str], None] = print):
+    """Trees, the real amgen run of arm (c) (resumed if already done), and everything read back:
+    (AdaptationData, day ids, amgen target ids, run summary)."""
+    from evaluation.adaptation import AdaptationData
+    from pipeline.run import run_pipeline
+
+    roots = adapt_trees(work, sizes, log)
+    cfg = adapt_run_config(roots["day_train"], roots["night_bank"], work / "amgen_night", model, model_steps, guidance,
+                           ray_cpus)
+    log(f"amgen run: {sizes.day_n} day layouts rendered with the {sizes.bank_n} night scenes as exemplars "
+        f"-> {work / 'amgen_night'}")
+    t0 = time.time()
+    summary = run_pipeline(cfg)
+    run_s = time.time() - t0
+    log(f"amgen run: {summary.written} samples, {summary.quarantined} quarantined ({run_s:.0f} s)")
+    day, day_ids = read_tree(roots["day_train"], "day scenes", "day")
+    bank, bank_ids = read_tree(roots["night_bank"], "night bank", "night")
+    amgen, targets, exemplars = read_amgen_output(work / "amgen_night")
+    data = AdaptationData(
+        day=day, bank=bank, amgen=amgen,
+        night_real=read_tree(roots["night_real"], "real night scenes", "night")[0],
+        night_test=read_tree(roots["night_test"], "night test", "night")[0],
+        day_test=read_tree(roots["day_test"], "day test", "day")[0],
+        amgen_exemplar_ids=exemplars, bank_ids=bank_ids)
+    return data, {"day_ids": day_ids, "amgen_target_ids": targets, "run_summary": summary.to_dict(), "run_seconds": round(run_s, 1),
+                  "run_config": cfg.model_dump(mode="json")}
+
+
+@eval_app.command("adapt")
+def adapt_cmd(
+    work_dir: Path = typer.Option(Path("runs/adapt"), "--work-dir", help="trees, the amgen run, checkpoints; rerun to resume"),
+    day_n: int = typer.Option(AdaptSizes.day_n, "--day-n", min=1, help="labelled day scenes"),
+    bank_n: int = typer.Option(AdaptSizes.bank_n, "--bank-n", min=1, help="labelled night scenes (exemplars, references)"),
+    test_n: int = typer.Option(AdaptSizes.test_n, "--test-n", min=1, help="held-out night scenes, and as many day scenes"),
+    night_real_n: int = typer.Option(AdaptSizes.night_real_n, "--night-real-n", min=1, help="real night scenes of arm (e)"),
+    steps: int = typer.Option(300, "--steps", min=1, help="segmenter steps, the same for every arm"),
+    batch_size: int = typer.Option(16, "--batch-size", min=1),
+    seeds: int = typer.Option(3, "--seeds", min=1, help="segmenter seeds per arm (0..N-1)"),
+    workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
+    model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
+    model_steps: int = typer.Option(4, "--model-steps", min=1, help="DDIM steps of the amgen run"),
+    json_file: Optional[Path] = typer.Option(None, "--json", help="write [{arm, seed, night_miou, day_miou}] here"),
+    result_file: Optional[Path] = typer.Option(None, "--result", help="write the whole result (arms, per-class IoU) here"),
+    picture: Optional[Path] = typer.Option(None, "--picture", help="write day | exemplar | amgen | FDA | HistogramMatching here"),
+) -> None:
+    """Domain adaptation test, day -> night: segmenters trained on day data (a), + 10 night scenes (b),
+    + amgen's night renderings of the day layouts (c), + classical baselines (d), + 500 real night (e)."""
+    result = run_adapt(work_dir, AdaptSizes(day_n, bank_n, test_n, night_real_n), steps=steps, batch_size=batch_size,
+                       seeds=seeds, workers=workers, model=model, model_steps=model_steps, picture=picture,
+                       log=typer.echo)
+    if json_file is not None:
+        write_json(json_file, [{k: r[k] for k in ("arm", "seed", "night_miou", "day_miou")} for r in result["rows"]])
+    if result_file is not None:
+        write_json(result_file, result)
+    from evaluation.adaptation import table
+
+    s = result["summary"]
+    typer.echo(table(s))
+    typer.echo(f"gain vs (b) {s['gain_vs_b']:+.2f} | vs best baseline ({s['best_baseline']}) "
+               f"{s['gain_vs_best_baseline']:+.2f} | day drop vs (a) {s['day_drop']:+.2f} | gap to (e) {s['gap_to_e']:+.2f}"
+               f" | wall {result['wall_seconds']:.0f} s")
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int = 300, batch_size: int = 16, seeds: int = 3,
+              workers: int = 2, model: str = "toy", model_steps: int = 4, picture: Path | None = None,
+              log: Callable[[str], None] = print) -> dict:
+    """The whole experiment: data, the amgen run, every arm; the result of
+    ``evaluation.adaptation.run_adaptation`` plus how the data were made and the wall time."""
+    from evaluation.adaptation import run_adaptation
+    from evaluation.segmenter_train import SegmenterTrainConfig
+
+    t0 = time.time()
+    work_dir = Path(work_dir)
+    data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, ray_cpus=max(1, workers),
+                                    log=log)
+    # The judge's training settings (``amgen eval segmenter``), the same for every arm.
+    cfg = SegmenterTrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, class_balance=0.5,
+                               checkpoint_every=max(1, min(100, steps)))
+    result = run_adaptation(data, cfg, list(range(seeds)), work_dir / "segmenters", workers=workers, log=log)
+    if picture is not None:
+        from amgen_core.image_io import write_bytes_atomic, encode_png
+        from evaluation.adaptation import comparison_picture
+
+        write_bytes_atomic(picture, encode_png(comparison_picture(data, made["day_ids"], made["amgen_target_ids"])))
+        log(f"picture: {picture}")
+    result.update(sizes=asdict(sizes), amgen_run={k: made[k] for k in ("run_seconds", "run_summary", "run_config")},
+                  wall_seconds=round(time.time() - t0, 1))
+    return result
 
 
 def register(app: typer.Typer) -> None:

@@ -1,0 +1,271 @@
+"""The domain adaptation test (``amgen eval adapt``): does amgen data lift a segmenter on a domain
+it has only a handful of images of?
+
+Labelled day scenes, a bank of a few labelled night scenes, and amgen's night renderings of the
+day layouts (made by the caller with a real pipeline run whose exemplars are the bank). Segmenters
+of the judge's architecture, the same steps and settings for every arm, are trained on:
+
+- ``a_day``: the day scenes;
+- ``b_day_bank``: the day scenes plus the bank, repeated so both halves weigh the same;
+- ``c_amgen``: (b) plus the amgen renderings;
+- ``d_fda`` / ``d_histogram`` / ``d_pda``: (b) plus the day images restyled by albumentations'
+  FDA, HistogramMatching or PixelDistributionAdaptation, the bank images as references;
+- ``e_night_real``: the day scenes plus as many real labelled night scenes (an upper bound),
+
+and scored (mIoU) on held-out night and day scenes. The caller passes every set in
+(:class:`AdaptationData`); this module only composes the arms, trains and scores.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from evaluation.judge import per_class_table
+from evaluation.segmenter_train import ConcatSource, SegmenterTrainConfig, evaluate_segmenter, train_segmenter
+
+# Toy-town tree seeds of the experiment (``toytown.make_tree(seed=...)``: scene i draws from
+# SeedSequence([STREAM_TREE, seed, i])). Each set has its own seed; none is used by another tree
+# in amgen, and the training streams of the bundled model (default_rng([seed, salt, step, rank, i]))
+# and of the judge (default_rng(50_000_000 + i), default_rng(60_000_000 + i)) are other seed words.
+ADAPT_TREE_SEEDS = {
+    "day_train": 11_000_001,   # the labelled source (day)
+    "night_bank": 11_000_002,  # the target-domain bank (night): amgen's exemplars, the baselines' references
+    "night_test": 11_000_003,  # held-out night test scenes
+    "day_test": 11_000_004,    # held-out day test scenes (is anything forgotten?)
+    "night_real": 11_000_005,  # real labelled night scenes of the upper bound (e)
+}
+
+ARMS = ("a_day", "b_day_bank", "c_amgen", "d_fda", "d_histogram", "d_pda", "e_night_real")
+BASELINES = {"d_fda": "FDA", "d_histogram": "HistogramMatching", "d_pda": "PixelDistributionAdaptation"}
+
+
+class SampleList:
+    """(image, label) pairs in memory as a finite sample source; ``domain`` says where they come from."""
+
+    def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], name: str, domain: str):
+        self.pairs = list(pairs)
+        self.size = len(self.pairs)
+        self.name, self.domain = name, domain
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.pairs[i]
+
+
+class Repeated:
+    """A small sample source repeated ``times`` times (the bank, oversampled to the day set's weight)."""
+
+    def __init__(self, base: SampleList, times: int):
+        if times < 1 or not base.size:
+            raise ValueError(f"Repeated: {base.name} must be non-empty and repeated at least once")
+        self.base, self.times = base, times
+        self.size = base.size * times
+        self.name, self.domain = base.name, base.domain
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.base[i % self.base.size]
+
+
+@dataclass
+class AdaptationData:
+    day: SampleList          # labelled source, day
+    bank: SampleList         # the few labelled night scenes
+    amgen: SampleList        # amgen's night renderings of the day layouts
+    night_real: SampleList   # real labelled night scenes (upper bound)
+    night_test: SampleList
+    day_test: SampleList
+    amgen_exemplar_ids: Sequence[str] = ()  # exemplar id of every amgen sample
+    bank_ids: Sequence[str] = ()            # layout ids of the bank
+
+
+class ExemplarOriginError(ValueError):
+    """An amgen sample whose exemplar is not one of the night bank's scenes."""
+
+
+def check_exemplars(exemplar_ids: Sequence[str], bank_ids: Sequence[str], where: str = "amgen output") -> None:
+    bank = set(bank_ids)
+    strays = sorted({e for e in exemplar_ids if e not in bank})
+    if not exemplar_ids or strays:
+        raise ExemplarOriginError(f"{where}: exemplars must all come from the night bank ({len(bank)} scenes); "
+                                  f"{len(strays)} others found: {strays[:5]}" if strays else
+                                  f"{where}: no exemplar ids recorded")
+
+
+def restyle(images: Sequence[np.ndarray], references: Sequence[np.ndarray], baseline: str, seed: int = 0) -> list[np.ndarray]:
+    """``images`` restyled by an albumentations domain-adaptation transform (``FDA``,
+    ``HistogramMatching``, ``PixelDistributionAdaptation``) with ``references`` as its reference
+    images; always applied (p=1), one seeded draw per image."""
+    import albumentations as A
+
+    if baseline not in BASELINES.values():
+        raise ValueError(f"unknown baseline {baseline!r}; expected one of {', '.join(BASELINES.values())}")
+    refs = [np.ascontiguousarray(r) for r in references]
+    if not refs:
+        raise ValueError(f"{baseline}: no reference images")
+    # The references go in as metadata (the constructor's reference_images is deprecated in 2.x);
+    # the transform draws one of them per image.
+    transform = getattr(A, baseline)(metadata_key="night_references", p=1.0)
+    pipeline = A.Compose([transform], seed=seed)
+    return [pipeline(image=np.ascontiguousarray(img), night_references=refs)["image"] for img in images]
+
+
+def baseline_sets(data: AdaptationData, seed: int = 0) -> dict[str, SampleList]:
+    """The day scenes restyled by each baseline, labels unchanged."""
+    images = [img for img, _ in data.day.pairs]
+    references = [img for img, _ in data.bank.pairs]
+    out = {}
+    for arm, name in BASELINES.items():
+        styled = restyle(images, references, name, seed)
+        out[arm] = SampleList(list(zip(styled, (lab for _, lab in data.day.pairs))), name=f"day restyled by {name}",
+                              domain="night (restyled day)")
+    return out
+
+
+def arm_parts(data: AdaptationData, baselines: dict[str, SampleList]) -> dict[str, list]:
+    """Each arm's training parts, in order (sample sources with ``name``, ``domain``, ``size``)."""
+    times = max(1, round(data.day.size / max(1, data.bank.size)))
+    bank = Repeated(data.bank, times)
+    b = [data.day, bank]
+    parts = {"a_day": [data.day], "b_day_bank": b, "c_amgen": b + [data.amgen]}
+    for arm in BASELINES:
+        parts[arm] = b + [baselines[arm]]
+    parts["e_night_real"] = [data.day, data.night_real]
+    return {arm: parts[arm] for arm in ARMS}
+
+
+def describe(parts: list) -> list[dict[str, Any]]:
+    return [{"name": p.name, "domain": p.domain, "samples": p.size,
+             **({"distinct": p.base.size, "repeats": p.times} if isinstance(p, Repeated) else {})} for p in parts]
+
+
+# Forked workers read the arms from here (copy-on-write), rather than pickling the images per job.
+_SHARED: dict[str, Any] = {}
+
+
+def _train_one(job: tuple[str, int]) -> dict[str, Any]:
+    arm, seed = job
+    parts, cfg, run_dir, test_n = _SHARED["parts"][arm], _SHARED["cfg"], _SHARED["run_dir"], _SHARED["test_n"]
+    cfg = SegmenterTrainConfig(**{**asdict(cfg), "seed": seed})
+    t0 = time.time()
+    model = train_segmenter(ConcatSource(*parts), Path(run_dir) / f"{arm}-seed{seed}", cfg, log=lambda _: None)
+    night = evaluate_segmenter(model, _SHARED["night_test"], test_n["night"])
+    day = evaluate_segmenter(model, _SHARED["day_test"], test_n["day"])
+    return {"arm": arm, "seed": seed, "night_miou": round(100 * night.miou(), 2), "day_miou": round(100 * day.miou(), 2),
+            "night_iou_per_class": {c: round(100 * v, 2) for c, v in per_class_table(night.per_class()).items()},
+            "seconds": round(time.time() - t0, 1)}
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(values, float)
+    return {"mean": round(float(v.mean()), 2), "std": round(float(v.std(ddof=1)) if len(v) > 1 else 0.0, 2),
+            "min": round(float(v.min()), 2), "max": round(float(v.max()), 2)}
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-arm mean and spread, the mean per-class night IoU, and the three acceptance figures."""
+    arms: dict[str, Any] = {}
+    for arm in ARMS:
+        mine = [r for r in rows if r["arm"] == arm]
+        if not mine:
+            continue
+        classes = sorted({c for r in mine for c in r["night_iou_per_class"]})
+        per_class = {c: round(float(np.nanmean([r["night_iou_per_class"].get(c, np.nan) for r in mine])), 2)
+                     for c in classes}
+        arms[arm] = {"night": spread([r["night_miou"] for r in mine]), "day": spread([r["day_miou"] for r in mine]),
+                     "seeds": [r["seed"] for r in mine], "night_iou_per_class": per_class}
+    night = {a: v["night"]["mean"] for a, v in arms.items()}
+    day = {a: v["day"]["mean"] for a, v in arms.items()}
+    best_d = max(BASELINES, key=lambda a: night.get(a, -np.inf))
+    figures = {
+        "gain_vs_b": round(night["c_amgen"] - night["b_day_bank"], 2),
+        "gain_vs_best_baseline": round(night["c_amgen"] - night[best_d], 2),
+        "best_baseline": best_d,
+        "day_drop": round(day["a_day"] - day["c_amgen"], 2),
+        "gap_to_e": round(night["e_night_real"] - night["c_amgen"], 2),
+    }
+    verdicts = {"c_ge_b_plus_10": figures["gain_vs_b"] >= 10, "c_ge_best_d_plus_3": figures["gain_vs_best_baseline"] >= 3,
+                "c_day_within_2_of_a": figures["day_drop"] <= 2}
+    return {"arms": arms, **figures, "verdicts": verdicts}
+
+
+def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Sequence[int], run_dir: str | Path,
+                   test_n: dict[str, int] | None = None, workers: int = 1, baseline_seed: int = 0,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train every arm with every seed (``workers`` processes) and score it. Returns the rows
+    ({arm, seed, night_miou, day_miou, ...}), each arm's training parts and the summary."""
+    check_exemplars(data.amgen_exemplar_ids, data.bank_ids)
+    test_n = test_n or {"night": data.night_test.size, "day": data.day_test.size}
+    t0 = time.time()
+    baselines = baseline_sets(data, baseline_seed)
+    log(f"baselines: {data.day.size} day images restyled by {', '.join(BASELINES.values())} "
+        f"({time.time() - t0:.1f} s)")
+    parts = arm_parts(data, baselines)
+    _SHARED.update(parts=parts, cfg=cfg, run_dir=str(run_dir), test_n=test_n, night_test=data.night_test,
+                   day_test=data.day_test)
+    jobs = [(arm, seed) for arm in ARMS for seed in seeds]
+    rows: list[dict[str, Any]] = []
+
+    def done(row: dict[str, Any]) -> None:
+        rows.append(row)
+        log(f"[{len(rows)}/{len(jobs)}] {row['arm']} seed {row['seed']}: night mIoU {row['night_miou']:.2f} "
+            f"day mIoU {row['day_miou']:.2f} ({row['seconds']} s)")
+
+    for arm in ARMS:
+        log(f"arm {arm}: " + " + ".join(f"{p['samples']} {p['name']}" for p in describe(parts[arm])))
+    try:
+        if workers <= 1:
+            for job in jobs:
+                done(_train_one(job))
+        else:
+            with multiprocessing.get_context("fork").Pool(workers) as pool:
+                for row in pool.imap_unordered(_train_one, jobs):
+                    done(row)
+    finally:
+        _SHARED.clear()
+    rows.sort(key=lambda r: (ARMS.index(r["arm"]), r["seed"]))
+    return {"rows": rows, "arms": {arm: describe(p) for arm, p in parts.items()}, "summary": summarize(rows),
+            "train_config": asdict(cfg), "test_n": test_n, "train_seconds": round(time.time() - t0, 1)}
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The result as a markdown table: mean ± std (min..max) per arm, night and day."""
+    lines = ["| arm | night mIoU | day mIoU |", "|---|---|---|"]
+    for arm, v in summary["arms"].items():
+        cell = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.2f}..{s['max']:.2f})"
+        lines.append(f"| {arm} | {cell(v['night'])} | {cell(v['day'])} |")
+    return "\n".join(lines)
+
+
+def comparison_picture(data: AdaptationData, day_ids: Sequence[str], amgen_target_ids: Sequence[str], rows: int = 4,
+                       scale: int = 2, seed: int = 0) -> np.ndarray:
+    """One row per amgen sample: day image | its night exemplar | amgen output | FDA output |
+    HistogramMatching output (the baselines as the arms used them: same references, same seed)."""
+    day_at = {d: i for i, d in enumerate(day_ids)}
+    bank_at = {b: i for i, b in enumerate(data.bank_ids)}
+    tiles = []
+    for j in range(min(rows, data.amgen.size)):
+        day_img = data.day[day_at[amgen_target_ids[j]]][0]
+        exemplar = data.bank[bank_at[data.amgen_exemplar_ids[j]]][0]
+        references = [img for img, _ in data.bank.pairs]
+        fda, hist = (restyle([day_img], references, name, seed + j)[0] for name in ("FDA", "HistogramMatching"))
+        sep = np.full((day_img.shape[0], 2, 3), 255, np.uint8)
+        cells = [day_img, exemplar, data.amgen[j][0], fda, hist]
+        tiles.append(np.concatenate([x for c in cells for x in (c, sep)][:-1], axis=1))
+        tiles.append(np.full((2, tiles[-1].shape[1], 3), 255, np.uint8))
+    grid = np.concatenate(tiles[:-1], axis=0)
+    return grid.repeat(scale, 0).repeat(scale, 1)
+
+
+def per_class_markdown(summary: dict[str, Any]) -> str:
+    """Night-test IoU per class (mean over seeds), one column per arm."""
+    arms = list(summary["arms"])
+    classes = sorted({c for v in summary["arms"].values() for c in v["night_iou_per_class"]})
+    lines = ["| class | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+    for c in classes:
+        cells = [summary["arms"][a]["night_iou_per_class"].get(c) for a in arms]
+        lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,129 @@
+"""`amgen eval adapt` at a small size, end to end through a real amgen run (tiny model, a few
+steps): the arms' training data differ as the issue specifies (counts, domains), amgen's
+exemplars come only from the night bank, and the classical baselines really restyle the images."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from test_pipeline_fixtures import tiny_model_dir
+
+DAY, BANK, TEST, NIGHT_REAL = 9, 3, 4, 6
+
+
+@pytest.fixture(scope="module")
+def adapt_run(tmp_path_factory):
+    from pipeline.cli import app
+
+    base = tmp_path_factory.mktemp("adapt")
+    model = tiny_model_dir(base / "model")
+    work, rows, result, picture = base / "work", base / "rows.json", base / "result.json", base / "pic.png"
+    args = ["eval", "adapt", "--work-dir", str(work), "--day-n", str(DAY), "--bank-n", str(BANK), "--test-n", str(TEST),
+            "--night-real-n", str(NIGHT_REAL), "--steps", "2", "--batch-size", "4", "--seeds", "2", "--workers", "2",
+            "--model", str(model), "--model-steps", "2", "--json", str(rows), "--result", str(result),
+            "--picture", str(picture)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    return {"work": work, "rows": json.loads(rows.read_text()), "result": json.loads(result.read_text()),
+            "picture": picture, "output": res.output}
+
+
+def test_arms_are_made_as_specified(adapt_run):
+    arms = adapt_run["result"]["arms"]
+    day = {"name": "day scenes", "domain": "day", "samples": DAY}
+    bank = {"name": "night bank", "domain": "night", "samples": BANK * 3, "distinct": BANK, "repeats": 3}
+    assert arms["a_day"] == [day]
+    assert arms["b_day_bank"] == [day, bank]  # the bank oversampled to the day set's weight
+    assert arms["c_amgen"][:2] == [day, bank]
+    assert arms["c_amgen"][2] == {"name": "amgen night renderings of the day layouts", "domain": "night (amgen)",
+                                  "samples": DAY}
+    for arm, name in (("d_fda", "FDA"), ("d_histogram", "HistogramMatching"), ("d_pda", "PixelDistributionAdaptation")):
+        assert arms[arm] == [day, bank, {"name": f"day restyled by {name}", "domain": "night (restyled day)",
+                                         "samples": DAY}]
+    assert arms["e_night_real"] == [day, {"name": "real night scenes", "domain": "night", "samples": NIGHT_REAL}]
+    assert adapt_run["result"]["test_n"] == {"night": TEST, "day": TEST}
+
+
+def test_rows_json_and_summary(adapt_run):
+    from evaluation.adaptation import ARMS
+
+    rows = adapt_run["rows"]
+    assert [(r["arm"], r["seed"]) for r in rows] == [(a, s) for a in ARMS for s in (0, 1)]
+    assert all(set(r) == {"arm", "seed", "night_miou", "day_miou"} for r in rows)
+    s = adapt_run["result"]["summary"]
+    night = {a: np.mean([r["night_miou"] for r in rows if r["arm"] == a]) for a in ARMS}
+    assert s["gain_vs_b"] == pytest.approx(night["c_amgen"] - night["b_day_bank"], abs=0.011)
+    assert s["day_drop"] == pytest.approx(s["arms"]["a_day"]["day"]["mean"] - s["arms"]["c_amgen"]["day"]["mean"], abs=0.011)
+    assert "| c_amgen |" in adapt_run["output"] and "gain vs (b)" in adapt_run["output"]
+
+
+def test_trees_have_the_right_domains_and_disjoint_seeds(adapt_run):
+    from evaluation.adaptation import ADAPT_TREE_SEEDS
+    from evaluation.segmenter_train import SEGMENTER_HELDOUT_SEED_BASE, SEGMENTER_TRAIN_SEED_BASE
+
+    trees = adapt_run["work"] / "trees"
+    want = {"day_train": ("day", DAY), "night_bank": ("night", BANK), "night_test": ("night", TEST),
+            "day_test": ("day", TEST), "night_real": ("night", NIGHT_REAL)}
+    for name, (domain, n) in want.items():
+        sidecars = sorted((trees / name / "gtFine" / "train").rglob("*_toytown.json"))
+        assert len(sidecars) == n
+        assert {json.loads(p.read_text())["domain"] for p in sidecars} == {domain}
+        assert {json.loads(p.read_text())["seed"] for p in sidecars} == {ADAPT_TREE_SEEDS[name]}
+    assert len(set(ADAPT_TREE_SEEDS.values())) == len(ADAPT_TREE_SEEDS)
+    assert not set(ADAPT_TREE_SEEDS.values()) & {0, SEGMENTER_TRAIN_SEED_BASE, SEGMENTER_HELDOUT_SEED_BASE}
+
+
+def test_amgen_exemplars_come_only_from_the_night_bank(adapt_run):
+    from connectors.cityscapes import CityscapesSource
+
+    work = adapt_run["work"]
+    bank_ids = {it.layout_id for it in CityscapesSource(work / "trees" / "night_bank").list_items()}
+    day_ids = {it.layout_id for it in CityscapesSource(work / "trees" / "day_train").list_items()}
+    files = sorted((work / "amgen_night" / "data").glob("*.parquet"))
+    table = pq.read_table(files, columns=["target_id", "exemplar_id"]) if len(files) == 1 else None
+    rows = [r for f in files for r in pq.read_table(f, columns=["target_id", "exemplar_id"]).to_pylist()]
+    assert table is None or table.num_rows == len(rows)
+    assert len(rows) == DAY
+    assert {r["exemplar_id"] for r in rows} <= bank_ids and len(bank_ids) == BANK
+    assert sorted(r["target_id"] for r in rows) == sorted(day_ids)  # every day layout rendered once
+    run_cfg = adapt_run["result"]["amgen_run"]["run_config"]
+    assert run_cfg["exemplars"]["filters"] == {"domain": "night"}
+    assert run_cfg["exemplars"]["source"]["root"] == str(work / "trees" / "night_bank")
+
+
+def test_stray_exemplar_is_refused():
+    from evaluation.adaptation import ExemplarOriginError, check_exemplars
+
+    check_exemplars(["b1", "b2", "b1"], ["b1", "b2"])
+    with pytest.raises(ExemplarOriginError, match="night bank"):
+        check_exemplars(["b1", "day7"], ["b1", "b2"])
+    with pytest.raises(ExemplarOriginError, match="no exemplar"):
+        check_exemplars([], ["b1"])
+
+
+@pytest.mark.parametrize("baseline", ["FDA", "HistogramMatching", "PixelDistributionAdaptation"])
+def test_baselines_restyle_day_towards_night(baseline):
+    from evaluation.adaptation import restyle
+    from toytown import make_scene
+
+    day = [make_scene(5, i, "day")[3] for i in range(4)]
+    night = [make_scene(6, i, "night")[3] for i in range(3)]
+    out = restyle(day, night, baseline, seed=0)
+    assert [o.shape for o in out] == [d.shape for d in day] and all(o.dtype == np.uint8 for o in out)
+    changes = [np.abs(o.astype(int) - d.astype(int)).mean() for o, d in zip(out, day)]
+    # really transformed (FDA draws its band per image in (0, 0.1): a tiny band changes little)
+    assert np.mean(changes) > 20 and sum(c > 2 for c in changes) >= 3
+    # towards the night references: darker on average
+    assert np.mean(out) < np.mean(day) - 5
+    assert all(np.array_equal(a, b) for a, b in zip(out, restyle(day, night, baseline, seed=0)))  # seeded
+
+
+def test_picture_has_five_columns(adapt_run):
+    from amgen_core.image_io import read_image
+
+    pic = read_image(adapt_run["picture"])
+    assert pic.shape[1] == 2 * (5 * 128 + 4 * 2)
