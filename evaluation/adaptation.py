@@ -142,8 +142,15 @@ def describe(parts: list) -> list[dict[str, Any]]:
              **({"distinct": p.base.size, "repeats": p.times} if isinstance(p, Repeated) else {})} for p in parts]
 
 
-# Forked workers read the arms from here (copy-on-write), rather than pickling the images per job.
+# Each worker process gets the arms once (pool initializer), rather than the images per job.
 _SHARED: dict[str, Any] = {}
+
+
+def _init_worker(shared: dict[str, Any]) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # one core per segmenter; `workers` of them share the machine
+    _SHARED.update(shared)
 
 
 def _train_one(job: tuple[str, int]) -> dict[str, Any]:
@@ -221,7 +228,9 @@ def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Seque
             for job in jobs:
                 done(_train_one(job))
         else:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
+            # spawn, not fork: a fork after torch's thread pool (or Ray) has run can deadlock the child.
+            with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                             initargs=(dict(_SHARED),)) as pool:
                 for row in pool.imap_unordered(_train_one, jobs):
                     done(row)
     finally:
