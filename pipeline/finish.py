@@ -19,7 +19,6 @@ import numpy as np
 from connectors.parquet_sink import DatasetCardInfo, ShardStats, read_errors, write_dataset_card, write_manifest
 from pipeline.config import RunConfig
 from pipeline.plan import Plan
-from pipeline.resume import previous_shard_stats
 from stages.read import source_spec
 
 
@@ -100,13 +99,12 @@ class ManifestLog:
         self.runs.append(self.this_run)
 
     @classmethod
-    def open(cls, cfg: RunConfig, out: Path, summary: RunSummary, done: set[int], num_shards: int,
-             known_stats: dict[int, ShardStats] | None = None) -> ManifestLog:
-        """Continue the manifest of ``out`` (none yet: a new one); the summary takes its model."""
+    def open(cls, cfg: RunConfig, out: Path, summary: RunSummary, stats: dict[int, ShardStats]) -> ManifestLog:
+        """Continue the manifest of ``out`` (none yet: a new one) from the finished shards' ``stats``
+        (resume's audit); the summary takes its model."""
         from connectors.parquet_sink import read_manifest
 
-        known = known_stats or {}
-        stats = dict(known) if set(known) == set(done) else previous_shard_stats(out, done, num_shards)
+        stats = dict(stats)
         try:
             prev = read_manifest(out)
         except (FileNotFoundError, ValueError):

@@ -79,26 +79,6 @@ def finished_shards(out: Path, num_shards: int) -> set[int]:
     return done
 
 
-def previous_shard_stats(out: Path, done: set[int], num_shards: int) -> dict[int, ShardStats]:
-    """Stats of finished shards: from the manifest when it matches the file, else recomputed."""
-    recorded: dict[str, dict[str, Any]] = {}
-    mpath = Path(out) / MANIFEST_NAME
-    if mpath.is_file():
-        try:
-            recorded = {s["name"]: s for s in json.loads(mpath.read_text()).get("shards", [])}
-        except (json.JSONDecodeError, KeyError, TypeError):
-            recorded = {}
-    stats = {}
-    for i in sorted(done):
-        path = shard_path(out, i, num_shards)
-        rec = recorded.get(f"{DATA_DIR}/{path.name}")
-        if rec is not None and rec.get("sha256") == file_sha256(path):
-            stats[i] = ShardStats.from_dict(rec)
-        else:
-            stats[i] = shard_stats_from_file(path)
-    return stats
-
-
 @dataclass
 class RemadeShard:
     """A shard the manifest or the data folder says was finished, but that must be made again."""

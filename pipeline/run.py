@@ -71,11 +71,11 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
         workers = plan_workers(cfg, ray.cluster_resources() if dry_run else wait_for_gpus(cfg, rep.info))
         if workers.note:
             rep.info(workers.note)
-        remade, known = [], {}
+        remade, done_stats = [], {}
         if reuse_plan and not dry_run:
             # Damaged or missing shards are moved aside and made again (a dry run moves nothing).
             audit = audit_shards(out, plan.num_shards)
-            done, known, remade = audit.done, audit.stats, [r.to_dict() for r in audit.remade]
+            done, done_stats, remade = audit.done, audit.stats, [r.to_dict() for r in audit.remade]
             for r in audit.remade:
                 rep.info(f"remaking {r.name}: {r.reason}" + (f" (moved to {r.moved_to})" if r.moved_to else ""))
         else:
@@ -93,7 +93,7 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
             summary.timings["total_s"] = round(time.perf_counter() - t_start, 3)
             return summary
         return synthesize_and_write(cfg, plan, out, pending, done, workers, summary, rep, t_start, fail_after_shards,
-                                    known_stats=known)
+                                    done_stats=done_stats)
     finally:
         if started_ray:
             import ray

@@ -102,10 +102,10 @@ def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set
 
 def synthesize_and_write(cfg: RunConfig, plan: Plan, out: Path, pending: list[int], done: set[int],
                          workers: Workers, summary: RunSummary, rep: Reporter, t_start: float,
-                         fail_after_shards: int | None = None, known_stats: dict | None = None) -> RunSummary:
+                         fail_after_shards: int | None = None, done_stats: dict | None = None) -> RunSummary:
     """Pass 2 and the finish: the shards, then the derived files and the complete manifest.
-    ``known_stats``: stats of finished shards already checked (resume's audit)."""
-    log = ManifestLog.open(cfg, out, summary, done, plan.num_shards, known_stats)
+    ``done_stats``: stats of the ``done`` shards, from resume's audit (none for a new run)."""
+    log = ManifestLog.open(cfg, out, summary, done_stats or {})
     sink = ShardSink(cfg, plan, pending, log, fail_after_shards)
     synth_s = synthesize_pending(cfg, plan, pending, done, workers, sink, rep)
     return finish_run(cfg, plan, log, sink.writer, synth_s, t_start)

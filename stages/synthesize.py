@@ -10,28 +10,20 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from amadapter.bank import DEFAULT_BANK_CACHE_BYTES
-from amadapter.bundled import toy_model_dir
-from amadapter.loading import bundled_toy_available, load_model
+from amadapter.loading import load_model
 from amgen_core.image_io import encode_png
 from amgen_core.quarantine import sample_error_row
 from stages.group import unpack_arrays
 
-TOY_WEIGHTS = toy_model_dir()
 SAMPLE_COLUMNS = ("sample_id", "shard", "position", "target_id", "exemplar_id", "image", "label", "instance",
                   "seed", "augment", "model", "error", "bank_new", "seconds")
 # Failures of one sample that must not stop the run (shape/size problems surface as these in torch).
 SAMPLE_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
-
-
-def toy_weights_available(path: Path = TOY_WEIGHTS) -> bool:
-    """True once the trained toy model has been saved into the package (see training/)."""
-    return bundled_toy_available(path)
 
 
 def resolve_device(device: str) -> str:
