@@ -8,7 +8,7 @@ so ``amadapter.presets`` stays cheap to import.
 from amadapter.presets import PRESETS, get_preset
 
 __all__ = ["PRESETS", "get_preset", "AMAdapterPipeline", "AMAdapterOutput", "ExemplarBank", "InputError",
-           "StructureNet", "Matcher", "TextEmbeds", "load_model"]
+           "StructureNet", "Matcher", "TextEmbeds", "PixelUnshuffleAutoencoder", "load_model"]
 
 _LAZY = {
     "AMAdapterPipeline": "amadapter.pipeline",
@@ -18,6 +18,7 @@ _LAZY = {
     "StructureNet": "amadapter.structure_net",
     "Matcher": "amadapter.matcher",
     "TextEmbeds": "amadapter.text_embeds",
+    "PixelUnshuffleAutoencoder": "amadapter.pixel_autoencoder",
     "load_model": "amadapter.loading",
     # diffusers picks the load method of a ["amadapter", X] component by checking X against the
     # base classes it finds under their names on the same module (getattr(amadapter, "ModelMixin"))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 LEGACY_FORMAT_VERSION = 1
 # classes `amadapter` exports at package level so diffusers' loader can resolve them
-PACKAGE_CLASSES = ("StructureNet", "Matcher", "TextEmbeds")
+PACKAGE_CLASSES = ("StructureNet", "Matcher", "TextEmbeds", "PixelUnshuffleAutoencoder")
 
 
 def dtype_kwarg() -> str:

@@ -40,6 +40,7 @@ from amadapter.bank import DEFAULT_BANK_CACHE_BYTES, BankCache, ExemplarBank
 from amadapter.cost import RELEASE_COLOUR, CostSpec
 from amgen_core.labels import check_label_ids, colorize
 from amadapter.matcher import Matcher
+from amadapter.pixel_autoencoder import PixelUnshuffleAutoencoder
 from amadapter.presets import get_preset
 from amadapter.structure_net import StructureInjector, StructureNet
 from amadapter.text_embeds import TextEmbeds
@@ -63,7 +64,7 @@ class InputError(ValueError):
 @dataclass
 class AMAdapterOutput:
     images: np.ndarray  # (N, H, W, 3) uint8
-    latents: torch.Tensor | None = None  # (N, 4, h, w) final latents, before decoding
+    latents: torch.Tensor | None = None  # (N, C, h, w) final latents, before decoding
 
 
 def _as_maps(maps, where: str, dtype=None) -> list[np.ndarray]:
@@ -82,6 +83,16 @@ def _deprecated_callback(callback):
         warnings.warn("callback(i, n) is deprecated; use callback_on_step_end(pipe, i, t, callback_kwargs) "
                       "or pipe.set_progress_bar_config(...)", FutureWarning, stacklevel=4)  # past torch.no_grad's wrapper
     return callback
+
+
+def autoencoder_from_config(config: Mapping):
+    """A preset's ``vae`` entry -> the autoencoder it names (``_class``; AutoencoderKL by default)."""
+    config = dict(config)
+    kind = config.pop("_class", "AutoencoderKL")
+    classes = {"AutoencoderKL": AutoencoderKL, "PixelUnshuffleAutoencoder": PixelUnshuffleAutoencoder}
+    if kind not in classes:
+        raise ValueError(f"vae: unknown autoencoder class {kind!r}; known: {sorted(classes)}")
+    return classes[kind](**config)
 
 
 def _register_with_diffusers(cls) -> None:
@@ -109,7 +120,7 @@ class AMAdapterPipeline(DiffusionPipeline):
     _exclude_from_cpu_offload = ["structure_net", "matcher", "text_embeds"]
     _callback_tensor_inputs = ["latents"]
 
-    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL, scheduler: DDIMScheduler,
+    def __init__(self, unet: UNet2DConditionModel, vae: AutoencoderKL | PixelUnshuffleAutoencoder, scheduler: DDIMScheduler,
                  structure_net: StructureNet, matcher: Matcher, text_embeds: TextEmbeds, *,
                  preset: str | None = None, bank_cache_size: int | None = None,
                  bank_cache_bytes: int = DEFAULT_BANK_CACHE_BYTES):
@@ -139,7 +150,7 @@ class AMAdapterPipeline(DiffusionPipeline):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             unet = UNet2DConditionModel(**p["unet"])
-            vae = AutoencoderKL(**p["vae"])
+            vae = autoencoder_from_config(p["vae"])
             structure_net = StructureNet(**p["structure_net"])
             matcher = Matcher(**p["matcher"])
             te = dict(p["text_embeds"])
@@ -157,7 +168,10 @@ class AMAdapterPipeline(DiffusionPipeline):
         path = Path(path)
         index = folder_format.read_index(path, cls.__name__)
         if folder_format.is_legacy(index):
-            parts = folder_format.load_legacy_components(path, _CLASSES, dtype)
+            classes = dict(_CLASSES)
+            if index["components"].get("vae") == PixelUnshuffleAutoencoder.__name__:
+                classes["vae"] = PixelUnshuffleAutoencoder
+            parts = folder_format.load_legacy_components(path, classes, dtype)
             pipe = cls(**parts, preset=index.get("preset"), **kwargs)
         else:
             folder_format.check_component_folders(path, index)
@@ -240,6 +254,8 @@ class AMAdapterPipeline(DiffusionPipeline):
 
     @property
     def vae_scale_factor(self) -> int:
+        if isinstance(self.vae, PixelUnshuffleAutoencoder):
+            return self.vae.config.factor
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -284,7 +300,7 @@ class AMAdapterPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray) -> torch.Tensor:
-        """uint8 (N, H, W, 3) -> scaled latents (N, 4, H/f, W/f); the posterior mean."""
+        """uint8 (N, H, W, 3) -> scaled latents (N, C, H/f, W/f); the posterior mean."""
         x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
         x = x.to(device=self._device, dtype=self.dtype) / 127.5 - 1.0
         return self.vae.encode(x).latent_dist.mean * self.vae.config.scaling_factor
@@ -316,7 +332,7 @@ class AMAdapterPipeline(DiffusionPipeline):
     def appearance_tokens(self, noisy_latents: torch.Tensor, timestep, exemplar_cond: torch.Tensor, *,
                           encoder_hidden_states: torch.Tensor | None = None, cond_start: int = 0,
                           grad: bool = False, guidance: torch.Tensor | None = None):
-        """Appearance net: run the UNet on noisy exemplar latents (B, 4, h, w) guided by the
+        """Appearance net: run the UNet on noisy exemplar latents (B, C, h, w) guided by the
         exemplar's colourised map (B, 3, H, W) and record every attn1 input.
 
         Returns (noise prediction, {layer: (B - cond_start, N, C) tokens}); tokens keep their
@@ -336,7 +352,7 @@ class AMAdapterPipeline(DiffusionPipeline):
                        mode: str = "am_adapter", cost: CostSpec | Callable | None = None,
                        encoder_hidden_states: torch.Tensor | None = None, cond_start: int = 0,
                        guidance: torch.Tensor | None = None) -> torch.Tensor:
-        """Generation net: noise prediction for noisy target latents (B, 4, h, w) guided by the
+        """Generation net: noise prediction for noisy target latents (B, C, h, w) guided by the
         target's colourised map, reading exemplar ``tokens`` (from :meth:`appearance_tokens`,
         batch 1 or B) in mode "sa_aug" or "am_adapter" (needs ``cost``: a CostSpec or a
         callable (q_grid, e_grid) -> (B or 1, Nq, Ne)); "structure_only" ignores tokens.

@@ -23,10 +23,14 @@ def tiny_config(heads: int = 2) -> dict:
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32),
         cross_attention_dim=16, attention_head_dim=heads, norm_num_groups=8,
     )
-    p["vae"].update(
-        sample_size=TINY_SIZE, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), norm_num_groups=4,
+    # A learned AutoencoderKL (SD1.5's kind) with SD's epsilon schedule, so tests keep that path covered.
+    p["unet"].update(in_channels=4, out_channels=4)
+    p["vae"] = dict(
+        sample_size=TINY_SIZE, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, scaling_factor=0.18215,
     )
+    p["scheduler"] = get_preset("sd15")["scheduler"]
     p["structure_net"].update(
         stem_channels=(8, 8, 16), stem_strides=(1, 1, 1), stem_groups=2, stage_channels=(16, 16),
         stage_groups=(4, 4), mid_groups=4, out_channels=16, time_proj_dim=16, time_embed_dim=16,

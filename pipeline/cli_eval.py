@@ -52,7 +52,7 @@ def quality_cmd(
     json_file: Optional[Path] = typer.Option(None, "--json", help="write the rows as JSON here"),
     model: str = typer.Option(str(DEFAULT_MODEL_DIR), "--model", help=f"model folder, or {RANDOM_TOY!r}"),
     steps: int = typer.Option(QualitySettings.num_inference_steps, "--steps", min=1, help="DDIM steps"),
-    guidance: float = typer.Option(7.5, "--guidance"),
+    guidance: float = typer.Option(QualitySettings.guidance_scale, "--guidance", help="classifier-free guidance"),
     seed: int = typer.Option(QUALITY_SEED, "--seed", min=0, help="toy-town triple seed (held out from training)"),
     segmenter: Path = typer.Option(SEGMENTER_DIR, "--segmenter", help="judge segmenter folder"),
     docs: Optional[Path] = typer.Option(None, "--docs", help="also write quality.md/.png/.json into this folder"),
@@ -73,7 +73,7 @@ def quality_cmd(
         task = bar.add_task("triples", total=n)
         try:
             report = run_benchmark(settings, model, segmenter, json_path=json_file, docs_dir=docs, threads=threads,
-                                   command=f"amgen eval quality --n {n} --steps {steps}",
+                                   command=f"amgen eval quality --n {n} --steps {steps} --guidance {guidance}",
                                    progress=lambda done, total: bar.update(task, completed=done))
         except (ModelNotFoundError, SegmenterFileError) as exc:
             console.print(f"[red]error:[/red] {exc}")

@@ -23,8 +23,9 @@ def legacy_copy(src, dst):
     """The folder as amgen wrote it before the DiffusionPipeline port."""
     for name in COMPONENTS:
         shutil.copytree(src / name, dst / name)
+    vae_class = json.loads((src / "vae" / "config.json").read_text())["_class_name"]
     index = {"_class_name": "AMAdapterPipeline", "format_version": 1, "preset": "toy", "model_hash": TOY_HASH,
-             "components": {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "scheduler": "DDIMScheduler",
+             "components": {"unet": "UNet2DConditionModel", "vae": vae_class, "scheduler": "DDIMScheduler",
                             "structure_net": "StructureNet", "matcher": "Matcher", "text_embeds": "TextEmbeds"}}
     (dst / "model_index.json").write_text(json.dumps(index, indent=2))
     return dst

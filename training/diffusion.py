@@ -13,7 +13,8 @@ import torch
 from pydantic import Field, model_validator
 
 from training.data import PairData, pair_batch
-from training.loop import TrainConfig, TrainConfigError
+from training.history import continued_rows, write_history
+from training.loop import TrainConfig, TrainConfigError, read_loss_log
 
 
 class DiffusionConfig(TrainConfig):
@@ -35,6 +36,9 @@ class DiffusionConfig(TrainConfig):
     # 0.6 t). Same-t noising (1, 1) hides that signal in training, so the generation net never
     # learns to read the exemplar's colours at the high-noise steps where they are decided.
     exemplar_t_fraction: tuple[float, float] = (1.0, 1.0)
+    # init_from is this stage's own export and its checkpoint is gone: carry on from the last step
+    # its training log records (training/history.py), not from step 0.
+    continue_from_init: bool = False
 
     @model_validator(mode="after")
     def _exemplar_t_fraction(self) -> "DiffusionConfig":
@@ -48,11 +52,23 @@ class DiffusionConfig(TrainConfig):
         given = [k for k in ("init_from", "sd15_dir", "vae_path") if getattr(self, k)]
         if len(given) > 1:
             raise ValueError(f"give only one of init_from / sd15_dir / vae_path, got {given}")
-        if not given and not self.allow_random_vae:
+        if not given and not self.allow_random_vae and not _lossless_latent(self.preset):
             raise ValueError("no starting point: set vae_path (toy, after `amgen train vae`), sd15_dir or init_from")
+        if self.continue_from_init and not self.init_from:
+            raise ValueError("continue_from_init needs init_from: the exported folder to carry on from")
         if self.sd15_dir and self.preset != "sd15":
             raise ValueError(f"sd15_dir given but preset is {self.preset!r}; set preset: sd15")
         return self
+
+
+def _lossless_latent(preset: str) -> bool:
+    """Whether the preset's autoencoder needs no training (pixel unshuffle)."""
+    from amadapter.presets import get_preset
+
+    try:
+        return get_preset(preset)["vae"].get("_class") == "PixelUnshuffleAutoencoder"
+    except KeyError:
+        return False
 
 
 def build_pipeline(config: DiffusionConfig, device: torch.device):
@@ -85,8 +101,11 @@ def _need_dir(path: str, key: str) -> None:
 
 @dataclass
 class NoisedPair:
-    target: torch.Tensor        # noisy target latents (B, 4, h, w)
+    target: torch.Tensor        # noisy target latents (B, C, h, w)
     exemplar: torch.Tensor      # noisy exemplar latents, same t
+    clean_target: torch.Tensor  # the latents before noising (v-prediction's target needs them)
+    clean_exemplar: torch.Tensor
+    exemplar_timesteps: torch.Tensor  # what the exemplar was noised at
     noise_target: torch.Tensor
     noise_exemplar: torch.Tensor
     timesteps: torch.Tensor     # (B,); both nets run at these (the exemplar may be noised less)
@@ -131,6 +150,7 @@ def noised_pair(pipe, batch, generator: torch.Generator, high_noise_bias: float 
     t_e = exemplar_timesteps(t, exemplar_t_fraction, generator)
     return NoisedPair(
         target=sched.add_noise(z_t, n_t, t), exemplar=sched.add_noise(z_e, n_e, t_e),
+        clean_target=z_t, clean_exemplar=z_e, exemplar_timesteps=t_e,
         noise_target=n_t, noise_exemplar=n_e, timesteps=t,
         target_cond=pipe.prepare_condition(batch["target_label"]),
         exemplar_cond=pipe.prepare_condition(batch["exemplar_label"]),
@@ -182,6 +202,26 @@ def eps_loss(pred: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, s
     return (weight * per_sample).mean()
 
 
+def prediction_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                    scheduler, snr_gamma: float | None) -> torch.Tensor:
+    """The loss for the scheduler's ``prediction_type``: :func:`eps_loss` for "epsilon"; for
+    "v_prediction" MSE against v = sqrt(a) eps - sqrt(1 - a) x0, with Min-SNR's v form
+    min(SNR, gamma) / (SNR + 1) when ``snr_gamma`` is set."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return eps_loss(pred, noise, timesteps, scheduler, snr_gamma)
+    if kind != "v_prediction":
+        raise ValueError(f"prediction_type {kind!r} is not trained here (epsilon or v_prediction)")
+    target = scheduler.get_velocity(clean.float(), noise.float(), timesteps.to(clean.device))
+    per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+    if snr_gamma is None:
+        return per_sample.mean()
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps.to(per_sample.device))
+    return (torch.clamp(snr, max=snr_gamma) / (snr + 1) * per_sample).mean()
+
+
 def uniform(generator: torch.Generator) -> float:
     """One U(0,1) draw from the step's generator (exemplar dropout, granularity choice)."""
     return float(torch.rand((), generator=generator))
@@ -199,13 +239,32 @@ class PairTask:
         self.data = data
 
     def build(self, device: torch.device) -> torch.nn.Module:
-        return self.step_class(build_pipeline(self.config, device), self.config)
+        pipe = build_pipeline(self.config, device)
+        if _lossless_latent(self.config.preset) and not self.config.init_from:
+            fit_pixel_statistics(pipe, self.data, self.config.seed)
+        return self.step_class(pipe, self.config)
 
     def batch(self, step: int, rank: int, world_size: int):
         return pair_batch(self.data, self.config.seed, step, rank, self.config.batch_size)
 
+    def continued_rows(self) -> list[dict]:
+        """Loss-log rows a restart from ``init_from`` carries on after (none for a fresh run)."""
+        if not self.config.continue_from_init:
+            return []
+        return continued_rows(self.config.init_from, self.config.stage)
+
     def export(self, module, out_dir: Path) -> Path:
-        return export_pipeline(module.pipe, out_dir / "pipeline")
+        path = export_pipeline(module.pipe, out_dir / "pipeline")
+        write_history(path, self.config.stage, read_loss_log(out_dir / "loss.jsonl"), self.config.init_from,
+                      self.config.continue_from_init)
+        return path
+
+
+def fit_pixel_statistics(pipe, data: PairData, seed: int, batches: int = 8, batch_size: int = 32) -> None:
+    """Per-colour mean/std of the pixel-unshuffle latent from 256 training targets (deterministic
+    in ``seed``; drawn from step indices the training loop never reaches)."""
+    images = [pair_batch(data, seed, 10**9 + i, 0, batch_size)["target_image"] for i in range(batches)]
+    pipe.vae.fit(torch.cat(images))
 
 
 def export_pipeline(pipe, path: Path) -> Path:

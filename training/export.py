@@ -34,6 +34,9 @@ def assemble(pipeline_dir: str | Path, out_dir: str | Path, *, vae_dir: str | Pa
 
     pipe = AMAdapterPipeline.from_pretrained(pipeline_dir)
     if vae_dir is not None:
+        if not isinstance(pipe.vae, AutoencoderKL):
+            raise ExportError(f"{pipeline_dir}: its autoencoder is a {type(pipe.vae).__name__} (lossless, no "
+                              "decoder to fine-tune); --vae swaps in decoders of a learned AutoencoderKL only")
         vae = AutoencoderKL.from_pretrained(vae_dir)
         old, new = pipe.vae.state_dict(), vae.state_dict()
         differ = [k for k in old if k.startswith(_ENCODER_PREFIXES) and not torch.equal(old[k], new[k])]

@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Protocol
@@ -264,11 +265,15 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, scaler) -> int:
 class LossLog:
     """``loss.jsonl`` gets one line per step; ``loss.csv`` and ``loss.png`` are rewritten from it."""
 
-    def __init__(self, out_dir: Path, resume_step: int):
+    def __init__(self, out_dir: Path, resume_step: int, earlier: list[dict[str, Any]] | None = None):
         self.path = out_dir / "loss.jsonl"
         out_dir.mkdir(parents=True, exist_ok=True)
         # On resume drop lines written after the checkpoint: those steps are about to be replayed.
-        rows = [r for r in read_loss_log(self.path) if r["step"] < resume_step] if resume_step else []
+        # A restart from exported weights starts the log with their history (``earlier``).
+        if earlier:
+            rows = list(earlier)
+        else:
+            rows = [r for r in read_loss_log(self.path) if r["step"] < resume_step] if resume_step else []
         with open(self.path, "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
@@ -362,16 +367,27 @@ def train_worker(task: Task, *, rank: int = 0, world_size: int = 1, resume: bool
     scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
 
     start = 0
+    earlier: list[dict[str, Any]] = []
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, module, optimizer, scheduler, scaler)
-    elif not resume and rank == 0 and (out_dir / "checkpoints").exists():
-        shutil.rmtree(out_dir / "checkpoints")  # a fresh run must never resume stale state later
+    else:
+        if not resume and rank == 0 and (out_dir / "checkpoints").exists():
+            shutil.rmtree(out_dir / "checkpoints")  # a fresh run must never resume stale state later
+        earlier = task.continued_rows() if hasattr(task, "continued_rows") else []
+        if earlier:  # restarted from exported weights: carry on after their last logged step
+            start = int(earlier[-1]["step"]) + 1
+            if start >= config.steps:
+                raise TrainConfigError(f"{config.stage}: init_from already logged {start} steps; raise steps above that")
+            with warnings.catch_warnings():  # no optimizer step yet: only the schedule moves on
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(start):
+                    scheduler.step()
     if distributed:
         from ray.train.torch import prepare_model
 
         module = prepare_model(module, move_to_device=False)
-    log = LossLog(out_dir, start) if rank == 0 else None
+    log = LossLog(out_dir, start, earlier) if rank == 0 else None
 
     end = min(config.steps, max_steps if max_steps is not None else config.steps)
     losses: list[float] = []

@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from training.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
+from training.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, noised_pair, prediction_loss,
                                        uniform)
 
 
@@ -58,7 +58,7 @@ class Stage1Step(CheckpointSwitch, torch.nn.Module):
         if drop:
             eps = checkpointed(ck, lambda z, t, cond: pipe.generation_eps(z, t, cond, mode="structure_only"),
                                x.target, x.timesteps, x.target_cond)
-            loss = eps_loss(eps, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
+            loss = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
             out["loss_target"] = loss.detach()
         else:
             grad_ctx = torch.enable_grad() if c.appearance_grad else torch.no_grad()
@@ -68,11 +68,11 @@ class Stage1Step(CheckpointSwitch, torch.nn.Module):
                     x.exemplar, x.timesteps, x.exemplar_cond)
             eps = checkpointed(ck, lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="sa_aug"),
                                x.target, x.timesteps, x.target_cond)
-            loss_t = eps_loss(eps, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
+            loss_t = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
             out["loss_target"] = loss_t.detach()
             loss = loss_t
             if c.appearance_grad and c.exemplar_loss_weight > 0:
-                loss_e = eps_loss(eps_e, x.noise_exemplar, x.timesteps, pipe.scheduler, c.snr_gamma)
+                loss_e = prediction_loss(eps_e, x.clean_exemplar, x.noise_exemplar, x.timesteps, pipe.scheduler, c.snr_gamma)
                 out["loss_exemplar"] = loss_e.detach()
                 loss = loss + c.exemplar_loss_weight * loss_e
         out["loss"] = loss

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from training.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, eps_loss, noised_pair,
+from training.diffusion import (CheckpointSwitch, DiffusionConfig, PairTask, checkpointed, noised_pair, prediction_loss,
                                        uniform)
 
 
@@ -69,7 +69,7 @@ class Stage2Step(CheckpointSwitch, torch.nn.Module):
             self.checkpoint_passes,
             lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="am_adapter", cost=cost_fn),
             x.target, x.timesteps, x.target_cond)
-        loss = eps_loss(eps, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
+        loss = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
         return {"loss": loss, "granularity": float(GRANULARITIES.index(kind))}
 
 

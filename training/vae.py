@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from amadapter.presets import get_preset
+from amadapter.presets import TOY_LEARNED_VAE
 from training.data import PairData, image_batch, rng_for, to_unit_range
 from training.loop import TrainConfig
 
@@ -35,8 +35,8 @@ class VaeConfig(TrainConfig):
     @model_validator(mode="after")
     def _toy_only(self) -> "VaeConfig":
         if self.preset != "toy":
-            raise ValueError(f"the VAE stage trains the toy preset only; preset {self.preset!r} keeps its own VAE "
-                             "(SD1.5: use the VAE of your local SD1.5 folder)")
+            raise ValueError(f"the VAE stage trains the toy-sized learned VAE only; preset {self.preset!r} keeps its "
+                             "own VAE (SD1.5: use the VAE of your local SD1.5 folder)")
         if self.train == "decoder" and not self.init_from:
             raise ValueError("train: decoder fine-tunes an existing VAE: set init_from to its folder")
         return self
@@ -77,7 +77,7 @@ class VaeTask:
                 raise FileNotFoundError(f"{self.config.init_from}: not a VAE folder (config.json missing)")
             vae = AutoencoderKL.from_pretrained(self.config.init_from)
         else:
-            vae = AutoencoderKL(**get_preset(self.config.preset)["vae"])
+            vae = AutoencoderKL(**TOY_LEARNED_VAE)
         if self.config.train == "decoder":
             vae.encoder.requires_grad_(False)
             vae.quant_conv.requires_grad_(False)

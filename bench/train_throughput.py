@@ -1,0 +1,114 @@
+"""Training throughput of stage 1 on the toy preset: samples/s per speed option.
+
+Times real optimizer steps of `training.stage1` (the appearance pass, the generation pass, the
+backward and AdamW) on toy-town pairs at the preset's size, for each variant:
+fp32 (the baseline), bf16 autocast, channels-last memory format, and torch.compile of the UNet.
+Data rendering is timed apart and left out of the model figures (the loop renders the next
+batch the same way for every variant).
+
+The main figure is CPU time of this process with one torch thread: on a shared box it counts our
+work, not the time other jobs held the core. Wall-clock figures are in the JSON too.
+
+Last line: one JSON object.
+Usage: python bench/train_throughput.py [--steps 6] [--batch 8] [--variants fp32,bf16,channels_last,compile]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.data import pair_batch  # noqa: E402
+from training.loop import DataConfig, autocast_context, step_generator  # noqa: E402
+from training.sources import ToyTownPairs  # noqa: E402
+from training.stage1 import Stage1Config, Stage1Task  # noqa: E402
+
+VARIANTS = ("fp32", "bf16", "channels_last", "compile")
+
+
+def _config(batch: int, mixed_precision: str) -> Stage1Config:
+    return Stage1Config(preset="toy", out_dir="/tmp/amgen-bench-throughput", steps=10**6, batch_size=batch,
+                        lr=1e-4, torch_threads=1, appearance_grad=False, exemplar_t_fraction=(0.3, 0.8),
+                        snr_gamma=5.0, mixed_precision=mixed_precision,
+                        data=DataConfig(source="toytown", height=64, width=128))
+
+
+def run_variant(name: str, steps: int, batch: int, batches: list) -> dict:
+    config = _config(batch, "bf16" if name == "bf16" else "no")
+    torch.manual_seed(0)
+    task = Stage1Task(config, ToyTownPairs(config.data))
+    module = task.build(torch.device("cpu"))
+    if name == "channels_last":
+        module.unet.to(memory_format=torch.channels_last)
+        module.structure_net.to(memory_format=torch.channels_last)
+    if name == "compile":
+        module.unet.forward = torch.compile(module.unet.forward, dynamic=False)
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr)
+    module.train()
+    cpu, wall, losses = [], [], []
+    for step in range(steps + 2):  # two warm-up steps (compile, allocator)
+        batch_t = batches[step % len(batches)]
+        c0, w0 = time.process_time(), time.perf_counter()
+        with autocast_context(config, torch.device("cpu")):
+            out = module(batch_t, step_generator(0, step, 0))
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step >= 2:
+            cpu.append(time.process_time() - c0)
+            wall.append(time.perf_counter() - w0)
+            losses.append(float(out["loss"]))
+    return {"variant": name, "samples_per_cpu_s": batch * len(cpu) / sum(cpu),
+            "samples_per_wall_s": batch * len(wall) / sum(wall), "cpu_s_per_step": sum(cpu) / len(cpu),
+            "loss_mean": sum(losses) / len(losses)}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for v in variants:
+        if v not in VARIANTS:
+            raise SystemExit(f"unknown variant {v!r}; known: {VARIANTS}")
+    data = ToyTownPairs(_config(args.batch, "no").data)
+    c0 = time.process_time()
+    batches = [pair_batch(data, 0, s, 0, args.batch) for s in range(4)]
+    data_cpu_per_sample = (time.process_time() - c0) / (4 * args.batch)
+    rows = []
+    for v in variants:
+        try:
+            rows.append(run_variant(v, args.steps, args.batch, batches))
+        except Exception as e:  # a variant this torch build cannot run is reported, not hidden
+            rows.append({"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+        print(json.dumps(rows[-1]), flush=True)
+    base = next((r for r in rows if r["variant"] == "fp32" and "error" not in r), None)
+    if base:
+        for r in rows:
+            if "error" not in r:
+                r["speedup_vs_fp32"] = r["samples_per_cpu_s"] / base["samples_per_cpu_s"]
+    with contextlib.suppress(Exception):
+        isa = torch.backends.cpu.get_cpu_capability()
+    result = {"bench": "train_throughput", "preset": "toy", "batch": args.batch, "steps": args.steps,
+              "torch": torch.__version__, "cpu_capability": isa, "data_cpu_s_per_sample": data_cpu_per_sample,
+              "rows": rows}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

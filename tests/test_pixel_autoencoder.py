@@ -1,0 +1,74 @@
+"""The toy preset's lossless latent (pixel unshuffle) and the v-prediction loss trained on it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from amadapter.pixel_autoencoder import PixelUnshuffleAutoencoder
+
+
+def _images(n=3, h=64, w=128, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def test_round_trip_is_exact_and_latents_are_standardised():
+    x = torch.from_numpy(_images()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ae = PixelUnshuffleAutoencoder().fit(x * 0.5 + 0.2)  # statistics of another distribution still invert exactly
+    z = ae.encode(x).latent_dist.mean
+    assert z.shape == (3, 48, 16, 32)
+    torch.testing.assert_close(ae.decode(z).sample, x, atol=1e-6, rtol=0)
+    fitted = PixelUnshuffleAutoencoder().fit(x)
+    z = fitted.encode(x).latent_dist.mean
+    assert abs(float(z.mean())) < 1e-5 and abs(float(z.std()) - 1) < 1e-3
+    assert torch.equal(fitted.encode(x).latent_dist.sample(), z)  # zero-variance posterior
+
+
+def test_pipeline_round_trip_keeps_every_byte(tmp_path):
+    from amadapter.pipeline import AMAdapterPipeline
+
+    pipe = AMAdapterPipeline.from_preset("toy", seed=0)
+    assert isinstance(pipe.vae, PixelUnshuffleAutoencoder) and pipe.vae_scale_factor == 4 and pipe.stride == 16
+    assert pipe.unet.config.in_channels == pipe.vae.latent_channels == 48
+    imgs = _images(2)
+    pipe.vae.fit(torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1)
+    assert np.array_equal(pipe.decode_latents(pipe.encode_images(imgs)), imgs)
+    pipe.save_pretrained(tmp_path / "m")
+    again = AMAdapterPipeline.from_pretrained(tmp_path / "m")
+    assert isinstance(again.vae, PixelUnshuffleAutoencoder)
+    assert torch.equal(again.vae.channel_std, pipe.vae.channel_std) and again.model_hash() == pipe.model_hash()
+    assert np.array_equal(again.decode_latents(again.encode_images(imgs)), imgs)
+
+
+def test_bad_shapes_name_the_problem():
+    ae = PixelUnshuffleAutoencoder()
+    with pytest.raises(ValueError, match=r"encode: expected \(N, 3, H, W\)"):
+        ae.encode(torch.zeros(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="not a multiple of 4"):
+        ae.encode(torch.zeros(1, 3, 10, 8))
+    with pytest.raises(ValueError, match=r"decode: expected \(N, 48, H, W\)"):
+        ae.decode(torch.zeros(1, 4, 8, 8))
+
+
+def test_v_prediction_loss_and_its_min_snr_weights():
+    from diffusers import DDIMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from amadapter.presets import get_preset
+    from training.diffusion import prediction_loss
+
+    sched = DDIMScheduler(**get_preset("toy")["scheduler"])
+    assert sched.config.prediction_type == "v_prediction"
+    g = torch.Generator().manual_seed(0)
+    x0, noise, pred = (torch.randn(2, 48, 4, 8, generator=g) for _ in range(3))
+    t = torch.tensor([10, 900])
+    a = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    v = a.sqrt() * noise - (1 - a).sqrt() * x0  # the definition, written out
+    per = (pred - v).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(prediction_loss(pred, x0, noise, t, sched, None), per.mean())
+    snr = compute_snr(sched, t)
+    weighted = prediction_loss(pred, x0, noise, t, sched, 5.0)
+    torch.testing.assert_close(weighted, (torch.clamp(snr, max=5.0) / (snr + 1) * per).mean())
+    # the low-noise step is weighted down, the high-noise one keeps (almost) its full weight
+    w = torch.clamp(snr, max=5.0) / (snr + 1)
+    assert w[0] < 0.1 and w[1] > 0.95
