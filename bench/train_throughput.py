@@ -1,8 +1,10 @@
 """Training throughput of stage 1 on the toy preset: samples/s per speed option.
 
-Times real optimizer steps of `training.stage1` (the appearance pass, the generation pass, the
-backward and AdamW) on toy-town pairs at the preset's size, for each variant:
+Times real optimizer steps of `training.stage1` (the autoencoder encode, the appearance pass, the
+generation pass, the backward and AdamW) on toy-town pairs at the preset's size, for each variant:
 fp32 (the baseline), bf16 autocast, channels-last memory format, and torch.compile of the UNet.
+``--before DIR`` adds "before": fp32 stage 1 from a model folder with a learned AutoencoderKL
+(the 012020a7 toy model), which encodes every pair through its VAE.
 Data rendering is timed apart and left out of the model figures (the loop renders the next
 batch the same way for every variant).
 
@@ -35,15 +37,15 @@ from training.stage1 import Stage1Config, Stage1Task  # noqa: E402
 VARIANTS = ("fp32", "bf16", "channels_last", "compile")
 
 
-def _config(batch: int, mixed_precision: str) -> Stage1Config:
-    return Stage1Config(preset="toy", out_dir="/tmp/amgen-bench-throughput", steps=10**6, batch_size=batch,
+def _config(batch: int, mixed_precision: str, init_from: str | None = None) -> Stage1Config:
+    return Stage1Config(preset="toy", init_from=init_from, out_dir="/tmp/amgen-bench-throughput", steps=10**6, batch_size=batch,
                         lr=1e-4, torch_threads=1, appearance_grad=False, exemplar_t_fraction=(0.3, 0.8),
                         snr_gamma=5.0, mixed_precision=mixed_precision,
                         data=DataConfig(source="toytown", height=64, width=128))
 
 
-def run_variant(name: str, steps: int, batch: int, batches: list) -> dict:
-    config = _config(batch, "bf16" if name == "bf16" else "no")
+def run_variant(name: str, steps: int, batch: int, batches: list, before: str | None = None) -> dict:
+    config = _config(batch, "bf16" if name == "bf16" else "no", before if name == "before" else None)
     torch.manual_seed(0)
     task = Stage1Task(config, ToyTownPairs(config.data))
     module = task.build(torch.device("cpu"))
@@ -79,11 +81,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--before", default=None, help="model folder with a learned VAE: adds the 'before' row")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()] + (["before"] if args.before else [])
     for v in variants:
-        if v not in VARIANTS:
+        if v not in VARIANTS and v != "before":
             raise SystemExit(f"unknown variant {v!r}; known: {VARIANTS}")
     data = ToyTownPairs(_config(args.batch, "no").data)
     c0 = time.process_time()
@@ -92,7 +95,7 @@ def main(argv=None) -> dict:
     rows = []
     for v in variants:
         try:
-            rows.append(run_variant(v, args.steps, args.batch, batches))
+            rows.append(run_variant(v, args.steps, args.batch, batches, args.before))
         except Exception as e:  # a variant this torch build cannot run is reported, not hidden
             rows.append({"variant": v, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
         print(json.dumps(rows[-1]), flush=True)

@@ -22,7 +22,7 @@ JUDGE_FLOOR = 65.0
 # (measured: mIoU 14.21%, class ΔE00 14.70; the session-1 model: 10.03%, 18.34; a random-weight
 # toy model: 5.09%, about 33).
 # docs/quality.md has the full benchmark (200 triples).
-MODEL_TRIPLES, MODEL_STEPS = 4, 10
+MODEL_TRIPLES, MODEL_STEPS, MODEL_GUIDANCE = 4, 10, 7.5
 MODEL_MIOU_FLOOR = 12.0
 MODEL_CLASS_DE_CEILING = 17.0
 
@@ -48,7 +48,8 @@ def test_bundled_model_follows_the_layout(one_thread):
 
     pipe = AMAdapterPipeline.from_pretrained(TOY_MODEL)
     judge = Segmenter.from_pretrained(JUDGE_DIR)
-    settings = QualitySettings(n=MODEL_TRIPLES, num_inference_steps=MODEL_STEPS, modes=("am_adapter",), num_examples=0)
+    settings = QualitySettings(n=MODEL_TRIPLES, num_inference_steps=MODEL_STEPS, guidance_scale=MODEL_GUIDANCE,
+                               modes=("am_adapter",), num_examples=0)
     report = run_quality(pipe, judge, make_triples(MODEL_TRIPLES, seed=QUALITY_SEED), settings)
     am = report.rows[0]
     assert am["mode"] == "am_adapter" and am["n"] == MODEL_TRIPLES
