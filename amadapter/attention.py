@@ -12,9 +12,10 @@ attn1 processors what the current UNet call is:
 * ``None``: plain attention everywhere.
 
 Plain attention is torch's scaled_dot_product_attention. With the adapter, only the
-exemplar logits (B, H, Nq, Ne) are materialized (they are the matcher's input); the
-joint softmax over [self ; exemplar] runs in query chunks, so the self logits exist one
-chunk at a time and nothing is concatenated.
+exemplar logits (b, H, Nq, Ne) are materialized (they are the matcher's input), for as many
+samples at a time as a byte budget allows, and never copied; the joint softmax over
+[self ; exemplar] runs in query chunks, so the self logits exist one chunk at a time and
+nothing is concatenated.
 """
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from amadapter.matcher import Matcher, block_of
 
-CHUNK_ELEMENTS = 1 << 25  # logits per query chunk (128 MB in fp32)
+# Memory budgets of the joint softmax, in bytes (the element count follows from the dtype).
+# Exemplar logits held at once: whole samples (the matcher's GroupNorm and max are per sample),
+# one at least. SD1.5 at 512x512, 8 heads, 64x64 layer: 512 MB per sample in fp32, 256 MB in bf16.
+LOGITS_BUDGET_BYTES = 512 << 20
+CHUNK_BYTES = 128 << 20  # self logits + exemplar logits of one query chunk
 UNCOND_SUFFIX = "#uncond"  # recorded-token key of a layer's unconditional rows (release_compat)
 
 
@@ -92,14 +97,29 @@ def joint_attention(q, k_self, v_self, k_ex, v_ex, scale: float, refine=None) ->
     """softmax([q k_self^T ; refine(q k_ex^T)] * scale) @ [v_self ; v_ex], without concatenating.
 
     q, k_self, v_self: (B, H, N, d); k_ex, v_ex: (1 or B, H, Ne, d) (broadcast, never copied).
-    Only the exemplar logits are materialized in full; ``refine`` edits them in place.
+    The exemplar logits exist for as many whole samples as fit ``LOGITS_BUDGET_BYTES``;
+    ``refine(logits, rows)`` edits those of the samples ``rows`` (a slice of the batch) in place.
+    The softmax then runs in query chunks of ``CHUNK_BYTES``, on the exemplar logits in place.
     """
+    B, H, N, _ = q.shape
+    Ne = k_ex.shape[-2]
+    per_sample = H * N * Ne * q.element_size()
+    step = max(1, LOGITS_BUDGET_BYTES // max(1, per_sample))
+    outs = []
+    for a in range(0, B, step):
+        rows = slice(a, min(B, a + step))
+        ke, ve = (k_ex, v_ex) if k_ex.shape[0] == 1 else (k_ex[rows], v_ex[rows])
+        outs.append(_joint_rows(q[rows], k_self[rows], v_self[rows], ke, ve, scale, refine, rows))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+def _joint_rows(q, k_self, v_self, k_ex, v_ex, scale, refine, rows) -> torch.Tensor:
     qs = q * scale
     logits_ex = qs @ k_ex.transpose(-1, -2)
     if refine is not None:
-        refine(logits_ex)
+        refine(logits_ex, rows)
     B, H, N, _ = q.shape
-    chunk = max(1, CHUNK_ELEMENTS // max(1, B * H * (N + k_ex.shape[-2])))
+    chunk = max(1, CHUNK_BYTES // max(1, B * H * (N + k_ex.shape[-2]) * q.element_size()))
     inplace = not torch.is_grad_enabled()
     outs = []
     for a in range(0, N, chunk):
@@ -210,8 +230,13 @@ class AMAttnProcessor:
                 raise ValueError(f"{self.name}: release_compat pairs each conditional row with one unconditional row; "
                                  f"got {c} unconditional and {qc.shape[0]} conditional rows")
 
-            def refine(logits):
-                st.matcher.refine_(logits, st.cost_fn, q_hw, e_hw, self.block, uncond_logits=uncond)
+            def refine(logits, rows):
+                def cost_fn(q_grid, e_grid):  # the cost rows of these samples (or the one shared row)
+                    cost = st.cost_fn(q_grid, e_grid)
+                    return cost if cost.shape[0] == 1 else cost[rows]
+
+                st.matcher.refine_(logits, cost_fn, q_hw, e_hw, self.block,
+                                   uncond_logits=None if uncond is None else uncond[rows])
 
             out_c = joint_attention(qc, kc, vc, k_ex, v_ex, attn.scale, refine)
         if c == 0:
