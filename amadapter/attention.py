@@ -113,18 +113,41 @@ def joint_attention(q, k_self, v_self, k_ex, v_ex, scale: float, refine=None) ->
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
+# torch's fused CPU attention kernel, which also returns the log-sum-exp of each query row
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _joint_rows(q, k_self, v_self, k_ex, v_ex, scale, refine, rows) -> torch.Tensor:
     qs = q * scale
     logits_ex = qs @ k_ex.transpose(-1, -2)
     if refine is not None:
         refine(logits_ex, rows)
     B, H, N, _ = q.shape
-    chunk = max(1, CHUNK_BYTES // max(1, B * H * (N + k_ex.shape[-2]) * q.element_size()))
     inplace = not torch.is_grad_enabled()
+    # Inference on CPU: the self part runs in the fused kernel, which gives its normalized output
+    # o_s and log-sum-exp l_s; a query's self probabilities then weigh in as the single term
+    # exp(l_s - m) * o_s, and the self logits never exist. (Its l_s has no gradient: training
+    # takes the general path.)
+    fused = inplace and q.device.type == "cpu" and _FLASH_CPU is not None
+    if fused:
+        o_self, lse_self = _FLASH_CPU(q, k_self, v_self, 0.0, False, scale=scale)[:2]
+        lse_self = lse_self.unsqueeze(-1).to(logits_ex.dtype)
+        width = k_ex.shape[-2]
+    else:
+        width = N + k_ex.shape[-2]
+    chunk = max(1, CHUNK_BYTES // max(1, B * H * width * q.element_size()))
     outs = []
     for a in range(0, N, chunk):
-        ls = qs[:, :, a : a + chunk] @ k_self.transpose(-1, -2)
         le = logits_ex[:, :, a : a + chunk]
+        if fused:
+            ls = lse_self[:, :, a : a + chunk]
+            m = torch.maximum(le.amax(-1, keepdim=True), ls)
+            pe = le.sub_(m).exp_()
+            ws = ls.sub(m).exp_()  # the self part's share before normalization
+            den = pe.sum(-1, keepdim=True).add_(ws)
+            outs.append(torch.addcmul(pe @ v_ex, o_self[:, :, a : a + chunk].to(pe.dtype), ws).div_(den))
+            continue
+        ls = qs[:, :, a : a + chunk] @ k_self.transpose(-1, -2)
         with torch.no_grad():
             m = torch.maximum(ls.amax(-1, keepdim=True), le.amax(-1, keepdim=True))
         ps = ls.sub_(m).exp_()

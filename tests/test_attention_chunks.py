@@ -63,10 +63,12 @@ class _QueryRows(TorchFunctionMode):
 
 
 def _chunked(monkeypatch, chunk: int, *args, one_sample: bool = False, **kwargs):
-    # joint_attention takes chunk = CHUNK_BYTES // (b * H * (N + Ne) * 4) query rows (fp32), for
+    # joint_attention takes chunk = CHUNK_BYTES // (b * H * width * 4) query rows (fp32), for
     # b samples at a time; one_sample: a budget below one sample's exemplar logits (b = 1).
+    # width: N + Ne, or Ne alone where torch's fused kernel does the self part (CPU inference).
     b = 1 if one_sample else B
-    monkeypatch.setattr(attention, "CHUNK_BYTES", chunk * b * H * (N + NE) * 4)
+    width = NE if attention._FLASH_CPU is not None and not torch.is_grad_enabled() else N + NE
+    monkeypatch.setattr(attention, "CHUNK_BYTES", chunk * b * H * width * 4)
     if one_sample:
         monkeypatch.setattr(attention, "LOGITS_BUDGET_BYTES", H * N * NE * 4 - 1)
     seen = _QueryRows()
@@ -139,3 +141,17 @@ def test_sample_chunks_keep_gradients(monkeypatch):
     torch.testing.assert_close(out2, out1, rtol=0, atol=2e-6)
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.skipif(attention._FLASH_CPU is None, reason="this torch has no fused CPU attention kernel")
+@pytest.mark.parametrize("ex_batch", [1, B])
+def test_fused_self_part_equals_the_explicit_self_logits(monkeypatch, ex_batch):
+    """CPU inference takes the self part from torch's fused kernel (its output and log-sum-exp);
+    with the kernel hidden the self logits are explicit. Both equal the float64 softmax."""
+    args = _inputs(ex_batch)
+    with torch.no_grad():
+        fused = joint_attention(*args, SCALE, refine=_refine)
+        monkeypatch.setattr(attention, "_FLASH_CPU", None)
+        explicit = joint_attention(*args, SCALE, refine=_refine)
+    torch.testing.assert_close(fused, explicit, rtol=0, atol=2e-6)
+    torch.testing.assert_close(fused.double(), _reference(*args, refine=_refine), rtol=0, atol=2e-6)
