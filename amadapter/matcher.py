@@ -6,7 +6,11 @@ each for the UNet's down, mid and up blocks, not timestep-conditioned.
 
 Volumes are kept in a query-major layout (B*Nq, C, he, we): the 1x1 query conv is then a
 per-position channel mix, so it folds into the centre tap of the 3x3 exemplar conv and one
-conv2d does both (exactly the same sum; see tests/test_model_matcher.py).
+conv2d does both (exactly the same sum; see tests/test_model_matcher.py). In memory the volumes
+are channels-last, stored (B, Nq, he, we, C): the aggregation input is written that way once
+from the logits (resized first, so only reduced-size volumes exist), the thin convs run 2-4x
+faster so on CPU, and GroupNorm reads each sample's volume as one flat row
+(tests/test_matcher_fast_path.py checks the whole refinement against a plain reference).
 
 ``release_compat`` (imported release weights only; docs/architecture.md, "Release
 compatibility") reproduces the public release's inference, which differs from the method:
