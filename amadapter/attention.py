@@ -12,9 +12,10 @@ attn1 processors what the current UNet call is:
 * ``None``: plain attention everywhere.
 
 Plain attention is torch's scaled_dot_product_attention. With the adapter, only the
-exemplar logits (B, H, Nq, Ne) are materialized (they are the matcher's input); the
-joint softmax over [self ; exemplar] runs in query chunks, so the self logits exist one
-chunk at a time and nothing is concatenated.
+exemplar logits (b, H, Nq, Ne) are materialized (they are the matcher's input), for as many
+samples at a time as a byte budget allows, and never copied; the joint softmax over
+[self ; exemplar] runs in query chunks, so the self logits exist one chunk at a time and
+nothing is concatenated.
 """
 from __future__ import annotations
 
@@ -28,7 +29,11 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from amadapter.matcher import Matcher, block_of
 
-CHUNK_ELEMENTS = 1 << 25  # logits per query chunk (128 MB in fp32)
+# Memory budgets of the joint softmax, in bytes (the element count follows from the dtype).
+# Exemplar logits held at once: whole samples (the matcher's GroupNorm and max are per sample),
+# one at least. SD1.5 at 512x512, 8 heads, 64x64 layer: 512 MB per sample in fp32, 256 MB in bf16.
+LOGITS_BUDGET_BYTES = 512 << 20
+CHUNK_BYTES = 128 << 20  # self logits + exemplar logits of one query chunk
 UNCOND_SUFFIX = "#uncond"  # recorded-token key of a layer's unconditional rows (release_compat)
 
 
@@ -92,19 +97,57 @@ def joint_attention(q, k_self, v_self, k_ex, v_ex, scale: float, refine=None) ->
     """softmax([q k_self^T ; refine(q k_ex^T)] * scale) @ [v_self ; v_ex], without concatenating.
 
     q, k_self, v_self: (B, H, N, d); k_ex, v_ex: (1 or B, H, Ne, d) (broadcast, never copied).
-    Only the exemplar logits are materialized in full; ``refine`` edits them in place.
+    The exemplar logits exist for as many whole samples as fit ``LOGITS_BUDGET_BYTES``;
+    ``refine(logits, rows)`` edits those of the samples ``rows`` (a slice of the batch) in place.
+    The softmax then runs in query chunks of ``CHUNK_BYTES``, on the exemplar logits in place.
     """
+    B, H, N, _ = q.shape
+    Ne = k_ex.shape[-2]
+    per_sample = H * N * Ne * q.element_size()
+    step = max(1, LOGITS_BUDGET_BYTES // max(1, per_sample))
+    outs = []
+    for a in range(0, B, step):
+        rows = slice(a, min(B, a + step))
+        ke, ve = (k_ex, v_ex) if k_ex.shape[0] == 1 else (k_ex[rows], v_ex[rows])
+        outs.append(_joint_rows(q[rows], k_self[rows], v_self[rows], ke, ve, scale, refine, rows))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+
+# torch's fused CPU attention kernel, which also returns the log-sum-exp of each query row
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _joint_rows(q, k_self, v_self, k_ex, v_ex, scale, refine, rows) -> torch.Tensor:
     qs = q * scale
     logits_ex = qs @ k_ex.transpose(-1, -2)
     if refine is not None:
-        refine(logits_ex)
+        refine(logits_ex, rows)
     B, H, N, _ = q.shape
-    chunk = max(1, CHUNK_ELEMENTS // max(1, B * H * (N + k_ex.shape[-2])))
     inplace = not torch.is_grad_enabled()
+    # Inference on CPU: the self part runs in the fused kernel, which gives its normalized output
+    # o_s and log-sum-exp l_s; a query's self probabilities then weigh in as the single term
+    # exp(l_s - m) * o_s, and the self logits never exist. (Its l_s has no gradient: training
+    # takes the general path.)
+    fused = inplace and q.device.type == "cpu" and _FLASH_CPU is not None
+    if fused:
+        o_self, lse_self = _FLASH_CPU(q, k_self, v_self, 0.0, False, scale=scale)[:2]
+        lse_self = lse_self.unsqueeze(-1).to(logits_ex.dtype)
+        width = k_ex.shape[-2]
+    else:
+        width = N + k_ex.shape[-2]
+    chunk = max(1, CHUNK_BYTES // max(1, B * H * width * q.element_size()))
     outs = []
     for a in range(0, N, chunk):
-        ls = qs[:, :, a : a + chunk] @ k_self.transpose(-1, -2)
         le = logits_ex[:, :, a : a + chunk]
+        if fused:
+            ls = lse_self[:, :, a : a + chunk]
+            m = torch.maximum(le.amax(-1, keepdim=True), ls)
+            pe = le.sub_(m).exp_()
+            ws = ls.sub(m).exp_()  # the self part's share before normalization
+            den = pe.sum(-1, keepdim=True).add_(ws)
+            outs.append(torch.addcmul(pe @ v_ex, o_self[:, :, a : a + chunk].to(pe.dtype), ws).div_(den))
+            continue
+        ls = qs[:, :, a : a + chunk] @ k_self.transpose(-1, -2)
         with torch.no_grad():
             m = torch.maximum(ls.amax(-1, keepdim=True), le.amax(-1, keepdim=True))
         ps = ls.sub_(m).exp_()
@@ -210,8 +253,13 @@ class AMAttnProcessor:
                 raise ValueError(f"{self.name}: release_compat pairs each conditional row with one unconditional row; "
                                  f"got {c} unconditional and {qc.shape[0]} conditional rows")
 
-            def refine(logits):
-                st.matcher.refine_(logits, st.cost_fn, q_hw, e_hw, self.block, uncond_logits=uncond)
+            def refine(logits, rows):
+                def cost_fn(q_grid, e_grid):  # the cost rows of these samples (or the one shared row)
+                    cost = st.cost_fn(q_grid, e_grid)
+                    return cost if cost.shape[0] == 1 else cost[rows]
+
+                st.matcher.refine_(logits, cost_fn, q_hw, e_hw, self.block,
+                                   uncond_logits=None if uncond is None else uncond[rows])
 
             out_c = joint_attention(qc, kc, vc, k_ex, v_ex, attn.scale, refine)
         if c == 0:

@@ -6,7 +6,11 @@ each for the UNet's down, mid and up blocks, not timestep-conditioned.
 
 Volumes are kept in a query-major layout (B*Nq, C, he, we): the 1x1 query conv is then a
 per-position channel mix, so it folds into the centre tap of the 3x3 exemplar conv and one
-conv2d does both (exactly the same sum; see tests/test_model_matcher.py).
+conv2d does both (exactly the same sum; see tests/test_model_matcher.py). In memory the volumes
+are channels-last, stored (B, Nq, he, we, C): the aggregation input is written that way once
+from the logits (resized first, so only reduced-size volumes exist), the thin convs run 2-4x
+faster so on CPU, and GroupNorm reads each sample's volume as one flat row
+(tests/test_matcher_fast_path.py checks the whole refinement against a plain reference).
 
 ``release_compat`` (imported release weights only; docs/architecture.md, "Release
 compatibility") reproduces the public release's inference, which differs from the method:
@@ -25,12 +29,19 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 BLOCKS = ("down", "mid", "up")
-VOLUME_BUDGET = 1 << 21  # elements of the widest aggregation activation per chunk of samples
+# Bytes of the widest aggregation activation per chunk of samples: a few samples at toy size
+# (their volumes stay in cache), one sample at SD1.5 size (a 32x32x32x32 volume of 32 channels
+# is 128 MB in fp32; GroupNorm and the max are per sample, so one sample is the floor).
+VOLUME_BUDGET_BYTES = 8 << 20
+# Bytes of the upsampled residual held at once while it is added back to full-size logits
+# (query rows are upsampled a block at a time; SD1.5: 16 of the 64 target rows per block).
+RESIDUAL_BUDGET_BYTES = 64 << 20
 # The release's fixed sizes (cvlab-kaist/AM-Adapter): the cost is built on a 32x32 grid
 # (src/pipelines/pipeline_ours.py:1096-1097); a layer of 64x64 tokens (attn_size 8192 =
 # 2 x 64 x 64, src/models/attention_processor.py:119) is aggregated on that 32x32 grid.
 RELEASE_COST_SIDE = 32
 RELEASE_RESIZED_SIDE = 64
+CHANNELS_LAST = torch.channels_last
 
 
 class Separable4DConv(nn.Module):
@@ -40,10 +51,24 @@ class Separable4DConv(nn.Module):
         self.exemplar_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B*Nq, Cin, he, we) -> (B*Nq, Cout, he, we)."""
+        """x: (B*Nq, Cin, he, we) -> (B*Nq, Cout, he, we), channels-last memory (the channels of
+        one (query, exemplar) position adjacent: 2-4x faster on CPU for these thin convs)."""
         weight = self.exemplar_conv.weight + F.pad(self.query_conv.weight, (1, 1, 1, 1))
         bias = self.exemplar_conv.bias + self.query_conv.bias
-        return F.conv2d(x, weight, bias, padding=1)
+        return F.conv2d(x.contiguous(memory_format=CHANNELS_LAST), weight, bias, padding=1)
+
+
+def group_norm_relu(x: torch.Tensor, batch: int, norm: nn.GroupNorm) -> torch.Tensor:
+    """relu(GroupNorm(1)(x)) with the statistics over each sample's whole volume, for x
+    (batch*Nq, C, he, we) in channels-last memory; the result keeps that memory format.
+
+    The statistics run on the flat per-sample rows (torch's group norm kernel; a two-dim
+    ``var_mean`` is 20x slower here), the affine is one fused multiply-add, ReLU is in place."""
+    n, c, h, w = x.shape
+    flat = x.permute(0, 2, 3, 1).reshape(batch, 1, -1)  # a view when x is channels-last
+    y = F.group_norm(flat, 1, eps=norm.eps).view(batch, -1, c)
+    y = torch.addcmul(norm.bias, y, norm.weight).relu_()
+    return y.view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class CostAggregator(nn.Module):
@@ -57,9 +82,7 @@ class CostAggregator(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: int) -> torch.Tensor:
         for conv, norm in zip(self.convs, self.norms):
-            x = conv(x)
-            y = F.group_norm(x.reshape(batch, 1, -1), 1, eps=norm.eps).view_as(x)
-            x = F.relu(y * norm.weight.view(1, -1, 1, 1) + norm.bias.view(1, -1, 1, 1))
+            x = group_norm_relu(conv(x), batch, norm)
         return x
 
 
@@ -83,6 +106,99 @@ def resize_volume(x: torch.Tensor, q_hw, e_hw, q_to, e_to) -> torch.Tensor:
     if tuple(q_to) != tuple(q_hw):
         y = F.interpolate(y, size=tuple(q_to), mode="bilinear", align_corners=False)
     return y.reshape(B, C, ne, q_to[0] * q_to[1]).transpose(2, 3)
+
+
+def _halved(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bilinear (align_corners=False) halving of axis ``dim``: each output samples the midpoint
+    of a pair of inputs, i.e. their mean (one strided read of ``x``)."""
+    pairs = x.unflatten(dim, (x.shape[dim] // 2, 2))
+    return torch.add(pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)).mul_(0.5)
+
+
+def _doubled(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bilinear (align_corners=False) doubling of axis ``dim``: output 2i is 3/4 x[i] + 1/4 x[i-1],
+    output 2i+1 is 3/4 x[i] + 1/4 x[i+1], clamped at the ends (each output written once)."""
+    n = x.shape[dim]
+    if n == 1:
+        return torch.cat([x, x], dim)
+    lo, hi = x.narrow(dim, 0, n - 1), x.narrow(dim, 1, n - 1)
+    if torch.is_grad_enabled() and x.requires_grad:  # out= cannot record a graph
+        even = torch.cat([x.narrow(dim, 0, 1), torch.lerp(hi, lo, 0.25)], dim)
+        odd = torch.cat([torch.lerp(lo, hi, 0.25), x.narrow(dim, n - 1, 1)], dim)
+        return torch.stack([even, odd], dim + 1).flatten(dim, dim + 1)
+    out = x.new_empty(*x.shape[:dim], n, 2, *x.shape[dim + 1 :])
+    even, odd = out.select(dim + 1, 0), out.select(dim + 1, 1)
+    even.narrow(dim, 0, 1).copy_(x.narrow(dim, 0, 1))
+    odd.narrow(dim, n - 1, 1).copy_(x.narrow(dim, n - 1, 1))
+    torch.lerp(hi, lo, 0.25, out=even.narrow(dim, 1, n - 1))
+    torch.lerp(lo, hi, 0.25, out=odd.narrow(dim, 0, n - 1))
+    return out.flatten(dim, dim + 1)
+
+
+def resize_axis(x: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Linear (align_corners=False) resize of one axis; bilinear resizing is this applied to
+    each of the two axes. Halving and doubling (the release's 64 <-> 32) avoid interpolate's
+    index tables and run as strided arithmetic."""
+    n = x.shape[dim]
+    if n == size:
+        return x
+    if n == 2 * size:
+        return _halved(x, dim)
+    if size == 2 * n:
+        return _doubled(x, dim)
+    y = x.movedim(dim, -1)
+    lead = y.shape[:-1]
+    y = F.interpolate(y.reshape(-1, 1, n), size=size, mode="linear", align_corners=False)
+    return y.view(*lead, size).movedim(-1, dim)
+
+
+def reduced_volume(logits: torch.Tensor, cost: torch.Tensor, q_hw, e_hw, q_to, e_to) -> torch.Tensor:
+    """The aggregation input R for logits (b, H, Nq, Ne) and cost (b or 1, Nq', Ne') on the grids
+    (q_to, e_to): (b*Nq', H+1, he', we') in channels-last memory, i.e. stored (b, Nq', Ne', H+1).
+    The logits are resized before anything is copied (exemplar dims, then query dims, as
+    :func:`resize_volume`), so only reduced-size volumes are allocated."""
+    b, H = logits.shape[:2]
+    x = logits.reshape(b, H, *q_hw, *e_hw)
+    for dim, size in zip((5, 4, 3, 2), (e_to[1], e_to[0], q_to[1], q_to[0])):
+        x = resize_axis(x, dim, size)
+    nq, ne = q_to[0] * q_to[1], e_to[0] * e_to[1]
+    r = logits.new_empty(b, nq, ne, H + 1)
+    r[..., :H].copy_(x.reshape(b, H, nq, ne).permute(0, 2, 3, 1))
+    r[..., H].copy_(cost.to(r.dtype).expand(b, nq, ne))
+    return r.view(b * nq, *e_to, H + 1).permute(0, 3, 1, 2)
+
+
+def add_upsampled_(logits: torch.Tensor, res: torch.Tensor, q_hw, e_hw, q_from, e_from,
+                   budget_bytes: int | None = None) -> torch.Tensor:
+    """logits (b, H, Nq, Ne) += res (b, Nq', Ne', H) resized bilinearly from (q_from, e_from) to
+    (q_hw, e_hw), exemplar dims then query dims (the order of :func:`resize_volume`).
+
+    The full-size residual never exists when the target grid's height doubles: its rows are
+    upsampled a block at a time (about ``budget_bytes`` of intermediates), each block with one
+    reduced row of context on either side. A doubled row reads only its two nearest source
+    rows, so a block's rows equal those of the whole."""
+    b, H = logits.shape[:2]
+    (hq, wq), (hf, wf) = tuple(q_hw), tuple(q_from)
+    budget = RESIDUAL_BUDGET_BYTES if budget_bytes is None else budget_bytes
+    blocked = hq == 2 * hf
+    rows = hf
+    if blocked:  # per reduced row, the widest intermediate: two full-size target rows
+        per_row = 2 * b * H * wq * e_hw[0] * e_hw[1] * res.element_size()
+        rows = max(1, min(hf, budget // per_row))
+    src = res.view(b, hf, wf, *e_from, H).permute(0, 5, 1, 2, 3, 4)  # (b, H, hf, wf, he', we')
+    full = logits.view(b, H, hq, wq, *e_hw)
+    for r0 in range(0, hf, rows):
+        r1 = min(hf, r0 + rows)
+        s0, s1 = (max(0, r0 - 1), min(hf, r1 + 1)) if blocked else (0, hf)
+        y = src[:, :, s0:s1]
+        for dim, size in ((5, e_hw[1]), (4, e_hw[0]), (3, wq)):
+            y = resize_axis(y, dim, size)
+        if blocked:
+            y = _doubled(y, 2)[:, :, 2 * (r0 - s0) : 2 * (r1 - s0)]
+            full[:, :, 2 * r0 : 2 * r1].add_(y)
+        else:
+            full.add_(resize_axis(y, 2, hq))
+    return logits
 
 
 def flat_resize(x: torch.Tensor, n: int, mode: str) -> torch.Tensor:
@@ -136,6 +252,7 @@ class Matcher(ModelMixin, ConfigMixin):
         self.phi_mid = CostAggregator(num_heads + 1, tuple(hidden_channels), num_heads)
         self.phi_up = CostAggregator(num_heads + 1, tuple(hidden_channels), num_heads)
         self.zero_output = False  # runtime switch for ablations/tests; never saved
+        self.volume_budget_bytes = VOLUME_BUDGET_BYTES  # runtime setting (tests shrink it); never saved
 
     @torch.no_grad()
     def start_near_zero_(self, bias: float = 1e-2) -> "Matcher":
@@ -168,7 +285,7 @@ class Matcher(ModelMixin, ConfigMixin):
             raise ValueError(f"matcher was built for {self.config.num_heads} heads, the layer has {H}")
         cost = cost.to(logits.dtype).expand(B, Nq, Ne)
         r = torch.cat([logits.transpose(1, 2), cost[:, :, None, :]], dim=2)  # (B, Nq, H+1, Ne)
-        return self.phi(block)(r.reshape(B * Nq, H + 1, *e_hw), B).view(B, Nq, H, Ne)
+        return self.phi(block)(r.reshape(B * Nq, H + 1, *e_hw), B).reshape(B, Nq, H, Ne)
 
     def residual(self, logits: torch.Tensor, cost: torch.Tensor, e_hw, block: str) -> torch.Tensor:
         """phi(R) - max/4 for logits (B, H, Nq, Ne) and cost (B or 1, Nq, Ne) on one grid."""
@@ -203,19 +320,28 @@ class Matcher(ModelMixin, ConfigMixin):
                     f"cost_transposed (imported release weights) needs equal target and exemplar grids, got {q_agg} vs {e_agg}"
                 )
             cost = cost.transpose(-1, -2)
-        # GroupNorm and the max are per sample, so samples can be aggregated a few at a time:
-        # the same result, with the 4D volumes small enough to stay in cache.
-        per_sample = q_agg[0] * q_agg[1] * e_agg[0] * e_agg[1] * max(self.config.hidden_channels)
-        step = max(1, VOLUME_BUDGET // per_sample)
-        for a in range(0, logits.shape[0], step):
+        B, H = logits.shape[:2]
+        if H != self.config.num_heads:
+            raise ValueError(f"matcher was built for {self.config.num_heads} heads, the layer has {H}")
+        # GroupNorm and the max are per sample, so samples are aggregated a few at a time (as
+        # many as fit the byte budget): the same result, with the volumes bounded in memory.
+        nq, ne = q_agg[0] * q_agg[1], e_agg[0] * e_agg[1]
+        per_sample = nq * ne * max(self.config.hidden_channels) * logits.element_size()
+        step = max(1, self.volume_budget_bytes // per_sample)
+        phi = self.phi(block)
+        for a in range(0, B, step):
             part = logits[a : a + step]
-            x = part.detach()  # stop-gradient: the adapter reads the logits, it does not train them
+            b = part.shape[0]
+            # stop-gradient: the adapter reads the logits, it does not train them
+            r = reduced_volume(part.detach(), cost if cost.shape[0] == 1 else cost[a : a + step],
+                               q_hw, e_hw, q_agg, e_agg)
+            out = phi(r, b).permute(0, 2, 3, 1).reshape(b, nq, ne, H)  # a view: phi's output is channels-last
+            peak = out.amax(dim=(1, 2), keepdim=True)  # per sample and head
+            res = out.sub_(peak / 4) if not torch.is_grad_enabled() else out - peak / 4
             if resized:
-                x = resize_volume(x, q_hw, e_hw, q_agg, e_agg)
-            res = self.residual(x, cost if cost.shape[0] == 1 else cost[a : a + step], e_agg, block)
-            if resized:
-                res = resize_volume(res, q_agg, e_agg, q_hw, e_hw)
-            part.add_(res)
+                add_upsampled_(part, res, q_hw, e_hw, q_agg, e_agg)
+            else:
+                part.add_(res.permute(0, 3, 1, 2))
         return logits
 
     def _refine_release_(self, logits, uncond_logits, cost_fn, q_hw, e_hw) -> torch.Tensor:
@@ -246,7 +372,7 @@ class Matcher(ModelMixin, ConfigMixin):
         if not big:
             seg = flat_resize(seg.float(), n, "nearest")
         rows = 1 if uncond_logits is None else 2
-        step = max(1, VOLUME_BUDGET // (rows * m * m * max(self.config.hidden_channels)))
+        step = max(1, self.volume_budget_bytes // (rows * m * m * max(self.config.hidden_channels) * logits.element_size()))
         for a in range(0, B, step):
             part = logits[a : a + step]
             cost = seg if seg.shape[0] == 1 else seg[a : a + step]

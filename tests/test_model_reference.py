@@ -1,6 +1,11 @@
-"""The pipeline replays tests/fixtures/pipeline_reference.npz bit for bit: outputs recorded before
-the DiffusionPipeline port (tiny model seed 0 and the bundled toy model; four modes, 3 steps).
-Exemplar reuse, batching, the new loaders and the inversion must not move a single bit."""
+"""The pipeline replays tests/fixtures/pipeline_reference.npz: outputs recorded before the
+DiffusionPipeline port (tiny model seed 0 and the bundled toy model; four modes, 3 steps).
+Exemplar reuse, batching, the new loaders and the inversion must not move a single bit.
+
+The am_adapter cases are replayed to float tolerance: the adapter's fast path (channels-last
+aggregation, strided resizes, torch's fused kernel for the self part of the joint softmax; issue
+12) sums in another order than the code that recorded them. Measured: latents within 1.7e-5
+(values up to ~3), decoded pixels within 1 grey level; the other modes stay bit for bit."""
 import importlib.util
 from pathlib import Path
 
@@ -42,6 +47,10 @@ def _replay(pipe, scene, prefix, reference):
         out = pipe(**kw, num_inference_steps=STEPS, guidance_scale=7.5)
         images, latents = reference[f"{prefix}/{name}/images"], reference[f"{prefix}/{name}/latents"]
         got = out.latents.float().cpu().numpy()
+        if kw["mode"] == "am_adapter":
+            assert np.abs(out.images.astype(int) - images).max() <= 1, f"{prefix}/{name}: images differ by more than 1"
+            np.testing.assert_allclose(got, latents, rtol=0, atol=1e-4, err_msg=f"{prefix}/{name}: latents")
+            continue
         assert np.array_equal(out.images, images), f"{prefix}/{name}: images differ"
         assert np.array_equal(got, latents), f"{prefix}/{name}: latents differ by up to {np.abs(got - latents).max():.3g}"
 
