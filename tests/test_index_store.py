@@ -238,4 +238,4 @@ def test_ivf_shards_are_merged_for_search_and_give_the_unsharded_results(tmp_pat
     q = unit_vectors(40, seed=10)
     a, b = one.search(q, 10), five.search(q, 10)
     assert np.array_equal(a.rows, b.rows) and np.allclose(a.scores, b.scores, atol=1e-6)
-    assert five.label is not None and five.ids.tolist() == ids
+    assert five.ids.tolist() == ids
