@@ -239,3 +239,10 @@ def test_ivf_shards_are_merged_for_search_and_give_the_unsharded_results(tmp_pat
     a, b = one.search(q, 10), five.search(q, 10)
     assert np.array_equal(a.rows, b.rows) and np.allclose(a.scores, b.scores, atol=1e-6)
     assert five.ids.tolist() == ids
+
+
+def test_default_probe_counts_unchanged_up_to_1024_lists_and_sqrt_beyond():
+    from connectors.index_store import default_nlist, default_nprobe
+
+    assert [default_nprobe(n) for n in (16, 256, 512, 1024)] == [8, 8, 8, 16]
+    assert default_nlist(1_000_000) == 4096 and default_nprobe(4096) == 32 and default_nprobe(16384) == 64
