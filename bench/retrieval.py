@@ -37,7 +37,8 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from connectors.index_store import ShardedIndex, default_nlist  # noqa: E402
+from connectors.index_store import (KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST, ShardedIndex,  # noqa: E402
+                                    default_nlist)
 from stages.embed import EMBED_DIM, EMBED_VERSION, NUM_CHANNELS, embed_layouts  # noqa: E402
 from stages.retrieve import Retriever, class_iou  # noqa: E402
 
@@ -186,6 +187,37 @@ def embedded_layouts(n: int, seed: int, keep: int, chunk: int = 10_000) -> tuple
     return xb, np.concatenate(kept), gen_s, embed_s
 
 
+def compare_index_types(xb: np.ndarray, xq: np.ndarray, exact: np.ndarray, qps_brute: float, specs: list[str],
+                        seed: int, repeats: int) -> dict:
+    """Other FAISS index types on the same vectors, one unsharded index each, against the same
+    brute-force rate. ``spec``: "<index_factory string>|nprobe=N[,k_factor=F];..." e.g.
+    "IVF2048,SQ8,RFlat|nprobe=16,k_factor=4" (RFlat: IndexRefineFlat, exact rerank of k*F)."""
+    out = {}
+    rng = np.random.default_rng(seed)
+    for spec in specs:
+        factory, settings = spec.split("|")
+        t0 = time.perf_counter()
+        index = faiss.index_factory(xb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = KMEANS_ITERATIONS
+        size = min(len(xb), ivf.nlist * TRAIN_POINTS_PER_LIST)
+        index.train(xb[np.sort(rng.choice(len(xb), size, replace=False))])
+        index.add(xb)
+        build_s = time.perf_counter() - t0
+        for setting in settings.split(";"):
+            kv = dict(item.split("=") for item in setting.split(","))
+            ivf.nprobe = int(kv["nprobe"])
+            if "k_factor" in kv:
+                faiss.downcast_index(index).k_factor = float(kv["k_factor"])
+            wall, _, (_, rows) = timed(lambda: index.search(xq, 10), repeats)
+            row = {"recall_at_10": round(recall_at(rows, exact), 4), "qps": round(len(xq) / wall, 1),
+                   "speedup": round(len(xq) / wall / qps_brute, 2), "build_seconds": round(build_s, 1)}
+            out[f"{factory}|{setting}"] = row
+            print(f"  {factory:28s} {setting:22s} {row}", file=sys.stderr)
+        del index
+    return out
+
+
 def staged_build(n: int, seed: int, out: str, shards: int, nlist: int, nprobe: int, part_size: int) -> dict:
     """``amgen index build``'s code path (stages.retrieve.build_exemplar_index_parts) over the same
     synthetic layouts, read part by part as a source would be; run in a child process so that its
@@ -223,6 +255,9 @@ def main() -> None:
                     help="memory: ShardedIndex.build over the vectors in hand; staged: `amgen index build`'s "
                     "streaming, resumable path in a child process, from the label maps (re-embedded there)")
     ap.add_argument("--part-size", type=int, default=20_000, help="layouts per staged part (--build staged)")
+    ap.add_argument("--compare", nargs="*", default=[], metavar="SPEC",
+                    help='other index types on the same data, e.g. "IVF2048,SQ8,RFlat|nprobe=16,k_factor=4" '
+                    '(see compare_index_types); adds "compare" to the JSON')
     args = ap.parse_args()
     threads = faiss.omp_get_max_threads()
     nlist = args.nlist or default_nlist(args.n)
@@ -270,6 +305,7 @@ def main() -> None:
               f"recall@10 {recall:.4f}; speedup {qps_index / qps_brute:.1f}x wall, "
               f"{(brute_cpu / n_brute) / (shard_cpu / len(xq)):.1f}x CPU time; sweep {sweep}", file=sys.stderr)
         del index
+    compared = compare_index_types(xb, xq, exact, qps_brute, args.compare, args.seed, args.repeats) if args.compare else None
 
     # Embedding choice: does the exact IoU winner reach the rerank? (ours vs histogram only)
     qsub = query_labels[:100]
@@ -300,6 +336,8 @@ def main() -> None:
         "speedup_cpu_time": round((brute_cpu / n_brute) / (shard_cpu / len(xq)), 2),
         "bruteforce_queries": n_brute, "build": args.build, "build_peak_rss_gib": round(build_rss, 2), "peak_rss_gib": round(peak_rss_gib(), 2),
     }
+    if compared:
+        result["compare"] = compared
     print(json.dumps(result))
 
 
