@@ -13,8 +13,11 @@ sharded flat index return exactly what one flat index would.
 
 Large shards are IVF: ONE coarse quantizer is trained on a sample of all vectors, and every
 shard is a copy of that empty trained IVF with its own vectors added (the FAISS recipe for
-building shards independently). Because the quantizer is shared, a query's probe lists are
-computed once and reused for every shard (``search_preassigned``).
+building shards independently). Because the quantizer is shared, loading merges the shards'
+inverted lists into one IVF for search (one scan of nprobe lists per query, not S).
+
+Builds go through :func:`write_index` over a :class:`RowSource` (arrays in memory, or the
+on-disk parts of ``connectors.index_staging``); a killed build resumes with its finished shards.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
@@ -75,8 +78,15 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """nlist/64, at least 8: recall@10 ~0.99 at nlist 1024 on layout embeddings (bench/retrieval.py)."""
-    return int(min(nlist, max(8, nlist // 64)))
+    """Lists probed by default, leaning toward recall (the exact rerank re-sorts the candidates).
+
+    Up to 1024 lists: nlist/64, at least 8 (16 at 1024 lists = 100k vectors: recall@10 ~0.99).
+    Beyond: sqrt(nlist)/2, i.e. 32 at 4096 lists (1M vectors): recall@10 0.989 at 33x brute
+    force, where nlist/64 = 64 would scan twice the lists for 0.999 (docs/performance.md).
+    """
+    if nlist <= 1024:
+        return int(min(nlist, max(8, nlist // 64)))
+    return int(math.isqrt(nlist) // 2)
 
 
 def _sha256(path: Path) -> str:
@@ -97,33 +107,11 @@ def _num_gpus() -> int:
     return int(get()) if get else 0
 
 
-def _json_meta(m: Mapping[str, Any] | None, row: int) -> str:
+def meta_to_json(m: Mapping[str, Any] | None, row: int) -> str:
     try:
         return json.dumps(dict(m or {}), sort_keys=True)
     except TypeError as exc:
         raise ValueError(f"meta[{row}] is not JSON-serialisable: {exc}") from exc
-
-
-def _search_preassigned(shard, q: np.ndarray, k: int, probes: tuple[np.ndarray, np.ndarray],
-                        sel) -> tuple[np.ndarray, np.ndarray]:
-    """IVF search with coarse probes computed by the caller (the shared quantizer).
-
-    Calls the C++ method directly: the per-call nprobe and the filter selector need
-    SearchParameters, and the Python wrapper ``index.search_preassigned(x, k, Iq, Dq, params=)``
-    still refuses them in faiss 1.15.1 (``assert params is None, "params not supported"``) and
-    requires ``Iq.shape[1] == index.nprobe``, i.e. a shared shard mutated per call.
-    """
-    cdis, assign = (np.ascontiguousarray(a) for a in probes)
-    params = faiss.SearchParametersIVF(nprobe=assign.shape[1])
-    if sel is not None:
-        params.sel = sel
-    n = len(q)
-    dist = np.empty((n, k), np.float32)
-    idx = np.empty((n, k), np.int64)
-    shard.search_preassigned_c(n, faiss.swig_ptr(q), k, faiss.swig_ptr(assign.astype(np.int64, copy=False)),
-                               faiss.swig_ptr(cdis.astype(np.float32, copy=False)), faiss.swig_ptr(dist),
-                               faiss.swig_ptr(idx), False, params)
-    return dist, idx
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -140,6 +128,179 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def check_finite(x: np.ndarray, where: str) -> None:
+    if not np.isfinite(x).all():
+        raise ValueError(f"{where}: vectors contain NaN or inf")
+
+
+def check_unique_ids(ids: Sequence[str], where: str) -> None:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            raise ValueError(f"{where}: duplicate id {i!r}")
+        seen.add(i)
+
+
+class RowSource(Protocol):
+    """Rows to index, read by contiguous range (so a source can live on disk)."""
+
+    count: int
+    dim: int
+    label_size: tuple[int, int] | None
+
+    def vectors(self, lo: int, hi: int) -> np.ndarray: ...          # (hi-lo, dim) float32
+    def take(self, rows: np.ndarray) -> np.ndarray: ...             # vectors at sorted global rows
+    def table(self, lo: int, hi: int) -> tuple[list[str], list[str]]: ...   # ids, meta JSON
+    def labels(self, lo: int, hi: int) -> np.ndarray | None: ...   # (hi-lo, h, w) uint8
+
+
+class ArrayRows:
+    """A RowSource over arrays already in memory (``ShardedIndex.build``)."""
+
+    def __init__(self, x: np.ndarray, ids: np.ndarray, meta_json: list[str], labels: np.ndarray | None):
+        self._x, self._ids, self._meta, self._labels = x, ids, meta_json, labels
+        self.count, self.dim = x.shape
+        self.label_size = tuple(labels.shape[1:]) if labels is not None else None
+
+    def vectors(self, lo: int, hi: int) -> np.ndarray:
+        return self._x[lo:hi]
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self._x[rows]
+
+    def table(self, lo: int, hi: int) -> tuple[list[str], list[str]]:
+        return self._ids[lo:hi].tolist(), self._meta[lo:hi]
+
+    def labels(self, lo: int, hi: int) -> np.ndarray | None:
+        return None if self._labels is None else self._labels[lo:hi]
+
+
+def train_ivf(rows: RowSource, nlist: int, seed: int) -> faiss.Index:
+    """An empty IVF whose coarse quantizer is spherical k-means on a seeded sample of the rows."""
+    n, d = rows.count, rows.dim
+    rng = np.random.default_rng(seed)
+    size = min(n, nlist * TRAIN_POINTS_PER_LIST)
+    sample = rows.take(np.sort(rng.choice(n, size=size, replace=False))) if size < n else rows.vectors(0, n)
+    km = faiss.Kmeans(d, nlist, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
+                      max_points_per_centroid=TRAIN_POINTS_PER_LIST, min_points_per_centroid=1, verbose=False)
+    km.train(np.ascontiguousarray(sample, dtype=np.float32))
+    quantizer = faiss.IndexFlatIP(d)
+    quantizer.add(km.centroids)
+    ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    if not ivf.is_trained:
+        raise RuntimeError("IVF quantizer was not trained")
+    return faiss.clone_index(ivf)   # owns a copy of the quantizer (ours goes out of scope)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomic small JSON write: a killed build never leaves half a record."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(part, path)
+
+
+PLAN_FILE = "build-plan.json"          # work-folder bookkeeping, removed before the rename
+TEMPLATE_FILE = "quantizer.faiss"
+
+
+def write_index(rows: RowSource, out: Path, work: Path, num_shards: int, *, resume: bool = False,
+                ivf_threshold: int = DEFAULT_IVF_THRESHOLD, nlist: int | None = None, nprobe: int | None = None,
+                embedding_version: str = "", seed: int = 0, workers: int | None = None,
+                progress: Callable[[int, int], None] | None = None) -> None:
+    """Train, write every shard of ``rows`` into ``work``, then rename ``work`` to ``out``.
+
+    With ``resume``, a ``work`` folder left by a killed build with the same plan keeps its trained
+    quantizer and its finished shards (each shard is recorded only once its files are complete).
+    """
+    n, d = rows.count, rows.dim
+    if num_shards < 1:
+        raise ValueError(f"index build {out}: num_shards must be >= 1, got {num_shards}")
+    bounds = np.linspace(0, n, num_shards + 1).round().astype(np.int64)
+    kind = "ivf" if int(np.diff(bounds).max()) >= ivf_threshold else "flat"
+    if kind == "ivf":
+        nlist = int(nlist or default_nlist(n))
+        if not 1 <= nlist <= n:
+            raise ValueError(f"index build {out}: nlist={nlist} must be in 1..{n}")
+        nprobe = int(min(nprobe or default_nprobe(nlist), nlist))
+    else:
+        nlist, nprobe = None, None
+    has_labels = rows.label_size is not None
+    plan = {"count": n, "dim": d, "num_shards": num_shards, "kind": kind, "nlist": nlist, "nprobe": nprobe,
+            "seed": seed, "embedding_version": embedding_version, "labels": has_labels,
+            "kmeans": [KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST]}
+    plan_path = work / PLAN_FILE
+    if not (resume and plan_path.is_file() and json.loads(plan_path.read_text()) == plan):
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    _write_json(plan_path, plan)
+
+    template = None
+    if kind == "ivf":
+        tpath = work / TEMPLATE_FILE
+        if tpath.is_file():
+            template = faiss.read_index(str(tpath))
+        else:
+            template = train_ivf(rows, nlist, seed)
+            faiss.write_index(template, str(work / (TEMPLATE_FILE + ".part")))
+            os.replace(work / (TEMPLATE_FILE + ".part"), tpath)
+
+    def done_path(s: int) -> Path:
+        return work / f"shard-{s:05d}.done.json"
+
+    entries: dict[int, dict] = {s: json.loads(done_path(s).read_text()) for s in range(num_shards)
+                                if done_path(s).is_file()}
+    finished = [len(entries)]
+    if progress and entries:
+        progress(finished[0], num_shards)
+
+    def write_shard(s: int) -> None:
+        lo, hi = int(bounds[s]), int(bounds[s + 1])
+        index = faiss.clone_index(template) if template is not None else faiss.IndexFlatIP(d)
+        if hi > lo:
+            x = np.ascontiguousarray(rows.vectors(lo, hi), dtype=np.float32)
+            check_finite(x, f"index build {out}")
+            index.add(x)
+            del x
+        names = _shard_names(s)
+        faiss.write_index(index, str(work / names["index"]))
+        del index
+        ids, metas = rows.table(lo, hi)
+        pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "meta": pa.array(metas, pa.string())}),
+                       work / names["table"])
+        entry = {"index": names["index"], "table": names["table"], "count": hi - lo,
+                 "labels": names["labels"] if has_labels else None}
+        if has_labels:
+            np.save(work / names["labels"], np.asarray(rows.labels(lo, hi), np.uint8))
+        entry["sha256"] = {key: _sha256(work / entry[key]) for key in ("index", "table", "labels") if entry[key]}
+        _write_json(done_path(s), entry)
+        entries[s] = entry
+        finished[0] += 1
+        if progress:
+            progress(finished[0], num_shards)
+
+    pending = [s for s in range(num_shards) if s not in entries]
+    n_workers = max(1, min(len(pending) or 1, workers or os.cpu_count() or 1))
+    pool = ThreadPoolExecutor(n_workers)   # faiss releases the GIL in add/write
+    try:
+        for future in [pool.submit(write_shard, s) for s in pending]:
+            future.result()
+    finally:   # on a failure, shards not yet started are not started (a rerun resumes them)
+        pool.shutdown(wait=True, cancel_futures=True)
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "dim": d, "metric": METRIC,
+        "kind": kind, "count": n, "num_shards": num_shards, "nlist": nlist, "nprobe": nprobe,
+        "embedding_version": embedding_version, "seed": seed,
+        "label_size": list(rows.label_size) if has_labels else None,
+        "faiss_version": faiss.__version__, "shards": [entries[s] for s in range(num_shards)],
+    }   # no timings: same input -> same bytes
+    for s in range(num_shards):
+        done_path(s).unlink()
+    for name in (PLAN_FILE, TEMPLATE_FILE):
+        (work / name).unlink(missing_ok=True)
+    (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    _replace_dir(work, out)
+
+
 class ShardedIndex:
     """S FAISS shards + id tables behind one ``search``. Build with :meth:`build`, open with :meth:`load`."""
 
@@ -152,7 +313,6 @@ class ShardedIndex:
         self.nlist = manifest.get("nlist")
         self.nprobe = int(manifest.get("nprobe") or 1)
         self.embedding_version = str(manifest.get("embedding_version", ""))
-        self._shards = shards
         counts = [int(s["count"]) for s in manifest["shards"]]
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.ids = np.concatenate(ids) if ids else np.empty(0, object)
@@ -162,8 +322,22 @@ class ShardedIndex:
         self._row_of = {s: i for i, s in enumerate(self.ids.tolist())}
         self._mask_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.device = device
-        # Shared coarse quantizer (CPU IVF): probe lists are computed once per query batch.
-        self._quantizer = faiss.downcast_index(shards[0].quantizer) if (self.kind == "ivf" and device == "cpu") else None
+        # What a query scans: (faiss index, first global row, row count). Shards are the unit of
+        # building and storage; for search, CPU IVF shards are merged into one IVF (see _merge_ivf).
+        self._parts = self._merge_ivf(shards) if self.kind == "ivf" else \
+            [(sh, int(self._offsets[i]), int(counts[i])) for i, sh in enumerate(shards)]
+
+    def _merge_ivf(self, shards: list) -> list[tuple[Any, int, int]]:
+        """One IVF over all rows: the shards share the quantizer, so their inverted lists concatenate.
+
+        Searching S shards costs S scans of nprobe short lists per query, and that per-list
+        overhead dominated: 8 shards of 200k rows searched at ~1/3 the speed of one index
+        (bench/retrieval.py). Ids in the merged lists are global rows (shard offset added).
+        """
+        merged = shards[0]
+        for i, shard in enumerate(shards[1:], 1):
+            merged.merge_from(shard, int(self._offsets[i]))   # moves the codes; the shard is left empty
+        return [(merged, 0, int(self._offsets[-1]))]
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -179,111 +353,36 @@ class ShardedIndex:
         ``labels``: optional (N, h, w) uint8 small label maps kept for the exact rerank.
         Shards are IVF when a shard would hold >= ``ivf_threshold`` rows, flat otherwise.
         The folder appears atomically (built under a temporary name, then renamed).
+        For inputs that do not fit in memory, see ``connectors.index_staging.IndexBuilder``.
         """
         out = Path(out_dir)
         x = np.ascontiguousarray(np.asarray(vectors, dtype=np.float32))
         if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
             raise ValueError(f"index build {out}: vectors must be a non-empty (N, D) array, got shape {x.shape}")
-        if not np.isfinite(x).all():
-            raise ValueError(f"index build {out}: vectors contain NaN or inf")
-        n, d = x.shape
+        check_finite(x, f"index build {out}")
+        n = x.shape[0]
         id_arr = np.array([str(i) for i in ids], dtype=object)
         if len(id_arr) != n:
             raise ValueError(f"index build {out}: {len(id_arr)} ids for {n} vectors")
-        if len(set(id_arr.tolist())) != n:
-            seen, dup = set(), None
-            for i in id_arr:
-                if i in seen:
-                    dup = i
-                    break
-                seen.add(i)
-            raise ValueError(f"index build {out}: duplicate id {dup!r}")
+        check_unique_ids(id_arr.tolist(), f"index build {out}")
         meta = list(meta) if meta is not None else [{}] * n
         if len(meta) != n:
             raise ValueError(f"index build {out}: {len(meta)} meta rows for {n} vectors")
-        meta_json = [_json_meta(m, i) for i, m in enumerate(meta)]
+        meta_json = [meta_to_json(m, i) for i, m in enumerate(meta)]
         if labels is not None:
             labels = np.asarray(labels)
             if labels.ndim != 3 or labels.shape[0] != n or labels.dtype != np.uint8:
                 raise ValueError(f"index build {out}: labels must be (N, h, w) uint8, got {labels.shape} {labels.dtype}")
-        if num_shards < 1:
-            raise ValueError(f"index build {out}: num_shards must be >= 1, got {num_shards}")
-
-        bounds = np.linspace(0, n, num_shards + 1).round().astype(np.int64)
-        largest = int(np.diff(bounds).max())
-        kind = "ivf" if largest >= ivf_threshold else "flat"
-        template = None
-        if kind == "ivf":
-            nlist = int(nlist or default_nlist(n))
-            if not 1 <= nlist <= n:
-                raise ValueError(f"index build {out}: nlist={nlist} must be in 1..{n}")
-            nprobe = int(min(nprobe or default_nprobe(nlist), nlist))
-            template = cls._train_ivf(x, nlist, seed)
-        else:
-            nlist, nprobe = None, None
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        done = [0]
-
-        def write_shard(s: int) -> dict:
-            lo, hi = int(bounds[s]), int(bounds[s + 1])
-            index = faiss.clone_index(template) if template is not None else faiss.IndexFlatIP(d)
-            if hi > lo:
-                index.add(x[lo:hi])
-            names = _shard_names(s)
-            faiss.write_index(index, str(tmp / names["index"]))
-            table = pa.table({"id": pa.array(id_arr[lo:hi].tolist(), pa.string()),
-                              "meta": pa.array(meta_json[lo:hi], pa.string())})
-            pq.write_table(table, tmp / names["table"])
-            entry = {"index": names["index"], "table": names["table"], "count": hi - lo,
-                     "labels": names["labels"] if labels is not None else None}
-            if labels is not None:
-                np.save(tmp / names["labels"], labels[lo:hi])
-            entry["sha256"] = {key: _sha256(tmp / entry[key]) for key in ("index", "table", "labels") if entry[key]}
-            done[0] += 1
-            if progress:
-                progress(done[0], num_shards)
-            return entry
-
-        n_workers = max(1, min(num_shards, workers or os.cpu_count() or 1))
+        rows = ArrayRows(x, id_arr, meta_json, labels)
+        work = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(work, ignore_errors=True)
         try:
-            with ThreadPoolExecutor(n_workers) as pool:   # faiss releases the GIL in add/write
-                entries = list(pool.map(write_shard, range(num_shards)))
-            manifest = {
-                "format": FORMAT, "format_version": FORMAT_VERSION, "dim": d, "metric": METRIC,
-                "kind": kind, "count": n, "num_shards": num_shards, "nlist": nlist, "nprobe": nprobe,
-                "embedding_version": embedding_version, "seed": seed,
-                "label_size": list(labels.shape[1:]) if labels is not None else None,
-                "faiss_version": faiss.__version__, "shards": entries,   # no timings: same input -> same bytes
-            }
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            _replace_dir(tmp, out)
+            write_index(rows, out, work, num_shards, ivf_threshold=ivf_threshold, nlist=nlist, nprobe=nprobe,
+                        embedding_version=embedding_version, seed=seed, workers=workers, progress=progress)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
             raise
         return cls.load(out, device=device, verify=False)
-
-    @staticmethod
-    def _train_ivf(x: np.ndarray, nlist: int, seed: int) -> faiss.Index:
-        """An empty IVF whose coarse quantizer is spherical k-means on a seeded sample of ``x``."""
-        n, d = x.shape
-        rng = np.random.default_rng(seed)
-        size = min(n, nlist * TRAIN_POINTS_PER_LIST)
-        sample = x[np.sort(rng.choice(n, size=size, replace=False))] if size < n else x
-        km = faiss.Kmeans(d, nlist, niter=KMEANS_ITERATIONS, seed=seed, spherical=True,
-                          max_points_per_centroid=TRAIN_POINTS_PER_LIST, min_points_per_centroid=1,
-                          verbose=False)
-        km.train(np.ascontiguousarray(sample))
-        quantizer = faiss.IndexFlatIP(d)
-        quantizer.add(km.centroids)
-        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-        if not ivf.is_trained:
-            raise RuntimeError("IVF quantizer was not trained")
-        template = faiss.clone_index(ivf)   # owns a copy of the quantizer (ours goes out of scope)
-        return template
 
     # ------------------------------------------------------------------ load
     @classmethod
@@ -417,15 +516,14 @@ class ShardedIndex:
         return device
 
     def _to_gpu(self) -> None:
-        """Same shards on every visible GPU; searches then go through the plain ``search`` path."""
-        gpu_shards = []
-        for shard in self._shards:
-            g = faiss.index_cpu_to_all_gpus(shard)
+        """Same index parts on every visible GPU; searches then go through the plain ``search`` path."""
+        gpu_parts = []
+        for part, lo, count in self._parts:
+            g = faiss.index_cpu_to_all_gpus(part)
             if self.kind == "ivf":
                 faiss.GpuParameterSpace().set_index_parameter(g, "nprobe", self.nprobe)
-            gpu_shards.append(g)
-        self._shards = gpu_shards
-        self._quantizer = None
+            gpu_parts.append((g, lo, count))
+        self._parts = gpu_parts
         self.device = "cuda"
 
     # ------------------------------------------------------------------ lookup
@@ -434,7 +532,7 @@ class ShardedIndex:
 
     @property
     def num_shards(self) -> int:
-        return len(self._shards)
+        return len(self.manifest["shards"])
 
     @property
     def has_labels(self) -> bool:
@@ -498,32 +596,32 @@ class ShardedIndex:
             out.append({r for r in (self._row_of.get(str(i)) for i in items) if r is not None})
         return out
 
-    def _search_shard(self, s: int, q: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int,
-                      probes: tuple[np.ndarray, np.ndarray] | None) -> tuple[np.ndarray, np.ndarray]:
-        shard = self._shards[s]
-        lo, hi = int(self._offsets[s]), int(self._offsets[s + 1])
-        kk = min(k, hi - lo)
+    def _search_part(self, p: int, q: np.ndarray, k: int, mask: np.ndarray | None,
+                     nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` of one index part; rows are global, -1 where the part ran dry."""
+        part, lo, count = self._parts[p]
+        kk = min(k, count)
         if kk <= 0:
             return np.empty((len(q), 0), np.float32), np.empty((len(q), 0), np.int64)
         sel = None
         if mask is not None and self.device == "cpu":
             # The one-argument wrapper takes the packed bytes and keeps them alive with the selector.
-            sel = faiss.IDSelectorBitmap(np.packbits(mask[lo:hi], bitorder="little"))
-        if self.kind == "ivf" and probes is not None:
-            dist, idx = _search_preassigned(shard, q, kk, probes, sel)
+            sel = faiss.IDSelectorBitmap(np.packbits(mask[lo:lo + count], bitorder="little"))
+        if self.kind == "ivf" and self.device == "cpu":
+            params = faiss.SearchParametersIVF(nprobe=int(min(nprobe, self.nlist)))
+            if sel is not None:
+                params.sel = sel
+            dist, idx = part.search(q, kk, params=params)
         elif sel is not None:
-            dist, idx = shard.search(q, kk, params=faiss.SearchParameters(sel=sel))
+            dist, idx = part.search(q, kk, params=faiss.SearchParameters(sel=sel))
         else:
-            dist, idx = shard.search(q, kk)
+            dist, idx = part.search(q, kk)
         rows = np.where(idx >= 0, idx + lo, -1)
         return dist, rows
 
     def _fan_out(self, q: np.ndarray, k: int, mask: np.ndarray | None, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
-        """Search every shard for its top ``k``; return all hits sorted by (score desc, row asc)."""
-        probes = None
-        if self._quantizer is not None:
-            probes = self._quantizer.search(q, min(nprobe, self.nlist))
-        parts = [self._search_shard(s, q, k, mask, nprobe, probes) for s in range(self.num_shards)]
+        """Search every part for its top ``k``; return all hits sorted by (score desc, row asc)."""
+        parts = [self._search_part(p, q, k, mask, nprobe) for p in range(len(self._parts))]
         dist = np.concatenate([p[0] for p in parts], axis=1)
         rows = np.concatenate([p[1] for p in parts], axis=1)
         missing = rows < 0
@@ -557,7 +655,7 @@ class ShardedIndex:
         cap = GPU_MAX_K if self.device != "cpu" else None
         scores = np.full((nq, k), -np.inf, np.float32)
         rows = np.full((nq, k), -1, np.int64)
-        counts = np.diff(self._offsets)
+        counts = np.array([c for _, _, c in self._parts], np.int64)
         todo = np.arange(nq)
         while len(todo):
             fetch = min(fetch, int(counts.max()), cap or fetch)

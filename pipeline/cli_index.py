@@ -9,7 +9,8 @@ from typing import Any, Iterator, List, Optional
 import typer
 
 from connectors.registry import SOURCE_KINDS as SOURCES
-SHOWN_META = ("domain", "split")   # the table's meta columns; --json prints all of it
+SHOWN_META = ("domain", "split")
+PART_SIZE = 20_000                 # inputs per staged part: ~53 MB of vectors at dim 660   # the table's meta columns; --json prints all of it
 
 index_app = typer.Typer(no_args_is_help=True, help="The sharded exemplar index (layout embeddings + FAISS).")
 
@@ -98,36 +99,56 @@ def build_cmd(
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF lists (default ~4*sqrt(N))"),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists probed per query"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the IVF k-means sample"),
+    part_size: int = typer.Option(PART_SIZE, "--part-size", min=1, help="inputs per staged part (the unit a "
+                                  "killed build resumes from)"),
+    resume: bool = typer.Option(True, "--resume/--restart", help="continue a killed build of the same input "
+                                "(sealed parts and finished shards are kept), or start over"),
     options: Optional[List[str]] = typer.Option(None, "--option", help="connector argument key=value, as a run "
                                                 "config's source.options (e.g. label_table=table.yaml for folder)"),
 ) -> None:
-    """Embed every layout of a source and write a sharded FAISS index with a manifest."""
+    """Embed every layout of a source and write a sharded FAISS index with a manifest.
+
+    Streams: label maps are read, embedded and written to a staging folder next to ``--out`` in
+    parts of ``--part-size`` inputs; a rerun after a kill skips the sealed parts and the
+    finished shards (same source, root, split, limit and options; ``--restart`` starts over).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from connectors.index_store import DEFAULT_IVF_THRESHOLD
     from connectors.source_api import BAD_INPUT_ERRORS
-    from stages.retrieve import build_exemplar_index
+    from stages.retrieve import build_exemplar_index_parts
 
     console = _console()
     if source not in SOURCES:
         raise typer.BadParameter(f"{source!r} is not one of {', '.join(SOURCES)}", param_hint="--source")
     t0 = time.perf_counter()
+    opts = parse_options(options)
     try:
-        src = open_source(source, root, split, parse_options(options))
+        src = open_source(source, root, split, opts)
         items = src.list_items()
     except (*BAD_INPUT_ERRORS, TypeError) as exc:
         _fail(console, str(exc))
-    total = min(len(items), limit) if limit else len(items)
+    items = items[:limit] if limit else items
+    total = len(items)
     errors: list[dict] = []
+    bounds = list(range(0, total, part_size)) + [total]
+    parts = [(lambda lo=lo, hi=hi: read_layouts(src, items[lo:hi], errors, None)) for lo, hi in zip(bounds, bounds[1:])]
+    fingerprint = {"source": source, "root": str(root.resolve()), "split": split, "items": total,
+                   "part_size": part_size, "options": opts}
     kwargs = {"ivf_threshold": ivf_threshold or DEFAULT_IVF_THRESHOLD, "nlist": nlist, "nprobe": nprobe, "seed": seed}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         read_task = bar.add_task(f"read + embed {root}", total=total)
         shard_task = bar.add_task(f"write shards -> {out}", total=shards)
+
+        def part_done(i: int, resumed: bool) -> None:
+            if resumed:   # its inputs are not read again
+                bar.update(read_task, advance=bounds[i + 1] - bounds[i])
+
         try:
-            index, stats = build_exemplar_index(
-                read_layouts(src, items, errors, limit), out, shards, require_image=require_image,
-                on_layout=lambda _: bar.advance(read_task),
+            index, stats = build_exemplar_index_parts(
+                parts, out, shards, require_image=require_image, resume=resume, fingerprint=fingerprint,
+                on_layout=lambda _: bar.advance(read_task), on_part=part_done,
                 progress=lambda done, n: bar.update(shard_task, completed=done), **kwargs)
         except (ValueError, FileExistsError) as exc:
             _fail(console, f"{exc}" + (f" ({len(errors)} unreadable inputs, first: {errors[0]['reason']})" if errors else ""))
@@ -142,7 +163,8 @@ def _print_build_summary(console, index, stats, errors, seconds, source, root) -
     t.add_column(style="bold")
     t.add_column()
     t.add_row("indexed", f"{stats.count} layouts from {source}: {root}")
-    t.add_row("skipped", f"{stats.skipped} without an image, {len(errors)} unreadable")
+    t.add_row("skipped", f"{stats.skipped} without an image, {len(errors)} unreadable"
+              + (f" (this run; {stats.parts_resumed} part(s) resumed from a killed build)" if stats.parts_resumed else ""))
     kind = index.kind if index.kind == "flat" else f"ivf (nlist {index.nlist}, nprobe {index.nprobe})"
     t.add_row("index", f"{index.num_shards} shard(s), {kind}, dim {index.dim}, {index.embedding_version}")
     t.add_row("time", f"{seconds:.1f}s ({stats.count / max(seconds, 1e-9):.0f} layouts/s)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, NUM_TRAIN_IDS, check_label_ids
+from connectors.index_staging import IndexBuilder, staging_dir
 from connectors.index_store import Filter, ShardedIndex
 from stages.embed import EMBED_DIM, EMBED_VERSION, embed_layouts
 from amgen_core.records import Layout
@@ -332,48 +334,86 @@ class IndexBuildStats:
     kind: str
     seconds: float
     out_dir: str
+    parts_resumed: int = 0
 
 
 def build_exemplar_index(layouts: Iterable[Layout], out_dir: str | os.PathLike, num_shards: int = 1, *,
                          thumb_size: tuple[int, int] = DEFAULT_RERANK_SIZE, require_image: bool = False,
                          on_layout: Callable[[Layout], None] | None = None,
                          **index_kwargs: Any) -> tuple[ShardedIndex, IndexBuildStats]:
-    """Embed ``layouts`` (in one process, streaming) and write their index (``write_exemplar_index``).
+    """Embed ``layouts`` (in one process, streaming) and write their index; one part, not resumable.
+    See :func:`build_exemplar_index_parts`."""
+    return build_exemplar_index_parts([lambda: layouts], out_dir, num_shards, thumb_size=thumb_size,
+                                      require_image=require_image, on_layout=on_layout, resume=False, **index_kwargs)
 
+
+def build_exemplar_index_parts(parts: Sequence[Callable[[], Iterable[Layout]]], out_dir: str | os.PathLike,
+                               num_shards: int = 1, *, thumb_size: tuple[int, int] = DEFAULT_RERANK_SIZE,
+                               require_image: bool = False, on_layout: Callable[[Layout], None] | None = None,
+                               resume: bool = False, fingerprint: Mapping[str, Any] | None = None,
+                               on_part: Callable[[int, bool], None] | None = None,
+                               **index_kwargs: Any) -> tuple[ShardedIndex, IndexBuildStats]:
+    """Embed the layouts of each part (streaming to disk) and write their index.
+
+    ``parts[i]()`` yields part i's layouts. Only one embedding batch of label maps is in memory
+    at a time; vectors and small label maps go to the staging folder (connectors.index_staging).
+    With ``resume``, parts sealed by an earlier, killed build of the same ``fingerprint`` are not
+    read again, and its finished shards are kept. ``on_part(i, resumed)`` runs after each part.
     Meta per row: ``source``, ``split`` and the scalar entries of ``layout.meta`` (e.g. domain).
     ``require_image`` skips layouts without an image (they cannot serve as exemplars).
     ``on_layout`` is called once per layout read (progress bars).
     """
     t0 = time.perf_counter()
-    ids: list[str] = []
-    metas: list[dict] = []
-    thumbs: list[np.ndarray] = []
-    vectors: list[np.ndarray] = []
-    pending: list[np.ndarray] = []
-    skipped = 0
+    fp = {"parts": len(parts), "thumb_size": list(thumb_size), "require_image": require_image,
+          "embedding_version": EMBED_VERSION, **dict(fingerprint or {})}
+    builder = IndexBuilder(out_dir, fingerprint=fp, resume=resume)
+    try:
+        return _build_parts(builder, parts, out_dir, num_shards, thumb_size, require_image, on_layout, on_part,
+                            t0, index_kwargs)
+    except BaseException:
+        if not resume:   # nothing to continue from: leave no staging folder behind
+            shutil.rmtree(staging_dir(out_dir), ignore_errors=True)
+        raise
 
-    def flush() -> None:
-        if pending:
-            vectors.append(embed_layouts(pending))
-            pending.clear()
 
-    for layout in layouts:
-        if on_layout:
-            on_layout(layout)
-        if require_image and layout.image is None:
-            skipped += 1
-            continue
-        label = check_label_ids(layout.label, where=f"layout {layout.layout_id}")
-        ids.append(str(layout.layout_id))
-        metas.append(exemplar_meta(layout))
-        thumbs.append(index_thumb(label, thumb_size))
-        pending.append(label)
-        if len(pending) >= THUMB_BATCH:
-            flush()
-    flush()
-    if not ids:
+def _build_parts(builder: IndexBuilder, parts, out_dir, num_shards, thumb_size, require_image, on_layout, on_part,
+                 t0: float, index_kwargs: dict) -> tuple[ShardedIndex, IndexBuildStats]:
+    resumed = builder.parts_done
+    skipped = sum(int(builder.part_info(i).get("skipped", 0)) for i in range(resumed))
+    for i in range(resumed):
+        if on_part:
+            on_part(i, True)
+    for i in range(resumed, len(parts)):
+        part_skipped = 0
+        ids: list[str] = []
+        metas: list[dict] = []
+        pending: list[np.ndarray] = []
+
+        def flush() -> None:
+            if pending:
+                builder.add(embed_layouts(pending), ids, metas,
+                            np.stack([index_thumb(lab, thumb_size) for lab in pending]))
+                ids.clear(), metas.clear(), pending.clear()
+
+        for layout in parts[i]():
+            if on_layout:
+                on_layout(layout)
+            if require_image and layout.image is None:
+                part_skipped += 1
+                continue
+            pending.append(check_label_ids(layout.label, where=f"layout {layout.layout_id}"))
+            ids.append(str(layout.layout_id))
+            metas.append(exemplar_meta(layout))
+            if len(pending) >= THUMB_BATCH:
+                flush()
+        flush()
+        builder.seal(skipped=part_skipped)
+        skipped += part_skipped
+        if on_part:
+            on_part(i, False)
+    if not builder.rows_done:
         raise ValueError(f"index build {out_dir}: no layouts to index" + (f" ({skipped} had no image)" if skipped else ""))
-    index = write_exemplar_index(ids, np.concatenate(vectors), thumbs, metas, out_dir, num_shards, **index_kwargs)
-    stats = IndexBuildStats(count=len(ids), skipped=skipped, shards=index.num_shards, kind=index.kind,
-                            seconds=time.perf_counter() - t0, out_dir=str(Path(out_dir)))
+    index = builder.finish(num_shards, embedding_version=EMBED_VERSION, **index_kwargs)
+    stats = IndexBuildStats(count=len(index), skipped=skipped, shards=index.num_shards, kind=index.kind,
+                            seconds=time.perf_counter() - t0, out_dir=str(Path(out_dir)), parts_resumed=resumed)
     return index, stats

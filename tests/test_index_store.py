@@ -210,24 +210,39 @@ def test_bitmap_selector_wrapper_gives_what_the_raw_pointer_gave(tmp_path, kind)
     IDSelectorBitmap(n_rows, swig_ptr(bits)): same hits, bit for bit, at a partial probe too."""
     import faiss
 
-    from connectors.index_store import _search_preassigned
-
     x = unit_vectors(1200, seed=6)
     index = ShardedIndex.build(x, [f"v{i}" for i in range(1200)], [{"i": i} for i in range(1200)],
                                tmp_path / kind, 3, ivf_threshold=100 if kind == "ivf" else 10_000, nlist=16, nprobe=3)
     assert index.kind == kind
     q = unit_vectors(20, seed=7)
     mask = np.random.default_rng(8).random(1200) < 0.3
-    probes = index._quantizer.search(q, 3) if kind == "ivf" else None
-    for s in range(index.num_shards):
-        lo, hi = int(index._offsets[s]), int(index._offsets[s + 1])
-        bits = np.packbits(mask[lo:hi], bitorder="little")
-        old_sel = faiss.IDSelectorBitmap(hi - lo, faiss.swig_ptr(bits))
-        if kind == "ivf":
-            want_d, want_i = _search_preassigned(index._shards[s], q, 25, probes, old_sel)
-        else:
-            want_d, want_i = index._shards[s].search(q, 25, params=faiss.SearchParameters(sel=old_sel))
-        got_d, got_rows = index._search_shard(s, q, 25, mask, 3, probes)
+    for p, (part, lo, count) in enumerate(index._parts):
+        bits = np.packbits(mask[lo:lo + count], bitorder="little")
+        old_sel = faiss.IDSelectorBitmap(count, faiss.swig_ptr(bits))
+        params = faiss.SearchParametersIVF(nprobe=3) if kind == "ivf" else faiss.SearchParameters()
+        params.sel = old_sel
+        want_d, want_i = part.search(q, 25, params=params)
+        got_d, got_rows = index._search_part(p, q, 25, mask, 3)
         assert np.array_equal(got_rows, np.where(want_i >= 0, want_i + lo, -1))
         assert np.array_equal(got_d, want_d)
         assert mask[got_rows[got_rows >= 0]].all() and (got_rows >= 0).sum() > 0
+
+
+def test_ivf_shards_are_merged_for_search_and_give_the_unsharded_results(tmp_path):
+    """One shard or five: the same quantizer and the same lists, so the same hits at a partial probe."""
+    x = unit_vectors(3000, seed=9)
+    ids = [f"v{i}" for i in range(3000)]
+    one = ShardedIndex.build(x, ids, None, tmp_path / "one", 1, ivf_threshold=100, nlist=32, nprobe=4)
+    five = ShardedIndex.build(x, ids, None, tmp_path / "five", 5, ivf_threshold=100, nlist=32, nprobe=4)
+    assert five.num_shards == 5 and len(five._parts) == 1 and len(five) == 3000
+    q = unit_vectors(40, seed=10)
+    a, b = one.search(q, 10), five.search(q, 10)
+    assert np.array_equal(a.rows, b.rows) and np.allclose(a.scores, b.scores, atol=1e-6)
+    assert five.ids.tolist() == ids
+
+
+def test_default_probe_counts_unchanged_up_to_1024_lists_and_sqrt_beyond():
+    from connectors.index_store import default_nlist, default_nprobe
+
+    assert [default_nprobe(n) for n in (16, 256, 512, 1024)] == [8, 8, 8, 16]
+    assert default_nlist(1_000_000) == 4096 and default_nprobe(4096) == 32 and default_nprobe(16384) == 64
