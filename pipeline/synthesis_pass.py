@@ -43,7 +43,8 @@ def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers):
     if cfg.score.enabled:
         from stages.score import Scorer
 
-        ds = ds.map_batches(Scorer, fn_constructor_args=(cfg.score.segmenter, 1, True), batch_size=16,
+        ds = ds.map_batches(Scorer, fn_constructor_args=(cfg.score.segmenter, 1),
+                            fn_constructor_kwargs={"restart_on_device_error": True}, batch_size=16,
                             batch_format="numpy", compute=actor_pool(workers.score_actors, autoscale=True),
                             num_cpus=SCORE_CPUS, **restart_policy(cfg))
     return ds

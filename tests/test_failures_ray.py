@@ -50,9 +50,26 @@ def test_a_killed_synthesis_actor_is_restarted_and_the_run_gives_the_clean_bytes
     assert verify_dataset(world["base"] / "killed").ok
 
 
-def test_retrieval_and_scoring_pools_of_two_give_the_bytes_of_one(world):
+def test_retrieval_and_scoring_pools_of_two_give_the_bytes_of_one(world, monkeypatch):
+    import pipeline.plan_pass
+    import pipeline.synthesis_pass
+    from pipeline.cluster import actor_pool
     from test_stages import tiny_segmenter
 
+    # Ray Data grows a pool only while its queue is long, which a run this small never makes: every
+    # autoscaling pool starts at its largest size here, so that two actors really share the batches.
+    asked = []
+
+    def full_pool(n, autoscale=False):
+        if autoscale:
+            asked.append(n)
+            from ray.data import ActorPoolStrategy
+
+            return ActorPoolStrategy(min_size=1, max_size=n, initial_size=n)
+        return actor_pool(n)
+
+    monkeypatch.setattr(pipeline.plan_pass, "actor_pool", full_pool)
+    monkeypatch.setattr(pipeline.synthesis_pass, "actor_pool", full_pool)
     seg = tiny_segmenter(world["base"] / "seg")
     outs = {}
     for n in (1, 2):
@@ -61,10 +78,18 @@ def test_retrieval_and_scoring_pools_of_two_give_the_bytes_of_one(world):
         assert (s.synthesized, s.quarantined) == (N_TARGETS, 0)
         assert s.workers["score_actors"] == n  # fits next to one model actor and the loader on 2 CPUs
         outs[n] = out
+    assert asked == [1, 1, 2, 2], "retrieval, then scoring, for each run"
     assert file_digests(outs[1]) == file_digests(outs[2])
     assert (outs[1] / "plan.parquet").read_bytes() == (outs[2] / "plan.parquet").read_bytes()
 
 
+def test_the_middle_pools_autoscale_from_one_actor():
+    from pipeline.cluster import actor_pool
+
+    pool = actor_pool(3, autoscale=True)
+    assert (pool.min_size, pool.max_size) == (1, 3)
+    fixed = actor_pool(2)
+    assert (fixed.min_size, fixed.max_size) == (2, 2)
 
 def oom_once_class():
     """A batch callable that runs out of accelerator memory on its first call ever (marker file).
