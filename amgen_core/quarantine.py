@@ -53,3 +53,67 @@ def sample_error_row(member: Mapping[str, Any], stage: str, error: BaseException
     """Quarantine row of one planned sample (``member`` holds its target_id and sample_id), so the
     writer can count it against the sample's shard."""
     return {**quarantine_row(member["target_id"], stage, error, path=path), "sample_id": member["sample_id"]}
+
+
+# ---------------------------------------------------------------- sample errors vs the machine's
+
+SAMPLE, OOM, DEVICE, CLUSTER = "sample", "oom", "device", "cluster"
+
+# Words that only a failing accelerator puts in a RuntimeError (torch raises most CUDA failures as
+# plain RuntimeErrors, so the type alone cannot tell them from a bad sample's shape error).
+_OOM_WORDS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+_DEVICE_WORDS = ("CUDA error", "device-side assert", "CUBLAS_STATUS_", "CUDNN_STATUS_", "cuDNN error",
+                 "NCCL error", "illegal memory access", "CUDA driver", "CUDA context")
+
+
+class InfrastructureError(RuntimeError):
+    """The machine failed, not the sample: Ray retries the task (or restarts the actor) instead of
+    quarantining the sample. ``kind`` is ``oom``, ``device`` or ``cluster``."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):  # crosses process boundaries inside Ray's task errors
+        return type(self), (self.kind, str(self))
+
+
+def _own_kind(error: BaseException) -> str:
+    if isinstance(error, InfrastructureError):
+        return error.kind
+    names = [c.__name__ for c in type(error).__mro__]
+    if "RayTaskError" in names:  # a remote task's own exception: its ``cause`` tells
+        return SAMPLE
+    if "RayError" in names:  # lost objects, dead actors, workers or nodes, Ray's memory monitor
+        return CLUSTER
+    if "OutOfMemoryError" in names:  # torch.cuda.OutOfMemoryError (torch.OutOfMemoryError)
+        return OOM
+    if "AcceleratorError" in names:  # torch's type for CUDA errors (device asserts, broken context)
+        return DEVICE
+    if isinstance(error, RuntimeError):
+        text = str(error)
+        if any(w in text for w in _OOM_WORDS):
+            return OOM
+        if any(w in text for w in _DEVICE_WORDS):
+            return DEVICE
+    return SAMPLE
+
+
+def failure_kind(error: BaseException) -> str:
+    """The one classifier of failures: ``sample`` (quarantine the input, the run goes on) or what
+    failed around it: ``oom`` (the accelerator's memory; a smaller batch may fit), ``device`` (a
+    CUDA error; the process's CUDA context may be unusable from now on) or ``cluster`` (Ray lost an
+    object, an actor, a worker or a node). Causes (``raise ... from``, Ray's ``cause``) count too."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        kind = _own_kind(e)
+        if kind != SAMPLE:
+            return kind
+        e = getattr(e, "cause", None) if isinstance(getattr(e, "cause", None), BaseException) else e.__cause__
+    return SAMPLE
+
+
+def is_sample_error(error: BaseException) -> bool:
+    return failure_kind(error) == SAMPLE

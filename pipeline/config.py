@@ -65,6 +65,7 @@ class ExemplarsConfig(_Strict):
     diversity: float = Field(0.0, ge=0.0, le=1.0)  # 0 = pure score, higher = more varied top-k
     filters: dict[str, Any] = Field(default_factory=dict)  # metadata equality filters, e.g. {domain: night}
     exclude_self: bool = True  # never use a target as its own exemplar
+    retrieve_actors: int = Field(2, ge=1)  # retrieval actor pool: 1 to this many (each holds the index)
 
 
 class HFlipOp(_Strict):
@@ -156,6 +157,7 @@ class SynthesisConfig(_Strict):
 class ScoreConfig(_Strict):
     enabled: bool = False
     segmenter: str | None = None  # checkpoint of the scoring segmenter (evaluation)
+    actors: int = Field(2, ge=1)  # scorer actor pool: 1 to this many (each holds the segmenter)
 
 
 class OutputConfig(_Strict):
@@ -170,6 +172,8 @@ class OutputConfig(_Strict):
 class RayConfig(_Strict):
     address: str | None = None  # None: a local Ray (or RAY_ADDRESS under `ray job submit`)
     num_cpus: int | None = Field(None, ge=1)  # local Ray only; None = all cores
+    max_restarts: int = Field(3, ge=0)  # restarts of a model actor whose process died (e.g. a CUDA error)
+    max_task_retries: int = Field(3, ge=0)  # retries of a model batch after a machine failure (OOM, lost actor)
 
 
 class RunConfig(_Strict):
@@ -199,6 +203,8 @@ class RunConfig(_Strict):
 # Keys that do not change a single output byte: where it goes, how it is computed in parallel.
 _NOT_HASHED = {
     "name": None,
+    "exemplars": {"retrieve_actors"},
+    "score": {"actors"},
     "output": {"dir", "export_cityscapes", "preview", "preview_rows"},
     "ray": None,
     "synthesis": {"actors", "num_cpus", "num_gpus", "allow_cpu_fallback", "bank_cache_size", "bank_cache_bytes",

@@ -1,7 +1,7 @@
 """Pass 1: the exemplar index for the run, then the plan.
 
     exemplar items -> read + embed (index rows)                      -> OUT/index
-    target items   -> read + augment -> embed -> retrieve (one actor) -> OUT/plan.parquet
+    target items   -> read + augment -> embed -> retrieve (1..n actors) -> OUT/plan.parquet
 
 Retrieval needs a complete index, and an exact resume needs every sample's place fixed before
 any pixel exists, so the plan is the run's one barrier. The batch functions are the stages'
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cluster import actor_pool
+from pipeline.cluster import RETRIEVE_CPUS, actor_pool, restart_policy, retrieve_pool_size
 from pipeline.config import RunConfig
 from pipeline.console import NullProgress, Reporter
 from pipeline.plan import Plan, make_plan
@@ -98,7 +98,9 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
     ds = ds.map_batches(EmbedStage(error_column="error"), batch_size=PLAN_BATCH, batch_format="numpy")
     ds = ds.map_batches(PlanRetrieveStage, fn_constructor_args=(index_path, ex.k, ex.candidates, ex.diversity,
                                                                 dict(ex.filters), ex.exclude_self),
-                        batch_size=PLAN_BATCH, batch_format="numpy", compute=actor_pool(1))
+                        batch_size=PLAN_BATCH, batch_format="numpy", num_cpus=RETRIEVE_CPUS,
+                        compute=actor_pool(retrieve_pool_size(cfg, ray.cluster_resources()), autoscale=True),
+                        **restart_policy(cfg))
     rows = sorted(collect(ds, len(targets), "plan", rep), key=lambda r: str(r["layout_id"]))
     read_errors_ = [json.loads(r["error"]) for r in rows if r["error"]]
     planned = [{"target_id": str(r["layout_id"]), "target_item": str(r["item"]), "augment": str(r["augment"]),

@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from connectors.parquet_sink import write_errors
-from pipeline.cluster import ensure_ray, plan_workers, quiet_ray_data, wait_for_gpus
+from pipeline.cluster import configure_ray_data, ensure_ray, plan_workers, wait_for_gpus
 from pipeline.config import RunConfig, check_paths, config_hash
 from pipeline.console import Reporter
 from pipeline.demo_data import prepare_toytown
@@ -54,7 +54,7 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
     try:
         import ray
 
-        quiet_ray_data(False)
+        configure_ray_data(False)
         timings = PlanTimings()
         reuse_plan = existing == h and not overwrite
         if reuse_plan:

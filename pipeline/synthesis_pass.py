@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import LOADER_CPUS, Workers, actor_pool
+from pipeline.cluster import LOADER_CPUS, SCORE_CPUS, Workers, actor_pool, restart_policy
 from pipeline.config import RunConfig
 from pipeline.console import Reporter
 from pipeline.finish import ManifestLog, RunSummary, finish_run
@@ -36,14 +36,17 @@ def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers):
     ds = ds.map_batches(Synthesizer, fn_constructor_args=(model,),
                         fn_constructor_kwargs={"device": workers.device, "torch_threads": workers.torch_threads,
                                                "bank_cache_size": cfg.synthesis.bank_cache_size,
-                                               "bank_cache_bytes": cfg.synthesis.bank_cache_bytes},
+                                               "bank_cache_bytes": cfg.synthesis.bank_cache_bytes,
+                                               "restart_on_device_error": True},
                         batch_size=1, batch_format="numpy", compute=actor_pool(workers.actors),
-                        num_cpus=workers.num_cpus, num_gpus=workers.num_gpus or None)
+                        num_cpus=workers.num_cpus, num_gpus=workers.num_gpus or None, **restart_policy(cfg))
     if cfg.score.enabled:
         from stages.score import Scorer
 
-        ds = ds.map_batches(Scorer, fn_constructor_args=(cfg.score.segmenter, 1), batch_size=16,
-                            batch_format="numpy", compute=actor_pool(1), num_cpus=LOADER_CPUS)
+        ds = ds.map_batches(Scorer, fn_constructor_args=(cfg.score.segmenter, 1),
+                            fn_constructor_kwargs={"restart_on_device_error": True}, batch_size=16,
+                            batch_format="numpy", compute=actor_pool(workers.score_actors, autoscale=True),
+                            num_cpus=SCORE_CPUS, **restart_policy(cfg))
     return ds
 
 

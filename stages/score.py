@@ -2,7 +2,9 @@
 
 Per sample, ``score_miou`` is the mean IoU (trainIds, classes present) between the segmenter's
 prediction on the synthesized image and the label the image was generated from. It is a cheap
-controllability signal for filtering a dataset; the segmenter comes from evaluation.
+controllability signal for filtering a dataset; the segmenter comes from evaluation. Failures of
+the machine are not scores: an out-of-memory batch is split in halves once, then they leave the
+stage (stages/failures.py).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from amgen_core.image_io import decode_png
+from stages.failures import leave_stage, split_once_on_oom
 
 SCORE_COLUMNS = ("score_miou",)
 
@@ -53,15 +56,24 @@ def sample_miou(pred_train_ids: np.ndarray, label_ids: np.ndarray) -> float:
 class Scorer:
     """Ray Data batch function: adds ``score_miou`` (NaN for quarantined rows) to sample rows."""
 
-    def __init__(self, segmenter: str | None = None, torch_threads: int | None = None):
+    def __init__(self, segmenter: str | None = None, torch_threads: int | None = None,
+                 restart_on_device_error: bool = False):
         import torch
         from evaluation.segmenter import Segmenter
 
         if torch_threads:
             torch.set_num_threads(int(torch_threads))
         self.model = Segmenter.from_pretrained(segmenter_path(segmenter))
+        self.restart_on_device_error = restart_on_device_error  # only for an instance that is a Ray actor
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        try:
+            return self._scored(batch)
+        except Exception as e:  # noqa: BLE001 - classified: bugs re-raised, machine failures for Ray
+            leave_stage(e, "score", exit_process=self.restart_on_device_error)
+            raise  # leave_stage always raises or exits
+
+    def _scored(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["sample_id"])
         scores = np.full(n, np.nan, np.float64)
         ok = [i for i in range(n) if not batch["error"][i]]
@@ -73,7 +85,7 @@ class Scorer:
             by_shape.setdefault(images[i].shape, []).append(i)
         for idx in by_shape.values():
             try:
-                preds = self.model.predict(np.stack([images[i] for i in idx]))
+                preds = split_once_on_oom(lambda part: self.model.predict(np.stack([images[i] for i in part])), idx)
             except ValueError:  # a size the segmenter cannot take: leave those unscored
                 continue
             for j, i in enumerate(idx):

@@ -5,6 +5,8 @@ bank is computed once (``encode_exemplar(key=exemplar_id)``, so the pipeline's L
 later groups of the same exemplar) and all targets of the group are generated in one call with
 their own seeds. A group whose batch call fails is retried one sample at a time, so one bad
 sample (e.g. a size the model cannot take) becomes an error row and the others still come out.
+Failures of the machine (CUDA out of memory, CUDA errors, lost Ray objects) are never error rows:
+an out-of-memory batch is split in halves once, then they leave the stage (stages/failures.py).
 """
 from __future__ import annotations
 
@@ -17,12 +19,14 @@ import numpy as np
 from amadapter.bank import DEFAULT_BANK_CACHE_BYTES
 from amadapter.loading import load_model
 from amgen_core.image_io import encode_png
-from amgen_core.quarantine import sample_error_row
+from amgen_core.quarantine import is_sample_error, sample_error_row
+from stages.failures import CrashPoint, leave_stage, split_once_on_oom
 from stages.group import unpack_arrays
 
 SAMPLE_COLUMNS = ("sample_id", "shard", "position", "target_id", "exemplar_id", "image", "label", "instance",
                   "seed", "augment", "model", "error", "bank_new", "seconds")
-# Failures of one sample that must not stop the run (shape/size problems surface as these in torch).
+# Failures of one sample that must not stop the run (shape/size problems surface as these in torch);
+# a RuntimeError only when amgen_core.quarantine.failure_kind does not blame the machine.
 SAMPLE_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
 
 
@@ -54,10 +58,14 @@ def load_pipeline(model: dict[str, Any], device: str = "cpu", bank_cache_size: i
 
 
 class Synthesizer:
-    """Ray Data batch function over loaded groups (see stages/group.py) -> one row per sample."""
+    """Ray Data batch function over loaded groups (see stages/group.py) -> one row per sample.
+
+    ``restart_on_device_error``: a CUDA error ends the process (for Ray to restart the actor); only
+    for an instance that is a Ray actor."""
 
     def __init__(self, model: dict[str, Any], *, device: str = "cpu", torch_threads: int | None = None,
-                 bank_cache_size: int = 64, bank_cache_bytes: int = DEFAULT_BANK_CACHE_BYTES):
+                 bank_cache_size: int = 64, bank_cache_bytes: int = DEFAULT_BANK_CACHE_BYTES,
+                 restart_on_device_error: bool = False):
         import torch
 
         if torch_threads:
@@ -66,6 +74,8 @@ class Synthesizer:
         self.device = resolve_device(device)
         self.pipe, name = load_pipeline(model, self.device, bank_cache_size, bank_cache_bytes)
         self.model_id = f"{name}@{self.pipe.model_hash()[:16]}"
+        self.restart_on_device_error = restart_on_device_error
+        self.crash_point = CrashPoint()
 
     # -- one group
     def _bank(self, arrays: dict[str, np.ndarray], key: str):
@@ -105,6 +115,8 @@ class Synthesizer:
         try:
             bank = self._bank(arrays, key)
         except SAMPLE_ERRORS as e:
+            if not is_sample_error(e):
+                raise
             return [self._row(group, m, None, None, None, sample_error_row(m, "exemplar", f"{type(e).__name__}: {e}"))
                     for m in members]
         bank_new = bank is not None and self._bank_misses() > misses_before
@@ -120,17 +132,23 @@ class Synthesizer:
                 good.append(i)
         ex_inst = arrays.get("exemplar_instance")
         if good:
+            def generate(idx):
+                return self._generate(bank, [labels[i] for i in idx], [instances[i] for i in idx],
+                                      [members[i]["seed"] for i in idx], ex_inst, key)
+
             try:
-                images = self._generate(bank, [labels[i] for i in good], [instances[i] for i in good],
-                                        [members[i]["seed"] for i in good], ex_inst, key)
+                images = split_once_on_oom(generate, good)
                 for j, i in enumerate(good):
                     results[i] = (images[j], None)
-            except SAMPLE_ERRORS:
+            except SAMPLE_ERRORS as e:
+                if not is_sample_error(e):
+                    raise
                 for i in good:  # an unexpected failure: find the culprit(s) one sample at a time
                     try:
-                        img = self._generate(bank, [labels[i]], [instances[i]], [members[i]["seed"]], ex_inst, key)[0]
-                        results[i] = (img, None)
+                        results[i] = (generate([i])[0], None)
                     except SAMPLE_ERRORS as e:
+                        if not is_sample_error(e):
+                            raise
                         results[i] = (None, sample_error_row(members[i], "synthesize", f"{type(e).__name__}: {e}"))
         seconds = (time.perf_counter() - t0) / len(members)
         rows = []
@@ -172,6 +190,14 @@ class Synthesizer:
 
     # -- Ray Data entry point
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
+        self.crash_point.batch()
+        try:
+            return self._rows(batch)
+        except Exception as e:  # noqa: BLE001 - sample errors were handled inside; classify the rest
+            leave_stage(e, "synthesize", exit_process=self.restart_on_device_error)
+            raise  # leave_stage always raises or exits
+
+    def _rows(self, batch: dict[str, np.ndarray]) -> dict[str, list]:
         out: dict[str, list] = {k: [] for k in SAMPLE_COLUMNS}
         for g, payload, err in zip(batch["group"], batch["payload"], batch["error"]):
             group = json.loads(g)

@@ -121,3 +121,79 @@ def test_ray_job_submit_end_to_end(tmp_path):
     report = verify_dataset(out)
     assert report.ok, report.summary()
     assert len(list((out / "data").glob("train-*.parquet"))) == 2
+
+
+def _gpu_config(tmp_path, *overrides):
+    from pipeline.config import config_from_dict
+    from test_pipeline_fixtures import run_tree
+
+    tree = run_tree(tmp_path / "toy", tmp_path / "model", tmp_path / "out")
+    return config_from_dict(tree, where="gpu.yaml", overrides=["ray.num_cpus=2", *overrides])
+
+
+def test_a_local_ray_gets_the_gpus_a_config_asks_for(tmp_path):
+    from pipeline.cluster import local_ray_args
+
+    def no_call():
+        raise AssertionError("a CPU config does not look for GPUs")
+
+    assert local_ray_args(_gpu_config(tmp_path), no_call)["num_gpus"] == 0
+    args = local_ray_args(_gpu_config(tmp_path, "synthesis.num_gpus=1"), lambda: 1)
+    assert (args["address"], args["num_gpus"], args["num_cpus"]) == ("local", 1, 2)
+    assert local_ray_args(_gpu_config(tmp_path, "synthesis.num_gpus=0.5"), lambda: 4)["num_gpus"] == 4
+    assert local_ray_args(_gpu_config(tmp_path, "synthesis.num_gpus=1"), lambda: 0)["num_gpus"] == 0
+
+
+@pytest.mark.slow
+def test_amgen_run_on_a_one_gpu_machine_starts_ray_with_that_gpu(tmp_path, monkeypatch):
+    """The resource logic of a one-GPU machine without one: Ray is started with the GPU the device
+    count reports, and the model pool is planned onto it (before, it had 0 GPUs and raised)."""
+    import ray
+
+    from pipeline.cluster import ClusterResourceError, ensure_ray, plan_workers
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not ray.is_initialized()
+    cfg = _gpu_config(tmp_path, "synthesis.num_gpus=1", "model.device=auto")
+    assert ensure_ray(cfg, device_count=lambda: 1) is True
+    try:
+        assert ray.cluster_resources().get("GPU") == 1.0
+        w = plan_workers(cfg, ray.cluster_resources())
+        assert (w.actors, w.num_gpus, w.device, w.note) == (1, 1.0, "cuda", "")
+        assert ensure_ray(cfg) is False, "a running Ray is joined, not started again"
+    finally:
+        ray.shutdown()
+    # The same config on a machine without a GPU still fails by name, before any actor waits.
+    assert ensure_ray(cfg, device_count=lambda: 0) is True
+    try:
+        with pytest.raises(ClusterResourceError, match="synthesis.num_gpus=1.*0 GPU"):
+            plan_workers(cfg, ray.cluster_resources())
+    finally:
+        ray.shutdown()
+
+
+def test_retrieval_and_scoring_pools_grow_only_into_the_cpus_their_feeders_leave(tmp_path):
+    from pipeline.cluster import plan_workers, retrieve_pool_size
+
+    cfg = lambda *ov: _gpu_config(tmp_path, *ov)  # noqa: E731
+    # Retrieval: half a CPU each, next to one whole slot for the plan pass's read and embed tasks.
+    assert retrieve_pool_size(cfg(), {"CPU": 2.0}) == 2
+    assert retrieve_pool_size(cfg(), {"CPU": 1.4}) == 1
+    assert retrieve_pool_size(cfg(), {"CPU": 1.0}) == 1, "never below one actor"
+    assert retrieve_pool_size(cfg("exemplars.retrieve_actors=8"), {"CPU": 64.0}) == 8
+    assert retrieve_pool_size(cfg("exemplars.retrieve_actors=8"), {"CPU": 3.0}) == 4
+    assert retrieve_pool_size(cfg("exemplars.retrieve_actors=3"), {}) == 3, "a cluster that does not say"
+    # Scoring: a quarter CPU each, after the model actors and the loader.
+    assert plan_workers(cfg("score.enabled=true"), {"CPU": 2.0}).score_actors == 2
+    w = plan_workers(cfg("score.enabled=true", "synthesis.num_cpus=2"), {"CPU": 2.0})
+    assert (w.num_cpus, w.score_actors) == (1.5, 1), "the model actor leaves room for one scorer and the loader"
+    w = plan_workers(cfg("score.enabled=true", "score.actors=8", "synthesis.num_gpus=1", "synthesis.num_cpus=4"),
+                     {"CPU": 16.0, "GPU": 1.0})
+    assert (w.actors, w.num_cpus, w.score_actors) == (1, 4.0, 8)
+    w = plan_workers(cfg("score.enabled=true", "score.actors=8", "synthesis.num_cpus=1", "synthesis.actors=3"),
+                     {"CPU": 4.0})
+    assert (w.actors, w.score_actors) == (3, 3)
+    # The pools' sizes are parallelism, not content: the config hash ignores them.
+    from pipeline.config import config_hash
+
+    assert config_hash(cfg("exemplars.retrieve_actors=7", "score.actors=5")) == config_hash(cfg())
