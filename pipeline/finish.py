@@ -127,7 +127,7 @@ class ManifestLog:
 def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: float, t_start: float) -> RunSummary:
     """Count what is on disk, write the derived files, then the complete manifest.
 
-    ``writer``: the pass's ``stages.write.ShardWriter`` (what this run synthesized)."""
+    ``writer``: the pass's ``pipeline.shard_writers.PassTally`` (what this run synthesized)."""
     summary, out, stats = log.summary, log.out, log.stats
     summary.shards_written = len(writer.written)
     summary.synthesized = writer.synthesized
