@@ -11,8 +11,9 @@
   then the temp key is deleted). A reader of ``data/train-*`` never sees half a file.
 - ``local_dir(x)``: a read-only input folder (model, index, segmenter, source tree) as a local
   folder: a local path as it is, a URI mirrored once per node into ``AMGEN_CACHE_DIR``
-  (default ``/tmp/amgen-cache``) under a name derived from the URI, so every node finds the same
-  local path. Inputs are taken as immutable: a finished mirror is reused.
+  (default ``/tmp/amgen-cache``) under a name derived from the URI and its listing (names, sizes,
+  times), so a changed folder gets a new mirror and every node picks the same name;
+  ``relocate`` moves a path listed in one node's mirror into another's.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import posixpath
 import shutil
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path, PurePosixPath
 from typing import Callable
 from urllib.parse import urlsplit
@@ -286,12 +288,27 @@ def cache_root() -> Path:
     return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE)
 
 
-def mirror_path(uri: str) -> Path:
-    """The local folder a URI is mirrored to: the same on every node (workers and the driver
-    compute it alike, so item paths listed on one node are valid on all)."""
-    digest = hashlib.sha256(uri.rstrip("/").encode()).hexdigest()[:16]
+def mirror_name(uri: str, listing: str = "") -> str:
+    """The name of a URI's local mirror: the same on every node (it depends on the URI and on what
+    is stored there, so a rebuilt folder gets a new mirror). ``relocate`` finds it in paths."""
+    digest = hashlib.sha256(f"{uri.rstrip('/')}\n{listing}".encode()).hexdigest()[:16]
     tail = posixpath.basename(urlsplit(uri).path.rstrip("/")) or "root"
-    return cache_root() / f"{tail}-{digest}"
+    return f"{tail}-{digest}"
+
+
+def _listing(p: RemotePath) -> tuple[str, list[pafs.FileInfo]]:
+    files = sorted((i for i in p.fs.get_file_info(pafs.FileSelector(p.path, recursive=True))
+                    if i.type == pafs.FileType.File), key=lambda i: i.path)
+    text = "\n".join(f"{i.path}\t{i.size}\t{i.mtime_ns}" for i in files)
+    return text, files
+
+
+def relocate(path: str, local_root: str) -> str:
+    """A path inside some node's mirror of a folder, moved into ``local_root`` (this node's mirror
+    of the same folder): item descriptors listed on one node are read on another."""
+    name = "/" + Path(local_root).name + "/"
+    i = path.find(name)
+    return path if i < 0 else local_root + "/" + path[i + len(name):]
 
 
 def local_dir(location: str | os.PathLike | None) -> str | None:
@@ -301,11 +318,18 @@ def local_dir(location: str | os.PathLike | None) -> str | None:
     p = as_path(location)
     if not isinstance(p, RemotePath):
         return str(p)
-    dest = mirror_path(str(p))
-    if (dest / _MIRROR_DONE).is_file():
-        return str(dest)
+    return _mirror(str(p))
+
+
+@lru_cache(maxsize=64)
+def _mirror(uri: str) -> str:
+    p = as_path(uri)
     if not p.is_dir():
         raise StorageError(f"{p}: no such folder (needed as a read-only input)")
+    listing, files = _listing(p)
+    dest = cache_root() / mirror_name(uri, listing)
+    if (dest / _MIRROR_DONE).is_file():
+        return str(dest)
     import fcntl
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -315,10 +339,7 @@ def local_dir(location: str | os.PathLike | None) -> str | None:
             part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
             if part.exists():
                 shutil.rmtree(part)
-            sel = pafs.FileSelector(p.path, recursive=True)
-            for info in p.fs.get_file_info(sel):
-                if info.type != pafs.FileType.File:
-                    continue
+            for info in files:
                 rel = PurePosixPath(info.path).relative_to(p.path)
                 target = part / rel
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from connectors.storage import RemotePath
 from connectors.parquet_sink import DatasetCardInfo, ShardStats, read_errors, write_dataset_card, write_manifest
 from pipeline.config import RunConfig
 from pipeline.plan import Plan
@@ -139,7 +140,12 @@ def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: fl
     summary.written = sum(s.rows for s in stats.values())
     summary.images_per_s = round(writer.synthesized / synth_s, 3) if writer.synthesized and synth_s > 0 else 0.0
     t_fin = time.perf_counter()
-    write_derived_outputs(cfg, plan, out, summary, stats)
+    import ray
+    from connectors.storage import location_str
+
+    # On a worker: the preview reads exemplars from the source, the export reads every shard.
+    task = ray.remote(num_cpus=0, max_retries=0)(write_derived_outputs)
+    ray.get(task.remote(cfg, plan, location_str(out), summary, dict(stats)))
     summary.timings.update({"synthesize_s": round(synth_s, 3), "model_s": round(writer.model_seconds, 3),
                             "finish_s": round(time.perf_counter() - t_fin, 3),
                             "total_s": round(time.perf_counter() - t_start, 3)})
@@ -152,6 +158,9 @@ def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: fl
 def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSummary,
                           stats: dict[int, ShardStats]) -> None:
     """Dataset card, preview and the optional Cityscapes tree: all derived from the shards on disk."""
+    from connectors.storage import as_path
+
+    out = as_path(out)
     from stages.score import SCORE_COLUMNS
     from stages.write import make_preview, preview_samples, write_preview
 
@@ -186,4 +195,17 @@ def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSum
         from connectors.cityscapes_export import export_cityscapes
         from pipeline.resume import CITYSCAPES_DIR
 
-        export_cityscapes(out, out / CITYSCAPES_DIR, overwrite=True)
+        if isinstance(out, RemotePath):  # the exporter writes files: export here, then publish the tree
+            import tempfile
+
+            from connectors.parquet_sink import DATA_DIR
+            from connectors.storage import upload_dir
+
+            with tempfile.TemporaryDirectory(prefix="amgen-export-") as tmp:
+                for p in (out / DATA_DIR).glob("train-*.parquet"):
+                    (Path(tmp) / DATA_DIR).mkdir(exist_ok=True)
+                    (Path(tmp) / DATA_DIR / p.name).write_bytes(p.read_bytes())
+                export_cityscapes(tmp, Path(tmp) / CITYSCAPES_DIR, overwrite=True)
+                upload_dir(Path(tmp) / CITYSCAPES_DIR, out / CITYSCAPES_DIR)
+        else:
+            export_cityscapes(out, out / CITYSCAPES_DIR, overwrite=True)

@@ -20,6 +20,8 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from connectors.storage import RemotePath, arrow_target, as_path, publish_atomic
+
 from amgen_core.records import sample_id, stable_seed
 
 PLAN_FILE = "plan.parquet"
@@ -104,34 +106,37 @@ def make_plan(targets: Iterable[dict[str, Any]], exemplar_items: dict[str, str],
                 num_targets=n_targets)
 
 
-def save_plan(plan: Plan, out_dir: str | os.PathLike) -> Path:
-    path = Path(out_dir) / PLAN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_plan(plan: Plan, out_dir: str | os.PathLike) -> Path | RemotePath:
+    path = as_path(out_dir) / PLAN_FILE
     table = pa.Table.from_pylist([{k: r[k] for k in PLAN_SCHEMA.names} for r in plan.rows], schema=PLAN_SCHEMA)
     table = table.replace_schema_metadata({
         "amgen.plan_version": PLAN_VERSION, "amgen.config_hash": plan.config_hash,
         "amgen.rows_per_shard": str(plan.rows_per_shard), "amgen.num_targets": str(plan.num_targets),
         "amgen.errors": json.dumps(plan.errors, sort_keys=True),
     })
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp) -> None:
+        target, fs = arrow_target(tmp)
+        pq.write_table(table, target, filesystem=fs)
+
+    return publish_atomic(path, write)
 
 
 def plan_config_hash(out_dir: str | os.PathLike) -> str | None:
     """The config hash a folder's plan was made with, or None when there is no plan."""
-    path = Path(out_dir) / PLAN_FILE
+    path = as_path(out_dir) / PLAN_FILE
     if not path.is_file():
         return None
-    meta = pq.read_schema(path).metadata or {}
+    target, fs = arrow_target(path)
+    meta = pq.read_schema(target, filesystem=fs).metadata or {}
     return meta.get(b"amgen.config_hash", b"").decode() or None
 
 
 def load_plan(out_dir: str | os.PathLike) -> Plan:
-    path = Path(out_dir) / PLAN_FILE
+    path = as_path(out_dir) / PLAN_FILE
     try:
-        table = pq.read_table(path)
+        target, fs = arrow_target(path)
+        table = pq.read_table(target, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as e:
         raise PlanError(f"{path}: unreadable plan ({e}); rerun with --overwrite") from e
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}

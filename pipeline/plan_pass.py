@@ -6,6 +6,12 @@
 Retrieval needs a complete index, and an exact resume needs every sample's place fixed before
 any pixel exists, so the plan is the run's one barrier. The batch functions are the stages'
 (stages/retrieve.py, stages/augment.py, stages/embed.py); this module only wires them with Ray.
+
+Neither the index rows nor the plan rows are gathered on the driver: ``plan_on_worker`` runs the
+whole pass in a Ray task on a worker, which collects the index rows, builds the index (locally,
+then published to ``OUT/index`` wherever OUT is: a path or a URI), runs the plan's dataset and
+writes ``OUT/plan.parquet``. The driver receives the plan's metadata (ids, items, seeds: what it
+needs to cut the synthesis groups), never an embedding or a label map.
 """
 from __future__ import annotations
 
@@ -36,10 +42,14 @@ def collect(ds, total: int, label: str, rep: Reporter | None) -> list[dict[str, 
     return rows
 
 
-def build_run_index(cfg: RunConfig, ex_items: list[dict], index_dir: Path, ex_spec: str,
+def build_run_index(cfg: RunConfig, ex_items: list[dict], index_dir: str, ex_spec: str,
                     rep: Reporter | None = None) -> tuple[int, list[dict]]:
-    """Build the exemplar index from the exemplar source; returns (rows indexed, error rows)."""
+    """Build the exemplar index from the exemplar source into ``index_dir`` (a path or a URI: built
+    in a local folder, then published); returns (rows indexed, error rows)."""
+    import tempfile
+
     import ray
+    from connectors.storage import RemotePath, as_path, upload_dir
     from stages.retrieve import index_rows_batch, write_exemplar_index
 
     ds = ray.data.from_items([{"item": item_json(it)} for it in ex_items])
@@ -50,9 +60,14 @@ def build_run_index(cfg: RunConfig, ex_items: list[dict], index_dir: Path, ex_sp
     if not good:
         raise ValueError(f"{cfg.origin}: exemplars: no usable exemplar (with an image) in the exemplar source; "
                          f"{len(errors)} quarantined")
-    write_exemplar_index([str(r["layout_id"]) for r in good], np.stack([r["embedding"] for r in good]),
-                         [r["thumb"] for r in good], [json.loads(r["meta"]) for r in good], index_dir,
-                         cfg.exemplars.index_shards, seed=cfg.seed)
+    target = as_path(index_dir)
+    with tempfile.TemporaryDirectory(prefix="amgen-index-") as tmp:
+        local = Path(tmp) / "index" if isinstance(target, RemotePath) else target
+        write_exemplar_index([str(r["layout_id"]) for r in good], np.stack([r["embedding"] for r in good]),
+                             [r["thumb"] for r in good], [json.loads(r["meta"]) for r in good], local,
+                             cfg.exemplars.index_shards, seed=cfg.seed)
+        if isinstance(target, RemotePath):
+            upload_dir(local, target)
     return len(good), errors
 
 
@@ -62,7 +77,7 @@ class PlanTimings:
     plan_s: float = 0.0
 
 
-def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTimings,
+def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: str, timings: PlanTimings,
                  rep: Reporter | None = None) -> Plan:
     """Index (unless the config names a prebuilt one), then read, augment, embed and retrieve every
     target; returns the plan with every error row of the pass."""
@@ -84,7 +99,7 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
         _, ex_errors = build_run_index(cfg, ex_items, index_dir, e_spec, rep)
         if cfg.exemplars.source is not None:  # same source: the target pass reports these itself
             extra_errors += ex_errors
-        index_path = str(index_dir)
+        index_path = index_dir
     else:
         index_path = cfg.exemplars.index
     timings.index_s = time.perf_counter() - t0
@@ -110,4 +125,35 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
                          key=lambda e: (str(e["input_id"]), e["stage"], e["reason"]))
     plan.num_targets = len(targets)
     timings.plan_s = time.perf_counter() - t0
+    return plan
+
+
+def _plan_task(cfg: RunConfig, cfg_hash: str, index_dir: str, out: str | None) -> tuple[Plan, PlanTimings]:
+    """Pass 1 inside a worker: the index, the plan, and (unless a dry run) OUT/plan.parquet."""
+    from connectors.parquet_sink import write_errors
+    from pipeline.cluster import quiet_ray_data
+    from pipeline.plan import save_plan
+
+    quiet_ray_data(False)
+    timings = PlanTimings()
+    plan = compute_plan(cfg, cfg_hash, index_dir, timings)
+    if out is not None:
+        if plan.errors:
+            write_errors(plan.errors, out, "plan")
+        save_plan(plan, out)
+    return plan, timings
+
+
+def plan_on_worker(cfg: RunConfig, cfg_hash: str, index_dir: str, out: str | None, timings: PlanTimings,
+                   rep: Reporter | None = None) -> Plan:
+    """Run pass 1 in a Ray task (see the module doc); ``out`` None: a dry run, nothing is saved.
+
+    The task takes no CPU slot: it mostly waits for the datasets it starts, which need the slots."""
+    import ray
+
+    if rep:
+        rep.info("planning on a worker: exemplar index, then read, augment, embed, retrieve")
+    task = ray.remote(num_cpus=0, max_retries=0)(_plan_task)
+    plan, t = ray.get(task.remote(cfg, cfg_hash, index_dir, out))
+    timings.index_s, timings.plan_s = t.index_s, t.plan_s
     return plan

@@ -9,7 +9,6 @@ is refused unless ``--overwrite``.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from connectors.parquet_sink import (
     CARD_NAME, DATA_DIR, ERRORS_DIR, MANIFEST_NAME, SHARD_RE, ShardStats, file_sha256, shard_path,
     shard_stats_from_file,
 )
+from connectors.storage import RemotePath, as_path, rmtree
 from pipeline.plan import PLAN_FILE, plan_config_hash
 
 PREVIEW_NAME = "preview.png"
@@ -34,9 +34,9 @@ class OutputFolderError(ValueError):
     """OUT holds a different run (or something that is not a run)."""
 
 
-def prepare_out(out: Path, config_hash: str, overwrite: bool = False) -> str:
-    """Make ``out`` ready; returns "new", "resume" or "overwrite". Raises on a foreign run."""
-    out = Path(out)
+def prepare_out(out: Path | RemotePath, config_hash: str, overwrite: bool = False) -> str:
+    """Make ``out`` (a path or a URI) ready; returns "new", "resume" or "overwrite". Raises on a foreign run."""
+    out = as_path(out)
     previous = plan_config_hash(out)
     has_data = (out / DATA_DIR).is_dir() and any((out / DATA_DIR).iterdir())
     if previous is None and not has_data:
@@ -54,7 +54,7 @@ def prepare_out(out: Path, config_hash: str, overwrite: bool = False) -> str:
     for name in RUN_ARTIFACTS:
         p = out / name
         if p.is_dir():
-            shutil.rmtree(p)
+            rmtree(p)
         elif p.exists():
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -64,7 +64,7 @@ def prepare_out(out: Path, config_hash: str, overwrite: bool = False) -> str:
 def finished_shards(out: Path, num_shards: int) -> set[int]:
     """Indexes of shards whose final file exists; a shard of another total is a foreign file."""
     done = set()
-    data = Path(out) / DATA_DIR
+    data = as_path(out) / DATA_DIR
     if not data.is_dir():
         return done
     for p in data.iterdir():
@@ -98,7 +98,7 @@ class ShardAudit:
     remade: list[RemadeShard]        # damaged or missing: make them again
 
 
-def _recorded_shards(out: Path) -> dict[str, dict[str, Any]]:
+def _recorded_shards(out: Path | RemotePath) -> dict[str, dict[str, Any]]:
     mpath = out / MANIFEST_NAME
     if not mpath.is_file():
         return {}
@@ -114,7 +114,7 @@ def audit_shards(out: Path, num_shards: int, clock=time.gmtime) -> ShardAudit:
     A shard is damaged when its sha256 differs from the manifest's record, or when it cannot be read
     as a shard (no record to compare with). A shard the manifest records but the data folder lacks
     is missing. Both are made again by the run; nothing damaged is deleted."""
-    out = Path(out)
+    out = as_path(out)
     recorded = _recorded_shards(out)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", clock())
     done, stats, remade = set(), {}, []

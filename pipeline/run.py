@@ -15,14 +15,14 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from connectors.parquet_sink import write_errors
+from connectors.storage import RemotePath, as_path, location_str
 from pipeline.cluster import ensure_ray, plan_workers, quiet_ray_data, wait_for_gpus
 from pipeline.config import RunConfig, check_paths, config_hash
 from pipeline.console import Reporter
 from pipeline.demo_data import prepare_toytown
 from pipeline.finish import RunSummary, count_stages
-from pipeline.plan import load_plan, plan_config_hash, save_plan
-from pipeline.plan_pass import PlanTimings, compute_plan
+from pipeline.plan import load_plan, plan_config_hash
+from pipeline.plan_pass import PlanTimings, plan_on_worker
 from pipeline.resume import INDEX_DIR, audit_shards, finished_shards, prepare_out
 from pipeline.synthesis_pass import synthesize_and_write
 
@@ -35,7 +35,10 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
     """
     t_start = time.perf_counter()
     rep = Reporter(console)
-    out = Path(out or cfg.output.dir)
+    out = as_path(out or cfg.output.dir)
+    if not isinstance(out, RemotePath) and not out.is_absolute() and (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        rep.info(f"output.dir {out} is relative: on a cluster it lands in the driver's working folder; "
+                 "give an absolute shared path or a URI (s3://...) that every node can reach")
     check_paths(cfg)
     if cfg.score.enabled:
         from stages.score import check_scorer
@@ -62,12 +65,9 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
             rep.info(f"resuming {out}: plan of {plan.num_samples} samples in {plan.num_shards} shards")
         elif dry_run:
             with tempfile.TemporaryDirectory(prefix="amgen-index-") as tmp:
-                plan = compute_plan(cfg, h, Path(tmp) / INDEX_DIR, timings, rep)
+                plan = plan_on_worker(cfg, h, str(Path(tmp) / INDEX_DIR), None, timings, rep)
         else:
-            plan = compute_plan(cfg, h, out / INDEX_DIR, timings, rep)
-            if plan.errors:
-                write_errors(plan.errors, out, "plan")
-            save_plan(plan, out)
+            plan = plan_on_worker(cfg, h, location_str(out / INDEX_DIR), location_str(out), timings, rep)
         workers = plan_workers(cfg, ray.cluster_resources() if dry_run else wait_for_gpus(cfg, rep.info))
         if workers.note:
             rep.info(workers.note)
