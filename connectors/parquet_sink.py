@@ -1,6 +1,8 @@
 """The output dataset writer: HF-datasets-loadable Parquet shards, errors, dataset card, manifest.
 
-    OUT/data/train-{k:05d}-of-{N:05d}.parquet   samples (schema: ``sample_schema``)
+    OUT/data/train-{k:05d}-of-{N:05d}.parquet   samples (schema: ``sample_schema``) of a run's first plan
+    OUT/data/train-{k:05d}.parquet              samples added by a later increment (a stable name: it
+                                                does not depend on how many shards there are)
     OUT/errors/{name}.parquet                   quarantined inputs (schema: ``ERROR_SCHEMA``)
     OUT/README.md                               dataset card, YAML header read by ``load_dataset(OUT)``
     OUT/manifest.json                           run record; ``shards`` is a list of ``ShardStats.to_dict()``
@@ -41,7 +43,7 @@ from connectors.storage import write_bytes_atomic as _write_bytes_atomic
 
 DATA_DIR, ERRORS_DIR = "data", "errors"
 CARD_NAME, MANIFEST_NAME = "README.md", "manifest.json"
-SHARD_RE = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
+SHARD_RE = re.compile(r"^train-(\d{5})(?:-of-(\d{5}))?\.parquet$")  # [1] index, [2] total (or None)
 SCORE_PREFIX = "score_"
 MAX_ROW_GROUP = 100  # HF guidance for image datasets: small row groups keep random access cheap
 IMAGE_COLUMNS = ("image", "label", "instance")
@@ -86,11 +88,12 @@ ERROR_SCHEMA = pa.schema([
 ])
 
 
-def shard_name(index: int, total: int) -> str:
-    return f"train-{index:05d}-of-{total:05d}.parquet"
+def shard_name(index: int, total: int | None) -> str:
+    """``total`` None: the stable name of an increment's shard."""
+    return f"train-{index:05d}.parquet" if total is None else f"train-{index:05d}-of-{total:05d}.parquet"
 
 
-def shard_path(out_dir: str | os.PathLike, index: int, total: int) -> Path | RemotePath:
+def shard_path(out_dir: str | os.PathLike, index: int, total: int | None) -> Path | RemotePath:
     return as_path(out_dir) / DATA_DIR / shard_name(index, total)
 
 
@@ -100,7 +103,7 @@ def shard_path(out_dir: str | os.PathLike, index: int, total: int) -> Path | Rem
 class ShardStats:
     name: str                 # relative to OUT, e.g. "data/train-00000-of-00004.parquet"
     index: int
-    total: int
+    total: int                # 0 for a stable name (an increment's shard)
     rows: int
     bytes: int
     sha256: str
@@ -135,7 +138,7 @@ def shard_stats_from_file(path: str | os.PathLike) -> ShardStats:
     for batch in pf.iter_batches(columns=["label"]):
         for cell in batch.column(0).to_pylist():
             pixels += _label_pixels(decode_image_bytes(cell["bytes"], f"{p} label", "label"))
-    return ShardStats(name=f"{DATA_DIR}/{p.name}", index=int(m[1]), total=int(m[2]),
+    return ShardStats(name=f"{DATA_DIR}/{p.name}", index=int(m[1]), total=int(m[2] or 0),
                       rows=pf.metadata.num_rows, bytes=p.stat().st_size, sha256=file_sha256(p),
                       row_groups=pf.metadata.num_row_groups, label_pixels=pixels.tolist())
 
@@ -250,7 +253,7 @@ def _write_parquet_atomic(table: pa.Table, path: Path | RemotePath, row_group_si
     return digest["size"], digest["sha256"]
 
 
-def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, index: int, total: int,
+def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, index: int, total: int | None,
                 row_group_size: int = MAX_ROW_GROUP, score_columns: Sequence[str] = ()) -> ShardStats:
     """Write ``rows`` as shard ``index`` of ``total``; returns its stats. Rows are sorted by sample_id.
 
@@ -260,8 +263,8 @@ def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, i
     same ``score_columns`` to every shard so all shards share one schema.
     """
     t0 = time.perf_counter()
-    if not 0 <= index < total:
-        raise SinkError(f"shard index {index} outside 0..{total - 1}")
+    if index < 0 or (total is not None and index >= total):
+        raise SinkError(f"shard index {index} outside 0..{(total or 0) - 1}")
     if not 1 <= row_group_size <= MAX_ROW_GROUP:
         raise SinkError(f"row_group_size must be in 1..{MAX_ROW_GROUP}, got {row_group_size}")
     schema = sample_schema(score_columns)
@@ -276,7 +279,7 @@ def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, i
     stats_cols = [n for n in schema.names if n not in IMAGE_COLUMNS]
     size, sha = _write_parquet_atomic(table, path, row_group_size, stats_cols)
     row_groups = -(-len(encoded) // row_group_size)  # what the writer cut: full groups, then the rest
-    return ShardStats(name=f"{DATA_DIR}/{path.name}", index=index, total=total, rows=len(encoded),
+    return ShardStats(name=f"{DATA_DIR}/{path.name}", index=index, total=total or 0, rows=len(encoded),
                       bytes=size, sha256=sha, row_groups=row_groups,
                       label_pixels=pixels.tolist(), seconds=round(time.perf_counter() - t0, 4))
 

@@ -289,11 +289,13 @@ def cache_root() -> Path:
 
 
 def mirror_name(uri: str, listing: str = "") -> str:
-    """The name of a URI's local mirror: the same on every node (it depends on the URI and on what
-    is stored there, so a rebuilt folder gets a new mirror). ``relocate`` finds it in paths."""
+    """Where a URI's local mirror lives under the cache root, ``DIGEST/NAME``: the same on every
+    node (the digest covers the URI and what is stored there, so a rebuilt folder gets a new
+    mirror), and the folder keeps its own name (a model's name is its folder's).
+    ``relocate`` finds it in paths."""
     digest = hashlib.sha256(f"{uri.rstrip('/')}\n{listing}".encode()).hexdigest()[:16]
     tail = posixpath.basename(urlsplit(uri).path.rstrip("/")) or "root"
-    return f"{tail}-{digest}"
+    return f"{digest}/{tail}"
 
 
 def _listing(p: RemotePath) -> tuple[str, list[pafs.FileInfo]]:
@@ -306,7 +308,7 @@ def _listing(p: RemotePath) -> tuple[str, list[pafs.FileInfo]]:
 def relocate(path: str, local_root: str) -> str:
     """A path inside some node's mirror of a folder, moved into ``local_root`` (this node's mirror
     of the same folder): item descriptors listed on one node are read on another."""
-    name = "/" + Path(local_root).name + "/"
+    name = "/" + "/".join(Path(local_root).parts[-2:]) + "/"
     i = path.find(name)
     return path if i < 0 else local_root + "/" + path[i + len(name):]
 

@@ -26,7 +26,7 @@ from stages.read import source_spec
 @dataclass
 class RunSummary:
     out: str
-    mode: str                     # new | resume | overwrite | dry-run
+    mode: str                     # new | resume | increment | overwrite | dry-run
     config_hash: str
     model: str | None
     targets: int
@@ -44,6 +44,7 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
     images_per_s: float = 0.0
     remade: list[dict[str, Any]] = field(default_factory=list)  # damaged/missing shards made again, with why
+    increments: list[dict[str, Any]] = field(default_factory=list)  # the plan's increments (first plan included)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,6 +80,7 @@ def manifest(cfg: RunConfig, summary: RunSummary, stats: dict[int, ShardStats], 
                    "quarantined_by_stage": summary.quarantined_by_stage, "shards": summary.shards,
                    "shards_finished": len(stats)},
         "shards": [stats[i] for i in sorted(stats)],
+        "increments": summary.increments,
         "runs": runs,
         "versions": versions(),
     }
@@ -155,6 +157,15 @@ def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: fl
     return summary
 
 
+def increments_line(increments: list[dict[str, Any]]) -> dict[str, str]:
+    """The card's record of a dataset grown by increments (nothing for a single plan)."""
+    if len(increments) < 2:
+        return {}
+    parts = [f"{i['increment']}: {i['targets']} targets, {i['samples']} samples, shards {i['first_shard']}.."
+             f"{i['first_shard'] + i['num_shards'] - 1}" for i in increments]
+    return {"increments": "; ".join(parts)}
+
+
 def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSummary,
                           stats: dict[int, ShardStats]) -> None:
     """Dataset card, preview and the optional Cityscapes tree: all derived from the shards on disk."""
@@ -174,7 +185,7 @@ def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSum
         config_hash=summary.config_hash, sources=sources,
         label_pixels=None if pixels is None else [int(x) for x in pixels], license=cfg.output.license,
         extra={"exemplars per target": cfg.exemplars.k, "sampling": f"{cfg.model.steps} steps, guidance "
-               f"{cfg.model.guidance_scale:g}, mode {cfg.model.mode}"}))
+               f"{cfg.model.guidance_scale:g}, mode {cfg.model.mode}", **increments_line(summary.increments)}))
     if cfg.output.preview:
         by_sid = {r["sample_id"]: r for r in plan.rows}
         ex_spec = source_spec(cfg.exemplars.source or cfg.source)

@@ -30,7 +30,7 @@ TALLY_COLUMNS = ("taken", "synthesized", "quarantined", "banks_new", "model_seco
 class ShardWriterActor:
     """One writer (a Ray actor): the shards ``expected`` names, written into ``out`` (path or URI)."""
 
-    def __init__(self, out: str, expected: dict[int, list[str]], num_shards: int, config_hash: str,
+    def __init__(self, out: str, expected: dict[int, list[str]], num_shards: int | dict, config_hash: str,
                  score_columns: Sequence[str], expected_model: str | None, stop_after: int | None = None):
         self.writer = ShardWriter(out, expected, num_shards, config_hash, score_columns, expected_model=expected_model)
         self.stop_after = stop_after
@@ -62,7 +62,7 @@ class ShardWriterActor:
         return self.writer.pending()
 
 
-def start_writers(out: str, expected: dict[int, list[str]], num_shards: int, config_hash: str,
+def start_writers(out: str, expected: dict[int, list[str]], num_shards: int | dict, config_hash: str,
                   score_columns: Sequence[str], expected_model: str | None, count: int,
                   stop_after: int | None = None) -> list:
     """``count`` writer actors, shard s owned by writer ``s % count`` (spread over the cluster)."""

@@ -100,7 +100,7 @@ def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set
     expected = {s: [r["sample_id"] for r in plan.shard_rows(s)] for s in pending}
     # One writer per model actor (a crash test wants exactly N shards: one writer then).
     count = 1 if ledger.fail_after_shards is not None else workers.actors
-    writers = start_writers(location_str(log.out), expected, plan.num_shards, log.summary.config_hash,
+    writers = start_writers(location_str(log.out), expected, plan.shard_totals(), log.summary.config_hash,
                             SCORE_COLUMNS if cfg.score.enabled else (), log.summary.model, count,
                             stop_after=ledger.fail_after_shards)
     try:

@@ -33,9 +33,12 @@ def shard_errors_name(shard: int) -> str:
 
 
 class ShardWriter:
-    """Collects sample rows (as produced by stages.synthesize) and writes complete shards."""
+    """Collects sample rows (as produced by stages.synthesize) and writes complete shards.
 
-    def __init__(self, out_dir: str | os.PathLike, expected: dict[int, Sequence[str]], num_shards: int,
+    ``num_shards``: the N of every ``train-K-of-N`` name, or a dict shard -> N (None: the stable
+    ``train-K`` name of an increment's shard)."""
+
+    def __init__(self, out_dir: str | os.PathLike, expected: dict[int, Sequence[str]], num_shards: int | dict,
                  config_hash: str, score_columns: Sequence[str] = (), expected_model: str | None = None,
                  on_shard: Callable[[ShardStats, int], None] | None = None):
         self.out = as_path(out_dir)
@@ -94,7 +97,8 @@ class ShardWriter:
     def _flush(self, shard: int) -> ShardStats:
         if self.errors[shard]:
             write_errors(self.errors.pop(shard), self.out, shard_errors_name(shard))
-        stats = write_shard(self.rows.pop(shard, []), self.out, shard, self.num_shards,
+        total = self.num_shards.get(shard) if isinstance(self.num_shards, dict) else self.num_shards
+        stats = write_shard(self.rows.pop(shard, []), self.out, shard, total,
                             score_columns=self.score_columns)
         self.written[shard] = stats
         if self.on_shard is not None:
