@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -225,8 +227,9 @@ def test_a_two_node_cluster_run_opens_every_input_on_the_workers(s3, world, loca
     driver_cache, head_cache, worker_cache = (tmp_path / n for n in ("driver-cache", "head-cache", "worker-cache"))
     monkeypatch.setenv(storage.CACHE_ENV, str(driver_cache))
     storage._mirror.cache_clear()
+    ray_tmp = tempfile.mkdtemp(prefix="amgen-ray-", dir="/tmp")  # sockets live here: keep the path short
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "num_gpus": 0, "include_dashboard": False, "temp_dir": str(tmp_path / "head-tmp"),
+        "num_cpus": 0, "num_gpus": 0, "include_dashboard": False, "temp_dir": ray_tmp,
         "env_vars": {storage.CACHE_ENV: str(head_cache)}})
     try:
         cluster.add_node(num_cpus=2, num_gpus=0, resources={"amgen_worker": 1},
@@ -240,6 +243,7 @@ def test_a_two_node_cluster_run_opens_every_input_on_the_workers(s3, world, loca
     finally:
         ray.shutdown()
         cluster.shutdown()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert (s.written, s.synthesized) == (8, 8)
     assert not driver_cache.exists(), "the driver opened an input itself"
     mirrors = sorted(p.name for d in worker_cache.iterdir() if d.is_dir() for p in d.iterdir()
