@@ -204,12 +204,23 @@ def test_a_run_with_source_model_and_output_on_s3_gives_the_local_bytes(s3, worl
     import ray
 
     local_out, local_summary = local_run
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    tree = run_tree(world["tree_uri"], world["model_uri"], "unused")
+    tree["source"]["root"], tree["model"]["path"] = world["tree_uri"], world["model_uri"]
+    cfg = world["base"] / "s3.yaml"
+    cfg.write_text(yaml.safe_dump(tree))
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    try:
-        s = _run(world, world["tree_uri"], world["model_uri"], f"{s3}/out-local-ray")
+    try:  # through the CLI: --out keeps its URI
+        res = CliRunner().invoke(app, ["run", "--config", str(cfg), "--out", f"{s3}/out-local-ray", "--quiet", "--json"])
     finally:
         ray.shutdown()
-    assert (s.written, s.synthesized, s.quarantined) == (8, 8, 0) and s.out == f"{s3}/out-local-ray"
+    assert res.exit_code == 0, res.output
+    s = json.loads([line for line in res.output.splitlines() if line.startswith("{")][-1])
+    assert (s["written"], s["synthesized"], s["quarantined"]) == (8, 8, 0) and s["out"] == f"{s3}/out-local-ray"
     _check_s3_output(world, f"{s3}/out-local-ray", local_out, "got-local-ray")
 
 
