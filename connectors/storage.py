@@ -168,9 +168,6 @@ class RemotePath:
             f.write(data)
         return len(data)
 
-    def write_text(self, text: str, encoding: str = "utf-8") -> int:
-        return self.write_bytes(text.encode(encoding))
-
     def open_input(self):
         return self.fs.open_input_file(self.path)
 
@@ -189,14 +186,11 @@ class RemotePath:
         self.fs.delete_dir(self.path)
 
     def replace(self, target: "RemotePath") -> "RemotePath":
-        if target.fs is not self.fs and str(target.fs) != str(self.fs):
+        if target.prefix != self.prefix:
             raise StorageError(f"cannot move {self} to {target}: another file system")
         target.parent.mkdir(parents=True, exist_ok=True)
         self.fs.move(self.path, target.path)  # S3: copy (appears whole) + delete
         return target
-
-
-AnyPath = "Path | RemotePath"
 
 
 def as_path(location: str | os.PathLike | RemotePath) -> Path | RemotePath:
@@ -222,10 +216,6 @@ def arrow_target(p: Path | RemotePath) -> tuple[str, pafs.FileSystem | None]:
     if isinstance(p, RemotePath):
         return p.path, p.fs
     return str(p), None
-
-
-def file_size(p: Path | RemotePath) -> int:
-    return p.stat().st_size
 
 
 def file_sha256(p: str | os.PathLike | RemotePath) -> str:
