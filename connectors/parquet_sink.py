@@ -1,12 +1,15 @@
 """The output dataset writer: HF-datasets-loadable Parquet shards, errors, dataset card, manifest.
 
-    OUT/data/train-{k:05d}-of-{N:05d}.parquet   samples (schema: ``sample_schema``)
+    OUT/data/train-{k:05d}-of-{N:05d}.parquet   samples (schema: ``sample_schema``) of a run's first plan
+    OUT/data/train-{k:05d}.parquet              samples added by a later increment (a stable name: it
+                                                does not depend on how many shards there are)
     OUT/errors/{name}.parquet                   quarantined inputs (schema: ``ERROR_SCHEMA``)
     OUT/README.md                               dataset card, YAML header read by ``load_dataset(OUT)``
     OUT/manifest.json                           run record; ``shards`` is a list of ``ShardStats.to_dict()``
 
-Every file appears atomically (hidden temp name in the same folder, fsync, ``os.replace``), so a
-killed run leaves either a whole shard or none. A shard's bytes depend only on its rows: rows are
+Every file appears atomically (hidden temp name in the same folder, then published by rename; on
+object storage by a server-side copy, see connectors/storage.py), so a killed run leaves either a
+whole shard or none. ``out_dir`` is a local path or a URI (``s3://bucket/out``). A shard's bytes depend only on its rows: rows are
 sorted by ``sample_id``, PNGs are encoded deterministically and Parquet carries no timestamps.
 """
 from __future__ import annotations
@@ -34,10 +37,13 @@ from amgen_core.image_io import (
     SizeMismatchError, decode_image_bytes, encode_png, image_size, write_bytes_atomic,
 )
 from amgen_core.quarantine import quarantine_row
+from connectors.storage import RemotePath, arrow_target, as_path, publish_atomic
+from connectors.storage import file_sha256 as _storage_sha256
+from connectors.storage import write_bytes_atomic as _write_bytes_atomic
 
 DATA_DIR, ERRORS_DIR = "data", "errors"
 CARD_NAME, MANIFEST_NAME = "README.md", "manifest.json"
-SHARD_RE = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
+SHARD_RE = re.compile(r"^train-(\d{5})(?:-of-(\d{5}))?\.parquet$")  # [1] index, [2] total (or None)
 SCORE_PREFIX = "score_"
 MAX_ROW_GROUP = 100  # HF guidance for image datasets: small row groups keep random access cheap
 IMAGE_COLUMNS = ("image", "label", "instance")
@@ -82,12 +88,13 @@ ERROR_SCHEMA = pa.schema([
 ])
 
 
-def shard_name(index: int, total: int) -> str:
-    return f"train-{index:05d}-of-{total:05d}.parquet"
+def shard_name(index: int, total: int | None) -> str:
+    """``total`` None: the stable name of an increment's shard."""
+    return f"train-{index:05d}.parquet" if total is None else f"train-{index:05d}-of-{total:05d}.parquet"
 
 
-def shard_path(out_dir: str | os.PathLike, index: int, total: int) -> Path:
-    return Path(out_dir) / DATA_DIR / shard_name(index, total)
+def shard_path(out_dir: str | os.PathLike, index: int, total: int | None) -> Path | RemotePath:
+    return as_path(out_dir) / DATA_DIR / shard_name(index, total)
 
 
 # ---------------------------------------------------------------- shard stats
@@ -96,7 +103,7 @@ def shard_path(out_dir: str | os.PathLike, index: int, total: int) -> Path:
 class ShardStats:
     name: str                 # relative to OUT, e.g. "data/train-00000-of-00004.parquet"
     index: int
-    total: int
+    total: int                # 0 for a stable name (an increment's shard)
     rows: int
     bytes: int
     sha256: str
@@ -112,12 +119,8 @@ class ShardStats:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def file_sha256(path: str | os.PathLike | RemotePath) -> str:
+    return _storage_sha256(path)
 
 
 def _label_pixels(label: np.ndarray) -> np.ndarray:
@@ -126,16 +129,16 @@ def _label_pixels(label: np.ndarray) -> np.ndarray:
 
 def shard_stats_from_file(path: str | os.PathLike) -> ShardStats:
     """Recompute a finished shard's stats from the file (resume after a crash lost the manifest)."""
-    p = Path(path)
+    p = as_path(path)
     m = SHARD_RE.match(p.name)
     if not m:
         raise SinkError(f"{p}: not a shard name (expected train-KKKKK-of-NNNNN.parquet)")
-    pf = pq.ParquetFile(p)
+    pf = pq.ParquetFile(p.open_input() if isinstance(p, RemotePath) else p)
     pixels = np.zeros(NUM_IDS, np.int64)
     for batch in pf.iter_batches(columns=["label"]):
         for cell in batch.column(0).to_pylist():
             pixels += _label_pixels(decode_image_bytes(cell["bytes"], f"{p} label", "label"))
-    return ShardStats(name=f"{DATA_DIR}/{p.name}", index=int(m[1]), total=int(m[2]),
+    return ShardStats(name=f"{DATA_DIR}/{p.name}", index=int(m[1]), total=int(m[2] or 0),
                       rows=pf.metadata.num_rows, bytes=p.stat().st_size, sha256=file_sha256(p),
                       row_groups=pf.metadata.num_row_groups, label_pixels=pixels.tolist())
 
@@ -206,22 +209,51 @@ def _encode_row(row: Mapping[str, Any], score_columns: Sequence[str], pixels: np
     return out
 
 
-def _write_parquet_atomic(table: pa.Table, path: Path, row_group_size: int, stats_columns: list[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # hidden: the data/train-* glob skips it
-    try:
-        with pq.ParquetWriter(tmp, table.schema, write_statistics=stats_columns, **_PARQUET_OPTIONS) as w:
-            # An empty shard gets no row group at all: datasets fails on a 0-row row group.
-            if table.num_rows:
-                w.write_table(table, row_group_size=row_group_size)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+class _HashingStream:
+    """A write-only file object that hashes and counts what passes through, so a shard's sha256
+    and size need no second read (which, on object storage, would be a second download)."""
+
+    def __init__(self, raw):
+        self.raw, self.sha, self.size, self.closed = raw, hashlib.sha256(), 0, False
+
+    def write(self, data) -> int:
+        self.raw.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.closed = True
 
 
-def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, index: int, total: int,
+def _write_parquet_atomic(table: pa.Table, path: Path | RemotePath, row_group_size: int,
+                          stats_columns: list[str]) -> tuple[int, str]:
+    """Write ``table`` under a hidden temp name (the data/train-* glob skips it), publish it as
+    ``path``; returns (bytes, sha256) of the published file."""
+    digest: dict[str, Any] = {}
+
+    def write(tmp) -> None:
+        target, fs = arrow_target(tmp)
+        raw = fs.open_output_stream(target) if fs is not None else open(target, "wb")
+        with raw:
+            stream = _HashingStream(raw)
+            with pq.ParquetWriter(stream, table.schema, write_statistics=stats_columns, **_PARQUET_OPTIONS) as w:
+                # An empty shard gets no row group at all: datasets fails on a 0-row row group.
+                if table.num_rows:
+                    w.write_table(table, row_group_size=row_group_size)
+        digest.update(size=stream.size, sha256=stream.sha.hexdigest())
+
+    publish_atomic(path, write)
+    return digest["size"], digest["sha256"]
+
+
+def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, index: int, total: int | None,
                 row_group_size: int = MAX_ROW_GROUP, score_columns: Sequence[str] = ()) -> ShardStats:
     """Write ``rows`` as shard ``index`` of ``total``; returns its stats. Rows are sorted by sample_id.
 
@@ -231,8 +263,8 @@ def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, i
     same ``score_columns`` to every shard so all shards share one schema.
     """
     t0 = time.perf_counter()
-    if not 0 <= index < total:
-        raise SinkError(f"shard index {index} outside 0..{total - 1}")
+    if index < 0 or (total is not None and index >= total):
+        raise SinkError(f"shard index {index} outside 0..{(total or 0) - 1}")
     if not 1 <= row_group_size <= MAX_ROW_GROUP:
         raise SinkError(f"row_group_size must be in 1..{MAX_ROW_GROUP}, got {row_group_size}")
     schema = sample_schema(score_columns)
@@ -245,10 +277,10 @@ def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, i
     table = pa.Table.from_pylist(encoded, schema=schema)
     path = shard_path(out_dir, index, total)
     stats_cols = [n for n in schema.names if n not in IMAGE_COLUMNS]
-    _write_parquet_atomic(table, path, row_group_size, stats_cols)
-    meta = pq.read_metadata(path)
-    return ShardStats(name=f"{DATA_DIR}/{path.name}", index=index, total=total, rows=len(encoded),
-                      bytes=path.stat().st_size, sha256=file_sha256(path), row_groups=meta.num_row_groups,
+    size, sha = _write_parquet_atomic(table, path, row_group_size, stats_cols)
+    row_groups = -(-len(encoded) // row_group_size)  # what the writer cut: full groups, then the rest
+    return ShardStats(name=f"{DATA_DIR}/{path.name}", index=index, total=total or 0, rows=len(encoded),
+                      bytes=size, sha256=sha, row_groups=row_groups,
                       label_pixels=pixels.tolist(), seconds=round(time.perf_counter() - t0, 4))
 
 
@@ -260,7 +292,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 error_row = quarantine_row  # the one builder lives in amgen_core.quarantine
 
 
-def write_errors(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, name: str) -> Path:
+def write_errors(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, name: str) -> Path | RemotePath:
     """Write quarantined inputs to ``errors/{name}.parquet`` (sorted, atomic); returns the path."""
     if not _NAME_RE.match(name):
         raise SinkError(f"error file name {name!r} must be letters, digits, '.', '_' or '-'")
@@ -274,15 +306,21 @@ def write_errors(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, 
         clean.append({k: (None if r.get(k) is None else str(r[k])) for k in cols})
     clean.sort(key=lambda r: (r["input_id"], r["stage"], r["reason"]))
     table = pa.Table.from_pylist(clean, schema=ERROR_SCHEMA)
-    path = Path(out_dir) / ERRORS_DIR / f"{name}.parquet"
+    path = as_path(out_dir) / ERRORS_DIR / f"{name}.parquet"
     _write_parquet_atomic(table, path, MAX_ROW_GROUP * 10, list(cols))
     return path
 
 
+def read_parquet(path: Path | RemotePath, columns: Sequence[str] | None = None) -> pa.Table:
+    """A whole Parquet file, local or remote."""
+    target, fs = arrow_target(path)
+    return pq.read_table(target, columns=columns, filesystem=fs)
+
+
 def read_errors(out_dir: str | os.PathLike) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for p in sorted((Path(out_dir) / ERRORS_DIR).glob("*.parquet")):
-        rows.extend(pq.read_table(p).to_pylist())
+    for p in sorted((as_path(out_dir) / ERRORS_DIR).glob("*.parquet"), key=str):
+        rows.extend(read_parquet(p).to_pylist())
     return rows
 
 
@@ -346,7 +384,7 @@ def _label_table_md(label_pixels: Sequence[int] | None) -> list[str]:
     return lines
 
 
-def write_dataset_card(out_dir: str | os.PathLike, info: DatasetCardInfo | Mapping[str, Any]) -> Path:
+def write_dataset_card(out_dir: str | os.PathLike, info: DatasetCardInfo | Mapping[str, Any]) -> Path | RemotePath:
     """README.md: YAML header (configs, features, task, licence) + counts, label table, how to load."""
     if isinstance(info, Mapping):
         unknown = sorted(set(info) - set(DatasetCardInfo.__dataclass_fields__))
@@ -378,7 +416,7 @@ def write_dataset_card(out_dir: str | os.PathLike, info: DatasetCardInfo | Mappi
         "## Licence", "", info.license_note, "",
     ]
     text = f"---\n{_card_yaml(info)}\n---\n\n" + "\n".join(body)
-    return write_bytes_atomic(Path(out_dir) / CARD_NAME, text.encode())
+    return _write_bytes_atomic(as_path(out_dir) / CARD_NAME, text.encode())
 
 
 # ---------------------------------------------------------------- manifest
@@ -395,7 +433,7 @@ def _jsonable(o):
     raise TypeError(f"manifest value of type {type(o).__name__} is not JSON serializable")
 
 
-def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Path:
+def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> Path | RemotePath:
     """Atomic manifest.json. Required: ``shards``, a list of ShardStats (or their dicts) that verify checks."""
     shards = manifest.get("shards")
     if not isinstance(shards, list):
@@ -406,11 +444,11 @@ def write_manifest(out_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> P
         if missing:
             raise SinkError(f"manifest shard entry {d.get('name')!r} lacks {missing}")
     text = json.dumps(manifest, indent=2, sort_keys=True, default=_jsonable)
-    return write_bytes_atomic(Path(out_dir) / MANIFEST_NAME, (text + "\n").encode())
+    return _write_bytes_atomic(as_path(out_dir) / MANIFEST_NAME, (text + "\n").encode())
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
-    p = Path(out_dir) / MANIFEST_NAME
+    p = as_path(out_dir) / MANIFEST_NAME
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no manifest")
     try:

@@ -65,28 +65,39 @@ class _Check:
         found: dict[str, Path] = {}
         totals: set[int] = set()
         indices: set[int] = set()
+        stable: set[int] = set()
         for p in sorted(data.iterdir()):
             if p.name.startswith("."):
                 self.warnings.append(f"{DATA_DIR}/{p.name}: leftover temporary file (an interrupted write)")
                 continue
             m = SHARD_RE.match(p.name)
             if not m:
-                self.problems.append(f"{DATA_DIR}/{p.name}: unexpected file (shards are train-KKKKK-of-NNNNN.parquet)")
+                self.problems.append(f"{DATA_DIR}/{p.name}: unexpected file (shards are train-KKKKK-of-NNNNN.parquet, "
+                                     "or train-KKKKK.parquet for an increment)")
                 continue
-            indices.add(int(m[1]))
-            totals.add(int(m[2]))
+            if m[2] is None:  # an increment's shard: a stable name, it comes after the first plan's
+                stable.add(int(m[1]))
+            else:
+                indices.add(int(m[1]))
+                totals.add(int(m[2]))
             found[f"{DATA_DIR}/{p.name}"] = p
         if not found:
             self.problems.append(f"{DATA_DIR}/: no shards")
         elif len(totals) > 1:
             self.problems.append(f"{DATA_DIR}/: shards disagree on the shard count N: {sorted(totals)}")
         else:
-            total = totals.pop()
+            total = totals.pop() if totals else 0
             for k in range(total):
                 if k not in indices:
                     self.problems.append(f"missing shard {DATA_DIR}/{shard_name(k, total)}")
             for k in sorted(i for i in indices if i >= total):
                 self.problems.append(f"{DATA_DIR}/{shard_name(k, total)}: index {k} beyond the shard count {total}")
+            for k in sorted(i for i in stable if i < total):
+                self.problems.append(f"{DATA_DIR}/{shard_name(k, None)}: index {k} is one of the first plan's "
+                                     f"{total} shards")
+            for k in range(total, max(stable, default=total - 1) + 1):
+                if k not in stable:
+                    self.problems.append(f"missing shard {DATA_DIR}/{shard_name(k, None)}")
         self.counts["shards"] = len(found)
         return found
 

@@ -65,7 +65,7 @@ def print_plan(summary, cfg, console) -> None:
     console.print(t)
 
 
-def run_command(config: str, overrides: list[str], out: Optional[Path], dry_run: bool, overwrite: bool,
+def run_command(config: str, overrides: list[str], out: Optional[str], dry_run: bool, overwrite: bool,
                 quiet: bool = False, json_summary: bool = False) -> None:
     from pipeline.config import load_config
     from pipeline.console import print_summary
@@ -149,7 +149,9 @@ def register(app: typer.Typer) -> None:
     def run(
         config: str = typer.Option(..., "--config", "-c", help="run config: a YAML path or a preset name (amgen configs)"),
         overrides: List[str] = typer.Option([], "--set", help="override a key: --set model.steps=10 --set source.limit=50"),
-        out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: output.dir of the config)"),
+        # A string, not a Path: a Path would fold s3://bucket into s3:/bucket.
+        out: Optional[str] = typer.Option(None, "--out", "-o", help="output folder or URI, e.g. s3://bucket/out "
+                                          "(default: output.dir of the config)"),
         dry_run: bool = typer.Option(False, "--dry-run", help="print the plan (counts, shards, workers); synthesize nothing"),
         overwrite: bool = typer.Option(False, "--overwrite", help="replace an output folder made with another config"),
         quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output, only the summary"),

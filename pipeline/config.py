@@ -306,24 +306,27 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
 
 
 def check_paths(cfg: RunConfig) -> None:
-    """Paths must exist when a run starts (a toytown root with ``make`` may be created instead)."""
+    """Paths must exist when a run starts (a toytown root with ``make`` may be created instead).
+    Every path may be a URI (``s3://``, ``gs://``, ``file://``): connectors/storage.py."""
+    from connectors.storage import as_path
+
     sources = [("source", cfg.source)]
     if cfg.exemplars.source is not None:
         sources.append(("exemplars.source", cfg.exemplars.source))
     for key, src in sources:
         if src.kind == "toytown" and src.make is not None:
             continue
-        if not Path(src.root).exists():
+        if not as_path(src.root).exists():
             raise cfg.error(f"{key}.root", f"path does not exist: {src.root}")
-    if cfg.exemplars.index is not None and not Path(cfg.exemplars.index).is_dir():
+    if cfg.exemplars.index is not None and not as_path(cfg.exemplars.index).is_dir():
         raise cfg.error("exemplars.index", f"index folder does not exist: {cfg.exemplars.index}")
     m = cfg.model
     if m.path == "sd15":
-        if not Path(m.sd15_dir).is_dir():
+        if not as_path(m.sd15_dir).is_dir():
             raise cfg.error("model.sd15_dir", f"folder does not exist: {m.sd15_dir}")
-        if m.adapter_dir is not None and not Path(m.adapter_dir).is_dir():
+        if m.adapter_dir is not None and not as_path(m.adapter_dir).is_dir():
             raise cfg.error("model.adapter_dir", f"folder does not exist: {m.adapter_dir}")
-    elif m.path != "toy" and not Path(m.path).is_dir():
+    elif m.path != "toy" and not as_path(m.path).is_dir():
         raise cfg.error("model.path", f"model folder does not exist: {m.path}")
-    if cfg.score.enabled and cfg.score.segmenter is not None and not Path(cfg.score.segmenter).exists():
+    if cfg.score.enabled and cfg.score.segmenter is not None and not as_path(cfg.score.segmenter).exists():
         raise cfg.error("score.segmenter", f"path does not exist: {cfg.score.segmenter}")

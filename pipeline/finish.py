@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from connectors.storage import RemotePath
 from connectors.parquet_sink import DatasetCardInfo, ShardStats, read_errors, write_dataset_card, write_manifest
 from pipeline.config import RunConfig
 from pipeline.plan import Plan
@@ -25,7 +26,7 @@ from stages.read import source_spec
 @dataclass
 class RunSummary:
     out: str
-    mode: str                     # new | resume | overwrite | dry-run
+    mode: str                     # new | resume | increment | overwrite | dry-run
     config_hash: str
     model: str | None
     targets: int
@@ -43,6 +44,7 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
     images_per_s: float = 0.0
     remade: list[dict[str, Any]] = field(default_factory=list)  # damaged/missing shards made again, with why
+    increments: list[dict[str, Any]] = field(default_factory=list)  # the plan's increments (first plan included)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +80,7 @@ def manifest(cfg: RunConfig, summary: RunSummary, stats: dict[int, ShardStats], 
                    "quarantined_by_stage": summary.quarantined_by_stage, "shards": summary.shards,
                    "shards_finished": len(stats)},
         "shards": [stats[i] for i in sorted(stats)],
+        "increments": summary.increments,
         "runs": runs,
         "versions": versions(),
     }
@@ -127,7 +130,7 @@ class ManifestLog:
 def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: float, t_start: float) -> RunSummary:
     """Count what is on disk, write the derived files, then the complete manifest.
 
-    ``writer``: the pass's ``stages.write.ShardWriter`` (what this run synthesized)."""
+    ``writer``: the pass's ``pipeline.shard_writers.PassTally`` (what this run synthesized)."""
     summary, out, stats = log.summary, log.out, log.stats
     summary.shards_written = len(writer.written)
     summary.synthesized = writer.synthesized
@@ -139,7 +142,12 @@ def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: fl
     summary.written = sum(s.rows for s in stats.values())
     summary.images_per_s = round(writer.synthesized / synth_s, 3) if writer.synthesized and synth_s > 0 else 0.0
     t_fin = time.perf_counter()
-    write_derived_outputs(cfg, plan, out, summary, stats)
+    import ray
+    from connectors.storage import location_str
+
+    # On a worker: the preview reads exemplars from the source, the export reads every shard.
+    task = ray.remote(num_cpus=0, max_retries=0)(write_derived_outputs)
+    ray.get(task.remote(cfg, plan, location_str(out), summary, dict(stats)))
     summary.timings.update({"synthesize_s": round(synth_s, 3), "model_s": round(writer.model_seconds, 3),
                             "finish_s": round(time.perf_counter() - t_fin, 3),
                             "total_s": round(time.perf_counter() - t_start, 3)})
@@ -149,9 +157,21 @@ def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: fl
     return summary
 
 
+def increments_line(increments: list[dict[str, Any]]) -> dict[str, str]:
+    """The card's record of a dataset grown by increments (nothing for a single plan)."""
+    if len(increments) < 2:
+        return {}
+    parts = [f"{i['increment']}: {i['targets']} targets, {i['samples']} samples, shards {i['first_shard']}.."
+             f"{i['first_shard'] + i['num_shards'] - 1}" for i in increments]
+    return {"increments": "; ".join(parts)}
+
+
 def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSummary,
                           stats: dict[int, ShardStats]) -> None:
     """Dataset card, preview and the optional Cityscapes tree: all derived from the shards on disk."""
+    from connectors.storage import as_path
+
+    out = as_path(out)
     from stages.score import SCORE_COLUMNS
     from stages.write import make_preview, preview_samples, write_preview
 
@@ -165,7 +185,7 @@ def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSum
         config_hash=summary.config_hash, sources=sources,
         label_pixels=None if pixels is None else [int(x) for x in pixels], license=cfg.output.license,
         extra={"exemplars per target": cfg.exemplars.k, "sampling": f"{cfg.model.steps} steps, guidance "
-               f"{cfg.model.guidance_scale:g}, mode {cfg.model.mode}"}))
+               f"{cfg.model.guidance_scale:g}, mode {cfg.model.mode}", **increments_line(summary.increments)}))
     if cfg.output.preview:
         by_sid = {r["sample_id"]: r for r in plan.rows}
         ex_spec = source_spec(cfg.exemplars.source or cfg.source)
@@ -186,4 +206,17 @@ def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSum
         from connectors.cityscapes_export import export_cityscapes
         from pipeline.resume import CITYSCAPES_DIR
 
-        export_cityscapes(out, out / CITYSCAPES_DIR, overwrite=True)
+        if isinstance(out, RemotePath):  # the exporter writes files: export here, then publish the tree
+            import tempfile
+
+            from connectors.parquet_sink import DATA_DIR
+            from connectors.storage import upload_dir
+
+            with tempfile.TemporaryDirectory(prefix="amgen-export-") as tmp:
+                for p in (out / DATA_DIR).glob("train-*.parquet"):
+                    (Path(tmp) / DATA_DIR).mkdir(exist_ok=True)
+                    (Path(tmp) / DATA_DIR / p.name).write_bytes(p.read_bytes())
+                export_cityscapes(tmp, Path(tmp) / CITYSCAPES_DIR, overwrite=True)
+                upload_dir(Path(tmp) / CITYSCAPES_DIR, out / CITYSCAPES_DIR)
+        else:
+            export_cityscapes(out, out / CITYSCAPES_DIR, overwrite=True)

@@ -7,6 +7,11 @@ the same model batch, and the exemplar bank is computed once for all of them.
 
 The plan is stored as ``OUT/plan.parquet`` with the config hash in its metadata; a rerun reads it
 back instead of re-planning, which is what makes resume exact.
+
+Increments: when a rerun finds targets the plan has never seen (a scheduled run over a source that
+grew), only those are planned and appended (``append_increment``): their samples take the next
+positions and new shards, named stably (``train-KKKKK.parquet``); the rows, shards and names of
+earlier increments never change. ``increments`` records each one.
 """
 from __future__ import annotations
 
@@ -19,6 +24,8 @@ from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from connectors.storage import RemotePath, arrow_target, as_path, publish_atomic
 
 from amgen_core.records import sample_id, stable_seed
 
@@ -43,6 +50,7 @@ class Plan:
     rows_per_shard: int
     errors: list[dict[str, Any]] = field(default_factory=list)   # quarantined while planning
     num_targets: int = 0                # targets that were read and augmented
+    increments: list[dict[str, Any]] = field(default_factory=list)  # one record per planning (first included)
 
     @property
     def num_samples(self) -> int:
@@ -50,10 +58,28 @@ class Plan:
 
     @property
     def num_shards(self) -> int:
-        return math.ceil(len(self.rows) / self.rows_per_shard) if self.rows else 0
+        return int(self.rows[-1]["shard"]) + 1 if self.rows else 0
+
+    @property
+    def base_shards(self) -> int:
+        """Shards of the first plan (named ``-of-N``); later increments' shards have stable names."""
+        return int(self.increments[0]["num_shards"]) if self.increments else self.num_shards
+
+    def shard_total(self, shard: int) -> int | None:
+        """The N in the shard's file name, None for an increment's stable name."""
+        return self.base_shards if shard < self.base_shards else None
+
+    def shard_totals(self) -> dict[int, int | None]:
+        return {s: self.shard_total(s) for s in range(self.num_shards)}
 
     def shard_rows(self, shard: int) -> list[dict[str, Any]]:
-        return self.rows[shard * self.rows_per_shard:(shard + 1) * self.rows_per_shard]
+        by = self.__dict__.get("_by_shard")
+        if by is None or sum(map(len, by.values())) != len(self.rows):
+            by = {}
+            for r in self.rows:
+                by.setdefault(int(r["shard"]), []).append(r)
+            self.__dict__["_by_shard"] = by
+        return by.get(shard, [])
 
     def shard_sizes(self) -> list[int]:
         return [len(self.shard_rows(s)) for s in range(self.num_shards)]
@@ -104,39 +130,77 @@ def make_plan(targets: Iterable[dict[str, Any]], exemplar_items: dict[str, str],
                 num_targets=n_targets)
 
 
-def save_plan(plan: Plan, out_dir: str | os.PathLike) -> Path:
-    path = Path(out_dir) / PLAN_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_plan(plan: Plan, out_dir: str | os.PathLike) -> Path | RemotePath:
+    path = as_path(out_dir) / PLAN_FILE
     table = pa.Table.from_pylist([{k: r[k] for k in PLAN_SCHEMA.names} for r in plan.rows], schema=PLAN_SCHEMA)
     table = table.replace_schema_metadata({
         "amgen.plan_version": PLAN_VERSION, "amgen.config_hash": plan.config_hash,
         "amgen.rows_per_shard": str(plan.rows_per_shard), "amgen.num_targets": str(plan.num_targets),
         "amgen.errors": json.dumps(plan.errors, sort_keys=True),
+        **({"amgen.increments": json.dumps(plan.increments, sort_keys=True)} if plan.increments else {}),
     })
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp) -> None:
+        target, fs = arrow_target(tmp)
+        pq.write_table(table, target, filesystem=fs)
+
+    return publish_atomic(path, write)
 
 
 def plan_config_hash(out_dir: str | os.PathLike) -> str | None:
     """The config hash a folder's plan was made with, or None when there is no plan."""
-    path = Path(out_dir) / PLAN_FILE
+    path = as_path(out_dir) / PLAN_FILE
     if not path.is_file():
         return None
-    meta = pq.read_schema(path).metadata or {}
+    target, fs = arrow_target(path)
+    meta = pq.read_schema(target, filesystem=fs).metadata or {}
     return meta.get(b"amgen.config_hash", b"").decode() or None
 
 
 def load_plan(out_dir: str | os.PathLike) -> Plan:
-    path = Path(out_dir) / PLAN_FILE
+    path = as_path(out_dir) / PLAN_FILE
     try:
-        table = pq.read_table(path)
+        target, fs = arrow_target(path)
+        table = pq.read_table(target, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as e:
         raise PlanError(f"{path}: unreadable plan ({e}); rerun with --overwrite") from e
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     if meta.get("amgen.plan_version") != PLAN_VERSION:
         raise PlanError(f"{path}: plan version {meta.get('amgen.plan_version')!r} != {PLAN_VERSION}; rerun with --overwrite")
     rows = table.to_pylist()
-    return Plan(rows=rows, config_hash=meta["amgen.config_hash"], rows_per_shard=int(meta["amgen.rows_per_shard"]),
+    plan = Plan(rows=rows, config_hash=meta["amgen.config_hash"], rows_per_shard=int(meta["amgen.rows_per_shard"]),
                 errors=json.loads(meta.get("amgen.errors", "[]")), num_targets=int(meta.get("amgen.num_targets", 0)))
+    plan.increments = json.loads(meta["amgen.increments"]) if "amgen.increments" in meta else [first_increment(plan)]
+    return plan
+
+
+def first_increment(plan: Plan) -> dict[str, Any]:
+    """The record of a plan made in one go (a plan without increments)."""
+    return {"increment": 0, "first_shard": 0, "num_shards": plan.num_shards, "targets": plan.num_targets,
+            "samples": plan.num_samples}
+
+
+def planned_target_ids(plan: Plan) -> set[str]:
+    """Every target the plan has seen: planned, or quarantined while planning."""
+    return {str(r["target_id"]) for r in plan.rows} | {str(e["input_id"]) for e in plan.errors}
+
+
+def append_increment(plan: Plan, new: Plan, record: dict[str, Any]) -> Plan:
+    """``plan`` with ``new`` (a plan of only the new targets, same config) appended after it:
+    positions and shards continue, rows of ``plan`` stay as they are. ``record`` is stored with
+    the increment (e.g. the exemplar set it retrieved from)."""
+    if new.config_hash != plan.config_hash or new.rows_per_shard != plan.rows_per_shard:
+        raise PlanError("an increment must be planned with the plan's own config")
+    first_shard, first_pos = plan.num_shards, plan.num_samples
+    clash = {r["sample_id"] for r in plan.rows} & {r["sample_id"] for r in new.rows}
+    if clash:
+        raise PlanError(f"increment samples already planned: {sorted(clash)[:3]}")
+    rows = list(plan.rows)
+    for r in new.rows:
+        rows.append(dict(r, position=first_pos + int(r["position"]), shard=first_shard + int(r["shard"])))
+    increments = list(plan.increments or [first_increment(plan)])
+    increments.append({"increment": len(increments), "first_shard": first_shard, "num_shards": new.num_shards,
+                       "targets": new.num_targets, "samples": new.num_samples, **record})
+    errors = sorted(plan.errors + new.errors, key=lambda e: (str(e["input_id"]), e["stage"], e["reason"]))
+    return Plan(rows=rows, config_hash=plan.config_hash, rows_per_shard=plan.rows_per_shard, errors=errors,
+                num_targets=plan.num_targets + new.num_targets, increments=increments)

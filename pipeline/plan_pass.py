@@ -6,9 +6,16 @@
 Retrieval needs a complete index, and an exact resume needs every sample's place fixed before
 any pixel exists, so the plan is the run's one barrier. The batch functions are the stages'
 (stages/retrieve.py, stages/augment.py, stages/embed.py); this module only wires them with Ray.
+
+Neither the index rows nor the plan rows are gathered on the driver: ``plan_on_worker`` runs the
+whole pass in a Ray task on a worker, which collects the index rows, builds the index (locally,
+then published to ``OUT/index`` wherever OUT is: a path or a URI), runs the plan's dataset and
+writes ``OUT/plan.parquet``. The driver receives the plan's metadata (ids, items, seeds: what it
+needs to cut the synthesis groups), never an embedding or a label map.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -20,7 +27,7 @@ import numpy as np
 from pipeline.cluster import RETRIEVE_CPUS, actor_pool, restart_policy, retrieve_pool_size
 from pipeline.config import RunConfig
 from pipeline.console import NullProgress, Reporter
-from pipeline.plan import Plan, make_plan
+from pipeline.plan import Plan, first_increment, make_plan
 from stages.read import item_json, list_items, source_from_config, source_spec
 
 PLAN_BATCH = 32
@@ -36,10 +43,14 @@ def collect(ds, total: int, label: str, rep: Reporter | None) -> list[dict[str, 
     return rows
 
 
-def build_run_index(cfg: RunConfig, ex_items: list[dict], index_dir: Path, ex_spec: str,
-                    rep: Reporter | None = None) -> tuple[int, list[dict]]:
-    """Build the exemplar index from the exemplar source; returns (rows indexed, error rows)."""
+def build_run_index(cfg: RunConfig, ex_items: list[dict], index_dir: str, ex_spec: str,
+                    rep: Reporter | None = None) -> tuple[list[str], list[dict]]:
+    """Build the exemplar index from the exemplar source into ``index_dir`` (a path or a URI: built
+    in a local folder, then published); returns (ids indexed, error rows)."""
+    import tempfile
+
     import ray
+    from connectors.storage import RemotePath, as_path, upload_dir
     from stages.retrieve import index_rows_batch, write_exemplar_index
 
     ds = ray.data.from_items([{"item": item_json(it)} for it in ex_items])
@@ -50,10 +61,15 @@ def build_run_index(cfg: RunConfig, ex_items: list[dict], index_dir: Path, ex_sp
     if not good:
         raise ValueError(f"{cfg.origin}: exemplars: no usable exemplar (with an image) in the exemplar source; "
                          f"{len(errors)} quarantined")
-    write_exemplar_index([str(r["layout_id"]) for r in good], np.stack([r["embedding"] for r in good]),
-                         [r["thumb"] for r in good], [json.loads(r["meta"]) for r in good], index_dir,
-                         cfg.exemplars.index_shards, seed=cfg.seed)
-    return len(good), errors
+    target = as_path(index_dir)
+    with tempfile.TemporaryDirectory(prefix="amgen-index-") as tmp:
+        local = Path(tmp) / "index" if isinstance(target, RemotePath) else target
+        write_exemplar_index([str(r["layout_id"]) for r in good], np.stack([r["embedding"] for r in good]),
+                             [r["thumb"] for r in good], [json.loads(r["meta"]) for r in good], local,
+                             cfg.exemplars.index_shards, seed=cfg.seed)
+        if isinstance(target, RemotePath):
+            upload_dir(local, target)
+    return [str(r["layout_id"]) for r in good], errors
 
 
 @dataclass
@@ -62,10 +78,19 @@ class PlanTimings:
     plan_s: float = 0.0
 
 
-def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTimings,
-                 rep: Reporter | None = None) -> Plan:
+def exemplar_set(ids: list[str]) -> dict[str, Any]:
+    """What an increment records of the exemplars it retrieved from."""
+    text = "\n".join(sorted(ids))
+    return {"exemplars_indexed": len(ids), "exemplar_set_sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+
+def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: str, timings: PlanTimings,
+                 rep: Reporter | None = None, known: set[str] | None = None) -> Plan | None:
     """Index (unless the config names a prebuilt one), then read, augment, embed and retrieve every
-    target; returns the plan with every error row of the pass."""
+    target; returns the plan with every error row of the pass.
+
+    ``known``: target ids an earlier plan has seen; only the others are planned (an increment),
+    against an index over the whole current exemplar source. None when there is nothing new."""
     import ray
     from stages.augment import read_and_augment_batch
     from stages.embed import EmbedStage
@@ -74,17 +99,22 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
     src_cfg = cfg.source
     ex_cfg = cfg.exemplars.source or cfg.source
     t_spec, e_spec = source_spec(src_cfg), source_spec(ex_cfg)
-    targets = list_items(source_from_config(src_cfg), src_cfg.limit)
-    ex_items = targets if cfg.exemplars.source is None else list_items(source_from_config(ex_cfg), ex_cfg.limit)
+    all_targets = list_items(source_from_config(src_cfg), src_cfg.limit)
+    ex_items = all_targets if cfg.exemplars.source is None else list_items(source_from_config(ex_cfg), ex_cfg.limit)
+    targets = all_targets if known is None else [t for t in all_targets if str(t["item_id"]) not in known]
+    if known is not None and not targets:
+        return None
     extra_errors: list[dict] = []
+    record: dict[str, Any] = {"index": cfg.exemplars.index} if cfg.exemplars.index else {}
     t0 = time.perf_counter()
     if cfg.exemplars.index is None:
         if rep:
             rep.info(f"building the exemplar index over {len(ex_items)} layouts")
-        _, ex_errors = build_run_index(cfg, ex_items, index_dir, e_spec, rep)
+        ex_ids, ex_errors = build_run_index(cfg, ex_items, index_dir, e_spec, rep)
+        record = exemplar_set(ex_ids)
         if cfg.exemplars.source is not None:  # same source: the target pass reports these itself
             extra_errors += ex_errors
-        index_path = str(index_dir)
+        index_path = index_dir
     else:
         index_path = cfg.exemplars.index
     timings.index_s = time.perf_counter() - t0
@@ -111,5 +141,53 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: Path, timings: PlanTi
     plan.errors = sorted(plan.errors + read_errors_ + extra_errors,
                          key=lambda e: (str(e["input_id"]), e["stage"], e["reason"]))
     plan.num_targets = len(targets)
+    plan.increments = [dict(first_increment(plan), **record)]
     timings.plan_s = time.perf_counter() - t0
+    return plan
+
+
+def _plan_task(cfg: RunConfig, cfg_hash: str, index_dir: str, out: str | None,
+               base: Plan | None) -> tuple[Plan | None, PlanTimings]:
+    """Pass 1 inside a worker: the index, the plan, and (unless a dry run) OUT/plan.parquet.
+    With ``base`` (the folder's plan), only targets it has not seen are planned and appended;
+    returns None for the plan when there are none."""
+    from connectors.parquet_sink import write_errors
+    from pipeline.cluster import quiet_ray_data
+    from pipeline.plan import append_increment, planned_target_ids, save_plan
+
+    quiet_ray_data(False)
+    timings = PlanTimings()
+    known = None if base is None else planned_target_ids(base)
+    plan = compute_plan(cfg, cfg_hash, index_dir, timings, known=known)
+    if plan is None:
+        return None, timings
+    errors_name = "plan"
+    if base is not None:
+        plan = append_increment(base, plan, {k: v for k, v in plan.increments[0].items()
+                                             if k not in ("increment", "first_shard", "num_shards", "targets",
+                                                          "samples")})
+        errors_name = f"plan-inc{len(plan.increments) - 1:03d}"
+    if out is not None:
+        seen = set() if base is None else {json.dumps(e, sort_keys=True) for e in base.errors}
+        new_errors = [e for e in plan.errors if json.dumps(e, sort_keys=True) not in seen]
+        if new_errors:
+            write_errors(new_errors, out, errors_name)
+        save_plan(plan, out)
+    return plan, timings
+
+
+def plan_on_worker(cfg: RunConfig, cfg_hash: str, index_dir: str, out: str | None, timings: PlanTimings,
+                   rep: Reporter | None = None, base: Plan | None = None) -> Plan | None:
+    """Run pass 1 in a Ray task (see the module doc); ``out`` None: a dry run, nothing is saved.
+    ``base``: plan only the targets this plan has not seen (None back when there are none).
+
+    The task takes no CPU slot: it mostly waits for the datasets it starts, which need the slots."""
+    import ray
+
+    if rep:
+        rep.info("looking for new targets (an increment)" if base is not None else
+                 "planning on a worker: exemplar index, then read, augment, embed, retrieve")
+    task = ray.remote(num_cpus=0, max_retries=0)(_plan_task)
+    plan, t = ray.get(task.remote(cfg, cfg_hash, index_dir, out, base))
+    timings.index_s, timings.plan_s = t.index_s, t.plan_s
     return plan

@@ -9,16 +9,16 @@ is refused unless ``--overwrite``.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from connectors.parquet_sink import (
-    CARD_NAME, DATA_DIR, ERRORS_DIR, MANIFEST_NAME, SHARD_RE, ShardStats, file_sha256, shard_path,
+    CARD_NAME, DATA_DIR, ERRORS_DIR, MANIFEST_NAME, SHARD_RE, ShardStats, file_sha256, shard_name,
     shard_stats_from_file,
 )
+from connectors.storage import RemotePath, as_path, rmtree
 from pipeline.plan import PLAN_FILE, plan_config_hash
 
 PREVIEW_NAME = "preview.png"
@@ -34,9 +34,9 @@ class OutputFolderError(ValueError):
     """OUT holds a different run (or something that is not a run)."""
 
 
-def prepare_out(out: Path, config_hash: str, overwrite: bool = False) -> str:
-    """Make ``out`` ready; returns "new", "resume" or "overwrite". Raises on a foreign run."""
-    out = Path(out)
+def prepare_out(out: Path | RemotePath, config_hash: str, overwrite: bool = False) -> str:
+    """Make ``out`` (a path or a URI) ready; returns "new", "resume" or "overwrite". Raises on a foreign run."""
+    out = as_path(out)
     previous = plan_config_hash(out)
     has_data = (out / DATA_DIR).is_dir() and any((out / DATA_DIR).iterdir())
     if previous is None and not has_data:
@@ -54,26 +54,35 @@ def prepare_out(out: Path, config_hash: str, overwrite: bool = False) -> str:
     for name in RUN_ARTIFACTS:
         p = out / name
         if p.is_dir():
-            shutil.rmtree(p)
+            rmtree(p)
         elif p.exists():
             p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return "overwrite"
 
 
-def finished_shards(out: Path, num_shards: int) -> set[int]:
+def shard_names(num_shards: int, base_shards: int | None = None) -> dict[int, str]:
+    """Shard -> file name: ``-of-N`` names for the first plan's ``base_shards`` (all of them by
+    default), stable names for the shards of later increments."""
+    base = num_shards if base_shards is None else base_shards
+    return {s: shard_name(s, base if s < base else None) for s in range(num_shards)}
+
+
+def finished_shards(out: Path, num_shards: int, base_shards: int | None = None) -> set[int]:
     """Indexes of shards whose final file exists; a shard of another total is a foreign file."""
     done = set()
-    data = Path(out) / DATA_DIR
+    data = as_path(out) / DATA_DIR
     if not data.is_dir():
         return done
+    names = shard_names(num_shards, base_shards)
     for p in data.iterdir():
         m = SHARD_RE.match(p.name)
         if not m:
             continue
-        idx, total = int(m[1]), int(m[2])
-        if total != num_shards:
-            raise OutputFolderError(f"{p}: shard of a {total}-shard run in a {num_shards}-shard plan; "
+        idx = int(m[1])
+        if names.get(idx) != p.name:
+            what = f"a {m[2].lstrip('0') or 0}-shard run" if m[2] else "an increment"
+            raise OutputFolderError(f"{p}: shard of {what} in a {num_shards}-shard plan; "
                                     "rerun with --overwrite")
         done.add(idx)
     return done
@@ -98,7 +107,7 @@ class ShardAudit:
     remade: list[RemadeShard]        # damaged or missing: make them again
 
 
-def _recorded_shards(out: Path) -> dict[str, dict[str, Any]]:
+def _recorded_shards(out: Path | RemotePath) -> dict[str, dict[str, Any]]:
     mpath = out / MANIFEST_NAME
     if not mpath.is_file():
         return {}
@@ -108,49 +117,69 @@ def _recorded_shards(out: Path) -> dict[str, dict[str, Any]]:
         return {}
 
 
-def audit_shards(out: Path, num_shards: int, clock=time.gmtime) -> ShardAudit:
+def read_shard_facts(path: str) -> tuple[str, ShardStats | None, str]:
+    """What the audit needs of one shard file (a path or a URI): (sha256, stats recomputed from the
+    file, or None when it cannot be read, and why). Runs where the caller wants: the driver, or a
+    worker task (pipeline/run.py), so the shards' bytes need not pass the driver."""
+    digest = file_sha256(path)
+    try:
+        return digest, shard_stats_from_file(path), ""
+    except Exception as exc:  # noqa: BLE001 - any failure to read it means: make it again
+        return digest, None, f"{type(exc).__name__}: {exc}"
+
+
+def _facts_here(paths: list[str], recorded: set[str]) -> list[tuple[str, ShardStats | None, str]]:
+    return [(file_sha256(p), None, "") if p in recorded else read_shard_facts(p) for p in paths]
+
+
+def audit_shards(out: Path, num_shards: int, clock=time.gmtime, base_shards: int | None = None,
+                 facts: Callable[[list[str], set[str]], list] = _facts_here) -> ShardAudit:
     """Check every finished shard of ``out``; move damaged ones aside and list what to remake.
 
     A shard is damaged when its sha256 differs from the manifest's record, or when it cannot be read
     as a shard (no record to compare with). A shard the manifest records but the data folder lacks
-    is missing. Both are made again by the run; nothing damaged is deleted."""
-    out = Path(out)
+    is missing. Both are made again by the run; nothing damaged is deleted.
+
+    ``facts(paths, recorded)`` reads the shard files: (sha256, stats, problem) per path; only the
+    sha256 is needed for a path in ``recorded``. By default here; run.py hands it to workers."""
+    out = as_path(out)
     recorded = _recorded_shards(out)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", clock())
     done, stats, remade = set(), {}, []
-    for i in sorted(finished_shards(out, num_shards)):
-        path = shard_path(out, i, num_shards)
+    names = shard_names(num_shards, base_shards)
+    finished = sorted(finished_shards(out, num_shards, base_shards))
+    paths = [str(out / DATA_DIR / names[i]) for i in finished]
+    with_record = {p for i, p in zip(finished, paths) if f"{DATA_DIR}/{names[i]}" in recorded}
+    for i, (digest, file_stats, problem) in zip(finished, facts(paths, with_record)):
+        path = out / DATA_DIR / names[i]
         name = f"{DATA_DIR}/{path.name}"
         rec = recorded.get(name)
-        reason = None
         if rec is not None:
-            digest = file_sha256(path)
             if rec.get("sha256") == digest:
                 done.add(i)
                 stats[i] = ShardStats.from_dict(rec)
                 continue
             reason = f"sha256 differs from the manifest ({digest[:12]} on disk, {str(rec.get('sha256'))[:12]} recorded)"
+        elif file_stats is not None:
+            stats[i] = file_stats
+            done.add(i)
+            continue
         else:
-            try:
-                stats[i] = shard_stats_from_file(path)
-                done.add(i)
-                continue
-            except Exception as exc:  # noqa: BLE001 - any failure to read it means: make it again
-                reason = f"unreadable ({type(exc).__name__}: {exc})"
+            reason = f"unreadable ({problem})"
         target = out / DAMAGED_DIR / stamp / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         path.replace(target)
         remade.append(RemadeShard(i, name, reason, str(target.relative_to(out))))
     for name in sorted(recorded):
-        idx = _shard_index(name, num_shards)
+        idx = _shard_index(name, names)
         if idx is not None and idx not in done and all(r.shard != idx for r in remade):
             remade.append(RemadeShard(idx, name, "missing"))
     remade.sort(key=lambda r: r.shard)
     return ShardAudit(done, stats, remade)
 
 
-def _shard_index(name: str, num_shards: int) -> int | None:
+def _shard_index(name: str, names: dict[int, str]) -> int | None:
     m = SHARD_RE.match(Path(name).name)
-    if m is None or int(m[2]) != num_shards:
+    if m is None or names.get(int(m[1])) != Path(name).name:
         return None
     return int(m[1])

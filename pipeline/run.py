@@ -15,16 +15,29 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from connectors.parquet_sink import write_errors
-from pipeline.cluster import configure_ray_data, ensure_ray, plan_workers, wait_for_gpus
+from connectors.storage import RemotePath, as_path, location_str
+from pipeline.cluster import LOADER_CPUS, configure_ray_data, ensure_ray, plan_workers, wait_for_gpus
 from pipeline.config import RunConfig, check_paths, config_hash
 from pipeline.console import Reporter
 from pipeline.demo_data import prepare_toytown
 from pipeline.finish import RunSummary, count_stages
-from pipeline.plan import load_plan, plan_config_hash, save_plan
-from pipeline.plan_pass import PlanTimings, compute_plan
+from pipeline.plan import load_plan, plan_config_hash
+from pipeline.plan_pass import PlanTimings, plan_on_worker
 from pipeline.resume import INDEX_DIR, audit_shards, finished_shards, prepare_out
 from pipeline.synthesis_pass import synthesize_and_write
+
+
+def facts_on_workers(paths: list[str], recorded: set[str]) -> list:
+    """resume's shard reads (sha256, stats) as Ray tasks: a resume's hashing of every finished shard
+    runs on the workers, in parallel, and not a shard byte passes the driver."""
+    import ray
+
+    from connectors.storage import file_sha256
+    from pipeline.resume import read_shard_facts
+
+    sha = ray.remote(num_cpus=LOADER_CPUS)(lambda p: (file_sha256(p), None, ""))
+    full = ray.remote(num_cpus=LOADER_CPUS)(read_shard_facts)
+    return ray.get([(sha if p in recorded else full).remote(p) for p in paths])
 
 
 def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwrite: bool = False,
@@ -35,7 +48,10 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
     """
     t_start = time.perf_counter()
     rep = Reporter(console)
-    out = Path(out or cfg.output.dir)
+    out = as_path(out or cfg.output.dir)
+    if not isinstance(out, RemotePath) and not out.is_absolute() and (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        rep.info(f"output.dir {out} is relative: on a cluster it lands in the driver's working folder; "
+                 "give an absolute shared path or a URI (s3://...) that every node can reach")
     check_paths(cfg)
     if cfg.score.enabled:
         from stages.score import check_scorer
@@ -60,33 +76,39 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
         if reuse_plan:
             plan = load_plan(out)
             rep.info(f"resuming {out}: plan of {plan.num_samples} samples in {plan.num_shards} shards")
+            if not dry_run:  # a source that grew: plan only its new targets, appended as new shards
+                grown = plan_on_worker(cfg, h, location_str(out / INDEX_DIR), location_str(out), timings, rep,
+                                       base=plan)
+                if grown is not None:
+                    inc = grown.increments[-1]
+                    rep.info(f"increment {inc['increment']}: {inc['targets']} new target(s), {inc['samples']} "
+                             f"sample(s) in {inc['num_shards']} new shard(s)")
+                    plan, mode = grown, "increment"
         elif dry_run:
             with tempfile.TemporaryDirectory(prefix="amgen-index-") as tmp:
-                plan = compute_plan(cfg, h, Path(tmp) / INDEX_DIR, timings, rep)
+                plan = plan_on_worker(cfg, h, str(Path(tmp) / INDEX_DIR), None, timings, rep)
         else:
-            plan = compute_plan(cfg, h, out / INDEX_DIR, timings, rep)
-            if plan.errors:
-                write_errors(plan.errors, out, "plan")
-            save_plan(plan, out)
+            plan = plan_on_worker(cfg, h, location_str(out / INDEX_DIR), location_str(out), timings, rep)
         workers = plan_workers(cfg, ray.cluster_resources() if dry_run else wait_for_gpus(cfg, rep.info))
         if workers.note:
             rep.info(workers.note)
         remade, done_stats = [], {}
         if reuse_plan and not dry_run:
             # Damaged or missing shards are moved aside and made again (a dry run moves nothing).
-            audit = audit_shards(out, plan.num_shards)
+            audit = audit_shards(out, plan.num_shards, base_shards=plan.base_shards, facts=facts_on_workers)
             done, done_stats, remade = audit.done, audit.stats, [r.to_dict() for r in audit.remade]
             for r in audit.remade:
                 rep.info(f"remaking {r.name}: {r.reason}" + (f" (moved to {r.moved_to})" if r.moved_to else ""))
         else:
-            done = finished_shards(out, plan.num_shards) if reuse_plan else set()
+            done = finished_shards(out, plan.num_shards, plan.base_shards) if reuse_plan else set()
         pending = [s for s in range(plan.num_shards) if s not in done]
         summary = RunSummary(
             out=str(out), mode=mode, config_hash=h, model=None,
             targets=plan.num_targets, planned=plan.num_samples, exemplars=plan.num_exemplars(),
             shards=plan.num_shards, shards_skipped=len(done), shards_written=0, synthesized=0, written=0,
             quarantined=len(plan.errors), workers=asdict(workers),
-            timings={"index_s": round(timings.index_s, 3), "plan_s": round(timings.plan_s, 3)}, remade=remade)
+            timings={"index_s": round(timings.index_s, 3), "plan_s": round(timings.plan_s, 3)}, remade=remade,
+            increments=list(plan.increments))
         if dry_run:
             summary.quarantined_by_stage = count_stages(plan.errors)
             summary.written = sum(len(plan.shard_rows(s)) for s in done)

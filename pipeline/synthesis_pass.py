@@ -1,9 +1,10 @@
 """Pass 2: the plan's unfinished shards -> group by exemplar -> load -> synthesize (actor pool)
 -> score -> write.
 
-Only the model runs on actors; loading is a light CPU task in front of them. The driver is the
-writer: it receives sample rows as the actors finish them and writes each shard the moment it is
-complete (stages/write.py), recording it in the manifest (pipeline/finish.py).
+Only the model runs on actors; loading is a light CPU task in front of them. Writing happens on
+the workers (pipeline/shard_writers.py): writer actors write each shard the moment it is complete
+(stages/write.py); the driver receives per-shard stats and records them in the manifest
+(pipeline/finish.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from pipeline.config import RunConfig
 from pipeline.console import Reporter
 from pipeline.finish import ManifestLog, RunSummary, finish_run
 from pipeline.plan import Plan
+from pipeline.shard_writers import PassTally, deliver_batch, raise_problem, start_writers
+from connectors.parquet_sink import ShardStats
+from connectors.storage import location_str
 from stages.group import group_samples, load_groups_batch
 from stages.read import source_spec
 
@@ -50,56 +54,75 @@ def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers):
     return ds
 
 
-class ShardSink:
-    """The driver's end of pass 2: sample rows go to the shard writer; every shard it completes is
-    recorded in the manifest log. ``fail_after_shards`` raises after that many shards (tests crash
-    a run with it)."""
+class ShardLedger:
+    """The driver's end of pass 2: tally rows from the writers (no sample bytes); every shard they
+    finished is recorded in the manifest log. ``fail_after_shards`` makes the writer stop after
+    that many shards and the run raise (tests crash a run with it)."""
 
-    def __init__(self, cfg: RunConfig, plan: Plan, pending: list[int], log: ManifestLog,
-                 fail_after_shards: int | None = None) -> RunSummary:
-        from stages.score import SCORE_COLUMNS
-        from stages.write import ShardWriter
-
+    def __init__(self, log: ManifestLog, fail_after_shards: int | None = None):
         self.log = log
         self.fail_after_shards = fail_after_shards
-        expected = {s: [r["sample_id"] for r in plan.shard_rows(s)] for s in pending}
-        self.writer = ShardWriter(log.out, expected, plan.num_shards, log.summary.config_hash,
-                                  SCORE_COLUMNS if cfg.score.enabled else (), expected_model=log.summary.model,
-                                  on_shard=self._shard_written)
+        self.tally = PassTally(model=log.summary.model)
 
-    def add(self, row: dict[str, Any]) -> None:
-        self.writer.add(row)
-
-    def _shard_written(self, stats, shard: int) -> None:
-        self.log.shard_written(stats, shard, synthesized=self.writer.synthesized, model=self.writer.model)
-        n = self.log.this_run["shards_written"]
-        if self.fail_after_shards is not None and n >= self.fail_after_shards:
-            raise RuntimeError(f"injected failure after {self.fail_after_shards} shard(s) (fail_after_shards)")
+    def take(self, row: dict[str, Any]) -> int:
+        """One tally row; returns the samples it accounts for."""
+        t = self.tally
+        t.samples += int(row["taken"])
+        t.synthesized += int(row["synthesized"])
+        t.quarantined += int(row["quarantined"])
+        t.banks_new += int(row["banks_new"])
+        t.model_seconds += float(row["model_seconds"])
+        if row["model"]:
+            t.model = str(row["model"])
+        for d in json.loads(row["completed"]):
+            stats = ShardStats.from_dict(d)
+            t.written[stats.index] = stats
+            self.log.shard_written(stats, stats.index, synthesized=t.synthesized, model=t.model)
+        if row["problem"]:
+            raise_problem(str(row["problem"]))
+        return int(row["taken"])
 
 
 def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set[int], workers: Workers,
-                       sink: ShardSink, rep: Reporter) -> float:
-    """Synthesize every sample of the ``pending`` shards into ``sink``; returns the seconds it took."""
+                       ledger: ShardLedger, rep: Reporter) -> float:
+    """Synthesize every sample of the ``pending`` shards; writer actors write them and ``ledger``
+    records their stats. Returns the seconds it took."""
+    import ray
+    from stages.score import SCORE_COLUMNS
+
     pending_rows = [r for s in pending for r in plan.shard_rows(s)]
     t_synth = time.perf_counter()
-    if pending_rows:
-        groups = group_samples(pending_rows, cfg.synthesis.batch_size)
-        rep.info(f"synthesizing {len(pending_rows)} samples in {len(groups)} exemplar groups, {len(pending)} shard(s) "
-                 f"on {workers.actors} actor(s) [{workers.device}, {workers.num_gpus:g} GPU each]"
-                 + (f"; {len(done)} shard(s) already done" if done else ""))
+    if not pending_rows:
+        rep.info("every shard is already written; nothing to synthesize")
+        return time.perf_counter() - t_synth
+    groups = group_samples(pending_rows, cfg.synthesis.batch_size)
+    rep.info(f"synthesizing {len(pending_rows)} samples in {len(groups)} exemplar groups, {len(pending)} shard(s) "
+             f"on {workers.actors} actor(s) [{workers.device}, {workers.num_gpus:g} GPU each]"
+             + (f"; {len(done)} shard(s) already done" if done else ""))
+    log = ledger.log
+    expected = {s: [r["sample_id"] for r in plan.shard_rows(s)] for s in pending}
+    # One writer per model actor (a crash test wants exactly N shards: one writer then).
+    count = 1 if ledger.fail_after_shards is not None else workers.actors
+    writers = start_writers(location_str(log.out), expected, plan.shard_totals(), log.summary.config_hash,
+                            SCORE_COLUMNS if cfg.score.enabled else (), log.summary.model, count,
+                            stop_after=ledger.fail_after_shards)
+    try:
         ds = synthesis_dataset(cfg, groups, workers)
+        ds = ds.map_batches(deliver_batch, fn_kwargs={"writers": writers}, batch_size=None,
+                            batch_format="numpy", num_cpus=LOADER_CPUS)
         with rep.progress(len(pending_rows), "synthesize") as bar:
             task = bar.task_ids[0]
             n = 0
             for row in ds.iter_rows():
-                sink.add(row)
-                n += 1
+                n += ledger.take(row)
                 el = time.perf_counter() - t_synth
                 bar.update(task, completed=n, rate=f"{n / el:.1f} img/s" if el > 0 else "")
-        if sink.writer.pending():
-            raise RuntimeError(f"shards {sink.writer.pending()} did not receive all their samples")
-    else:
-        rep.info("every shard is already written; nothing to synthesize")
+        left = sorted(s for p in ray.get([w.pending.remote() for w in writers]) for s in p)
+        if left:
+            raise RuntimeError(f"shards {left} did not receive all their samples")
+    finally:
+        for w in writers:
+            ray.kill(w)
     return time.perf_counter() - t_synth
 
 
@@ -109,6 +132,6 @@ def synthesize_and_write(cfg: RunConfig, plan: Plan, out: Path, pending: list[in
     """Pass 2 and the finish: the shards, then the derived files and the complete manifest.
     ``done_stats``: stats of the ``done`` shards, from resume's audit (none for a new run)."""
     log = ManifestLog.open(cfg, out, summary, done_stats or {})
-    sink = ShardSink(cfg, plan, pending, log, fail_after_shards)
-    synth_s = synthesize_pending(cfg, plan, pending, done, workers, sink, rep)
-    return finish_run(cfg, plan, log, sink.writer, synth_s, t_start)
+    ledger = ShardLedger(log, fail_after_shards)
+    synth_s = synthesize_pending(cfg, plan, pending, done, workers, ledger, rep)
+    return finish_run(cfg, plan, log, ledger.tally, synth_s, t_start)

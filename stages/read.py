@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
@@ -18,12 +17,15 @@ from amgen_core.labels import check_label_ids
 from amgen_core.image_io import SizeMismatchError
 from connectors.registry import SOURCE_KINDS, make_source  # noqa: F401  (the read stage's sources)
 from connectors.source_api import BAD_INPUT_ERRORS, Item, LayoutSource
+from connectors.storage import is_uri, local_dir, relocate
 from amgen_core.quarantine import item_error_row
 from amgen_core.records import Layout
 
 def source_from_config(src: Any) -> LayoutSource:
-    """``src`` is a ``pipeline.config.SourceConfig`` (or anything with kind/root/split/options)."""
-    return make_source(src.kind, str(Path(src.root)), src.split, src.options)
+    """``src`` is a ``pipeline.config.SourceConfig`` (or anything with kind/root/split/options).
+    A URI root is mirrored to this node's cache (connectors/storage.py), at the same local path on
+    every node, so item descriptors listed here are valid on every worker."""
+    return make_source(src.kind, local_dir(src.root), src.split, src.options)
 
 
 def source_spec(src: Any) -> str:
@@ -32,11 +34,29 @@ def source_spec(src: Any) -> str:
                       sort_keys=True)
 
 
+class _Relocated(LayoutSource):
+    """A source whose root is this node's mirror of a URI: item paths listed in another node's
+    mirror are moved into this one before reading."""
+
+    def __init__(self, inner: LayoutSource, local_root: str):
+        self.inner, self.local_root = inner, local_root
+        self.name = getattr(inner, "name", type(inner).__name__)
+
+    def list_items(self) -> list[Item]:
+        return self.inner.list_items()
+
+    def read_item(self, item: Item) -> Layout:
+        moved = {k: relocate(v, self.local_root) if isinstance(v, str) else v for k, v in item.items()}
+        return self.inner.read_item(moved)
+
+
 @lru_cache(maxsize=8)
 def cached_source(spec_json: str) -> LayoutSource:
     """The connector of a ``source_spec``, built once per worker process."""
     spec = json.loads(spec_json)
-    return make_source(spec["kind"], spec["root"], spec.get("split", "train"), spec.get("options"))
+    root = local_dir(spec["root"])
+    src = make_source(spec["kind"], root, spec.get("split", "train"), spec.get("options"))
+    return _Relocated(src, root) if is_uri(spec["root"]) else src
 
 
 def as_item(raw: Any, source_name: str) -> Item:

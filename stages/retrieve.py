@@ -36,6 +36,7 @@ import numpy as np
 from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, NUM_TRAIN_IDS, check_label_ids
 from connectors.index_staging import IndexBuilder, staging_dir
 from connectors.index_store import Filter, ShardedIndex
+from connectors.storage import local_dir
 from stages.embed import EMBED_DIM, EMBED_VERSION, embed_layouts
 from amgen_core.records import Layout
 from stages.read import batch_columns, batch_rows, cached_source, read_item
@@ -104,8 +105,8 @@ class Retriever:
                  candidates: int = 32, diversity: float = 0.3,
                  rerank_size: tuple[int, int] = DEFAULT_RERANK_SIZE, filters: Filter = None,
                  duplicate_threshold: float = 0.98, cache_size: int = 8192, device: str = "cpu"):
-        if not isinstance(index, ShardedIndex):
-            index = ShardedIndex.load(index, expected_dim=EMBED_DIM, embedding_version=EMBED_VERSION, device=device)
+        if not isinstance(index, ShardedIndex):  # a folder or a URI: opened (mirrored) on this node
+            index = ShardedIndex.load(local_dir(index), expected_dim=EMBED_DIM, embedding_version=EMBED_VERSION, device=device)
         if index.dim != EMBED_DIM:
             raise ValueError(f"{index.path}: index dim {index.dim} != layout embedding dim {EMBED_DIM}")
         if label_lookup is None and not index.has_labels:

@@ -24,8 +24,10 @@ class ScoreUnavailableError(ValueError):
 
 
 def segmenter_path(configured: str | None) -> Path:
-    if configured:
-        return Path(configured)
+    if configured:  # a folder or a URI (mirrored once per node)
+        from connectors.storage import local_dir
+
+        return Path(local_dir(configured))
     from evaluation.segmenter import DEFAULT_DIR
 
     return Path(DEFAULT_DIR)

@@ -20,6 +20,7 @@ from amadapter.bank import DEFAULT_BANK_CACHE_BYTES
 from amadapter.loading import load_model
 from amgen_core.image_io import encode_png
 from amgen_core.quarantine import is_sample_error, sample_error_row
+from connectors.storage import local_dir
 from stages.failures import CrashPoint, leave_stage, split_once_on_oom
 from stages.group import unpack_arrays
 
@@ -49,8 +50,11 @@ def load_pipeline(model: dict[str, Any], device: str = "cpu", bank_cache_size: i
     import torch
 
     dtype = getattr(torch, model.get("dtype", "float32"))
-    loaded = load_model(model.get("path", "toy"), device=device, dtype=dtype, sd15_dir=model.get("sd15_dir"),
-                        adapter_dir=model.get("adapter_dir"),
+    path = model.get("path", "toy")
+    if "://" in path:  # a model folder on shared storage: mirrored once per node
+        path = local_dir(path)
+    loaded = load_model(path, device=device, dtype=dtype, sd15_dir=local_dir(model.get("sd15_dir")),
+                        adapter_dir=local_dir(model.get("adapter_dir")),
                         bank_cache_size=None if bank_cache_size is None else int(bank_cache_size),
                         bank_cache_bytes=int(bank_cache_bytes))
     loaded.pipe.set_progress_bar_config(disable=True)  # rows report progress, not per-step bars

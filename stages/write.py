@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 from PIL import Image
 
 from amgen_core.labels import colorize
-from amgen_core.image_io import decode_png, encode_png, write_bytes_atomic
-from connectors.parquet_sink import ShardStats, write_errors, write_shard
+from amgen_core.image_io import decode_png, encode_png
+from connectors.parquet_sink import ShardStats, read_parquet, write_errors, write_shard
+from connectors.storage import RemotePath, as_path, write_bytes_atomic
 
 ERROR_FIELDS = ("input_id", "source", "stage", "reason", "path")
 
@@ -33,12 +33,15 @@ def shard_errors_name(shard: int) -> str:
 
 
 class ShardWriter:
-    """Collects sample rows (as produced by stages.synthesize) and writes complete shards."""
+    """Collects sample rows (as produced by stages.synthesize) and writes complete shards.
 
-    def __init__(self, out_dir: str | os.PathLike, expected: dict[int, Sequence[str]], num_shards: int,
+    ``num_shards``: the N of every ``train-K-of-N`` name, or a dict shard -> N (None: the stable
+    ``train-K`` name of an increment's shard)."""
+
+    def __init__(self, out_dir: str | os.PathLike, expected: dict[int, Sequence[str]], num_shards: int | dict,
                  config_hash: str, score_columns: Sequence[str] = (), expected_model: str | None = None,
                  on_shard: Callable[[ShardStats, int], None] | None = None):
-        self.out = Path(out_dir)
+        self.out = as_path(out_dir)
         self.expected = {s: set(ids) for s, ids in expected.items()}
         self.num_shards, self.config_hash = num_shards, config_hash
         self.score_columns = tuple(score_columns)
@@ -94,7 +97,8 @@ class ShardWriter:
     def _flush(self, shard: int) -> ShardStats:
         if self.errors[shard]:
             write_errors(self.errors.pop(shard), self.out, shard_errors_name(shard))
-        stats = write_shard(self.rows.pop(shard, []), self.out, shard, self.num_shards,
+        total = self.num_shards.get(shard) if isinstance(self.num_shards, dict) else self.num_shards
+        stats = write_shard(self.rows.pop(shard, []), self.out, shard, total,
                             score_columns=self.score_columns)
         self.written[shard] = stats
         if self.on_shard is not None:
@@ -137,8 +141,8 @@ def _fit(img: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 def preview_samples(out_dir: str | os.PathLike, n: int) -> list[dict[str, Any]]:
     """The first ``n`` samples of the written dataset (shard order, then row order)."""
     rows: list[dict[str, Any]] = []
-    for p in sorted((Path(out_dir) / "data").glob("train-*.parquet")):
-        t = pq.read_table(p, columns=["sample_id", "exemplar_id", "image", "label"])
+    for p in sorted((as_path(out_dir) / "data").glob("train-*.parquet"), key=lambda p: p.name):
+        t = read_parquet(p, columns=["sample_id", "exemplar_id", "image", "label"])
         rows.extend(t.slice(0, n - len(rows)).to_pylist())
         if len(rows) >= n:
             break
@@ -168,5 +172,5 @@ def make_preview(samples: Sequence[dict[str, Any]], exemplar_image: Callable[[st
     return np.concatenate(rows[:-1], axis=0)
 
 
-def write_preview(out_dir: str | os.PathLike, grid: np.ndarray, name: str = "preview.png") -> Path:
-    return write_bytes_atomic(Path(out_dir) / name, encode_png(grid, name))
+def write_preview(out_dir: str | os.PathLike, grid: np.ndarray, name: str = "preview.png") -> Path | RemotePath:
+    return write_bytes_atomic(as_path(out_dir) / name, encode_png(grid, name))
