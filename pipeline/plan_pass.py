@@ -152,10 +152,10 @@ def _plan_task(cfg: RunConfig, cfg_hash: str, index_dir: str, out: str | None,
     With ``base`` (the folder's plan), only targets it has not seen are planned and appended;
     returns None for the plan when there are none."""
     from connectors.parquet_sink import write_errors
-    from pipeline.cluster import quiet_ray_data
+    from pipeline.cluster import configure_ray_data
     from pipeline.plan import append_increment, planned_target_ids, save_plan
 
-    quiet_ray_data(False)
+    configure_ray_data(False)
     timings = PlanTimings()
     known = None if base is None else planned_target_ids(base)
     plan = compute_plan(cfg, cfg_hash, index_dir, timings, known=known)
