@@ -17,7 +17,6 @@ Usage: python bench/train_throughput.py [--steps 6] [--batch 8] [--variants fp32
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -104,8 +103,7 @@ def main(argv=None) -> dict:
         for r in rows:
             if "error" not in r:
                 r["speedup_vs_fp32"] = r["samples_per_cpu_s"] / base["samples_per_cpu_s"]
-    with contextlib.suppress(Exception):
-        isa = torch.backends.cpu.get_cpu_capability()
+    isa = torch.backends.cpu.get_cpu_capability()
     result = {"bench": "train_throughput", "preset": "toy", "batch": args.batch, "steps": args.steps,
               "torch": torch.__version__, "cpu_capability": isa, "data_cpu_s_per_sample": data_cpu_per_sample,
               "rows": rows}

@@ -105,7 +105,6 @@ class NoisedPair:
     exemplar: torch.Tensor      # noisy exemplar latents, same t
     clean_target: torch.Tensor  # the latents before noising (v-prediction's target needs them)
     clean_exemplar: torch.Tensor
-    exemplar_timesteps: torch.Tensor  # what the exemplar was noised at
     noise_target: torch.Tensor
     noise_exemplar: torch.Tensor
     timesteps: torch.Tensor     # (B,); both nets run at these (the exemplar may be noised less)
@@ -150,7 +149,7 @@ def noised_pair(pipe, batch, generator: torch.Generator, high_noise_bias: float 
     t_e = exemplar_timesteps(t, exemplar_t_fraction, generator)
     return NoisedPair(
         target=sched.add_noise(z_t, n_t, t), exemplar=sched.add_noise(z_e, n_e, t_e),
-        clean_target=z_t, clean_exemplar=z_e, exemplar_timesteps=t_e,
+        clean_target=z_t, clean_exemplar=z_e,
         noise_target=n_t, noise_exemplar=n_e, timesteps=t,
         target_cond=pipe.prepare_condition(batch["target_label"]),
         exemplar_cond=pipe.prepare_condition(batch["exemplar_label"]),

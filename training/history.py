@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from training.loop import read_loss_log
+
 HISTORY_FILE = "training_log.jsonl"
 _KEPT = ("step", "loss", "time")
 
@@ -21,10 +23,8 @@ def read_history(folder: str | Path | None) -> list[dict[str, Any]]:
     if folder is None:
         return []
     path = Path(folder) / HISTORY_FILE
-    if not path.is_file():
-        return []
     try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_loss_log(path)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a training log ({e})") from None
 
@@ -35,7 +35,7 @@ def continued_rows(init_from: str | Path, stage: str) -> list[dict[str, Any]]:
     if not rows:
         raise ValueError(f"{init_from}/{HISTORY_FILE}: no {stage} steps logged, nothing to continue "
                          "(continue_from_init restarts a run from its own exported weights)")
-    return [{k: r[k] for k in _KEPT if k in r} for r in rows]
+    return [_compact(r) for r in rows]
 
 
 def write_history(folder: Path, stage: str, run_rows: list[dict[str, Any]], init_from: str | Path | None,
@@ -47,5 +47,9 @@ def write_history(folder: Path, stage: str, run_rows: list[dict[str, Any]], init
         for r in earlier:
             f.write(json.dumps(r) + "\n")
         for r in run_rows:
-            f.write(json.dumps({"stage": stage, **{k: r[k] for k in _KEPT if k in r}}) + "\n")
+            f.write(json.dumps({"stage": stage, **_compact(r)}) + "\n")
     return path
+
+
+def _compact(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in _KEPT if k in row}
