@@ -21,7 +21,6 @@ on-disk parts of ``connectors.index_staging``); a killed build resumes with its 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,8 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from connectors.storage import file_sha256
 
 MANIFEST = "manifest.json"
 FORMAT = "amgen-sharded-index"
@@ -87,14 +88,6 @@ def default_nprobe(nlist: int) -> int:
     if nlist <= 1024:
         return int(min(nlist, max(8, nlist // 64)))
     return int(math.isqrt(nlist) // 2)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _shard_names(i: int) -> dict[str, str]:
@@ -271,7 +264,7 @@ def write_index(rows: RowSource, out: Path, work: Path, num_shards: int, *, resu
                  "labels": names["labels"] if has_labels else None}
         if has_labels:
             np.save(work / names["labels"], np.asarray(rows.labels(lo, hi), np.uint8))
-        entry["sha256"] = {key: _sha256(work / entry[key]) for key in ("index", "table", "labels") if entry[key]}
+        entry["sha256"] = {key: file_sha256(work / entry[key]) for key in ("index", "table", "labels") if entry[key]}
         _write_json(done_path(s), entry)
         entries[s] = entry
         finished[0] += 1
@@ -454,7 +447,7 @@ class ShardedIndex:
                 raise IndexFormatError(f"{root / MANIFEST}: shard {i} lacks {key!r}")
             if name and not (root / name).is_file():
                 raise IndexFormatError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
-            if name and verify and key in sums and _sha256(root / name) != sums[key]:
+            if name and verify and key in sums and file_sha256(root / name) != sums[key]:
                 raise IndexFormatError(f"{root / name}: corrupt shard (checksum does not match the manifest)")
         ipath = root / entry["index"]
         try:

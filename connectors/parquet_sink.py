@@ -38,7 +38,7 @@ from amgen_core.image_io import (
 )
 from amgen_core.quarantine import quarantine_row
 from connectors.storage import RemotePath, arrow_target, as_path, publish_atomic
-from connectors.storage import file_sha256 as _storage_sha256
+from connectors.storage import file_sha256  # noqa: F401  (re-exported: verify, resume and tests read it here)
 from connectors.storage import write_bytes_atomic as _write_bytes_atomic
 
 DATA_DIR, ERRORS_DIR = "data", "errors"
@@ -117,10 +117,6 @@ class ShardStats:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ShardStats":
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
-
-
-def file_sha256(path: str | os.PathLike | RemotePath) -> str:
-    return _storage_sha256(path)
 
 
 def _label_pixels(label: np.ndarray) -> np.ndarray:

@@ -221,13 +221,8 @@ def arrow_target(p: Path | RemotePath) -> tuple[str, pafs.FileSystem | None]:
 def file_sha256(p: str | os.PathLike | RemotePath) -> str:
     p = as_path(p)
     h = hashlib.sha256()
-    if isinstance(p, RemotePath):
-        with p.fs.open_input_stream(p.path) as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        return h.hexdigest()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+    with (p.fs.open_input_stream(p.path) if isinstance(p, RemotePath) else open(p, "rb")) as f:
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
