@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 
 
 class OracleRouter:
     """Duck-types ``Matcher.refine_``; nothing is learned."""
+
+    # The attention processor reads the matcher's release_compat switch; the oracle routes as amgen does.
+    config = SimpleNamespace(release_compat=False)
 
     def __init__(self, boost: float = 0.0, suppress: float = 0.0, keep_mass: bool = False):
         if boost < 0 or suppress < 0:
@@ -32,7 +36,8 @@ class OracleRouter:
         parts += ["mass kept"] if self.keep_mass else []
         return "oracle (" + ", ".join(parts or ["none"]) + ")"
 
-    def refine_(self, logits: torch.Tensor, cost_fn: Callable, q_hw, e_hw, block: str) -> torch.Tensor:
+    def refine_(self, logits: torch.Tensor, cost_fn: Callable, q_hw, e_hw, block: str,
+                uncond_logits: torch.Tensor | None = None) -> torch.Tensor:
         c = cost_fn(tuple(q_hw), tuple(e_hw)).to(logits.dtype)  # (B or 1, Nq, Ne) on the layer's own grids
         before = torch.logsumexp(logits, -1, keepdim=True) if self.keep_mass else None
         logits.add_((self.boost * c - self.suppress * (1 - c))[:, None])

@@ -1,6 +1,7 @@
 """The benchmark runner and its report on a tiny random model (the downstream test: test_eval_segmenter.py)."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,6 +150,14 @@ def test_oracle_router_biases_by_the_cost_and_is_swapped_back():
 
     pipe = AMAdapterPipeline.from_preset("toy", seed=0)
     matcher, router = pipe.matcher, OracleRouter(suppress=50)
+    pipe.set_progress_bar_config(disable=True)
+    label = np.zeros((64, 128), np.uint8)
+    label[32:] = 7
+    image = np.full((64, 128, 3), 90, np.uint8)
     with routed_by(pipe, router):
         assert pipe.matcher is router
+        # a whole sampling run goes through the router, as bench/routing_oracle.py runs it
+        routed = pipe(label, image, label, seeds=[0], num_inference_steps=2, guidance_scale=2.0).images
     assert pipe.matcher is matcher
+    plain = pipe(label, image, label, seeds=[0], num_inference_steps=2, guidance_scale=2.0).images
+    assert routed.shape == plain.shape and not np.array_equal(routed, plain)
