@@ -20,11 +20,12 @@ _SCHEDULER = {
     "prediction_type": "epsilon",
 }
 
-# The toy model's schedule: SD1.5's betas, v-prediction and trailing timesteps. Why: the demo
-# samples in 4 DDIM steps; "leading" spacing would start them at t=751, where the model never saw
-# pure noise, and epsilon-prediction gives poor x0 estimates at the noisy steps that decide the
-# layout and colours (v-prediction stays well-conditioned there).
-_TOY_SCHEDULER = dict(_SCHEDULER, steps_offset=0, prediction_type="v_prediction", timestep_spacing="trailing")
+# The toy model's schedule: SD1.5's betas, x0-prediction ("sample") and trailing timesteps.
+# Trailing: the demo samples in 4 DDIM steps, which "leading" spacing would start at t=751, where
+# the model never saw pure noise. x0-prediction: on the pixel latent, a small net trained to
+# predict epsilon or v must cancel the noise in its input exactly, and what it misses stays in
+# the image as speckle (bench/sampling_noise.py); predicting x0, its errors are blur instead.
+_TOY_SCHEDULER = dict(_SCHEDULER, steps_offset=0, prediction_type="sample", timestep_spacing="trailing")
 
 _TOY = {
     "description": "CPU-sized AM-Adapter at 64x128 (toy-town); no text encoder, one learned null embedding",

@@ -103,7 +103,7 @@ def _need_dir(path: str, key: str) -> None:
 class NoisedPair:
     target: torch.Tensor        # noisy target latents (B, C, h, w)
     exemplar: torch.Tensor      # noisy exemplar latents, same t
-    clean_target: torch.Tensor  # the latents before noising (v-prediction's target needs them)
+    clean_target: torch.Tensor  # the latents before noising (the v and x0 targets need them)
     clean_exemplar: torch.Tensor
     noise_target: torch.Tensor
     noise_exemplar: torch.Tensor
@@ -205,20 +205,26 @@ def prediction_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor
                     scheduler, snr_gamma: float | None) -> torch.Tensor:
     """The loss for the scheduler's ``prediction_type``: :func:`eps_loss` for "epsilon"; for
     "v_prediction" MSE against v = sqrt(a) eps - sqrt(1 - a) x0, with Min-SNR's v form
-    min(SNR, gamma) / (SNR + 1) when ``snr_gamma`` is set."""
+    min(SNR, gamma) / (SNR + 1) when ``snr_gamma`` is set; for "sample" MSE against x0 itself,
+    Min-SNR weight min(SNR, gamma)."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return eps_loss(pred, noise, timesteps, scheduler, snr_gamma)
-    if kind != "v_prediction":
-        raise ValueError(f"prediction_type {kind!r} is not trained here (epsilon or v_prediction)")
-    target = scheduler.get_velocity(clean.float(), noise.float(), timesteps.to(clean.device))
+    if kind == "v_prediction":
+        target = scheduler.get_velocity(clean.float(), noise.float(), timesteps.to(clean.device))
+    elif kind == "sample":
+        target = clean.float()
+    else:
+        raise ValueError(f"prediction_type {kind!r} is not trained here (epsilon, v_prediction or sample)")
     per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
     if snr_gamma is None:
         return per_sample.mean()
     from diffusers.training_utils import compute_snr
 
     snr = compute_snr(scheduler, timesteps.to(per_sample.device))
-    return (torch.clamp(snr, max=snr_gamma) / (snr + 1) * per_sample).mean()
+    # Min-SNR in each parameterisation: the x0 error weighted by min(SNR, gamma)
+    weight = torch.clamp(snr, max=snr_gamma) / (snr + 1 if kind == "v_prediction" else 1)
+    return (weight * per_sample).mean()
 
 
 def uniform(generator: torch.Generator) -> float:
