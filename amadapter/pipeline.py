@@ -422,8 +422,9 @@ class AMAdapterPipeline(DiffusionPipeline):
 
     def _inverse_scheduler(self, sched: DDIMScheduler) -> DDIMInverseScheduler:
         """diffusers' DDIM inversion on the sampling scheduler's timesteps, starting from alpha 1
-        (or alphas_cumprod[0], as ``set_alpha_to_one`` says) and never clipping x0."""
-        inverse = DDIMInverseScheduler.from_config(self.scheduler.config, clip_sample=False)
+        (or alphas_cumprod[0], as ``set_alpha_to_one`` says) and never clipping x0. It takes
+        epsilon (see :meth:`_epsilon_at`), whatever the model predicts."""
+        inverse = DDIMInverseScheduler.from_config(self.scheduler.config, clip_sample=False, prediction_type="epsilon")
         inverse.set_timesteps(sched.num_inference_steps, device=sched.timesteps.device)
         if not torch.equal(inverse.timesteps.cpu(), sched.timesteps.flip(0).cpu()):
             raise ValueError(f"DDIM inversion timesteps {inverse.timesteps.tolist()} are not the sampling "
@@ -438,11 +439,31 @@ class AMAdapterPipeline(DiffusionPipeline):
         inverse = self._inverse_scheduler(sched)
         z = z0
         for t in inverse.timesteps:
-            eps = self._unet(z, t, states, guidance_at(t))
+            eps = self._epsilon_at(self._unet(z, t, states, guidance_at(t)), t, z)
             z = inverse.step(eps, t, z).prev_sample
             if on_step is not None:
                 on_step(int(t), z)
         return z
+
+    def _epsilon_at(self, prediction: torch.Tensor, t, z: torch.Tensor) -> torch.Tensor:
+        """The noise the model's output at timestep ``t`` implies for its input ``z``.
+
+        Inversion evaluates the model at the next timestep t on a latent one step less noisy, and
+        DDIMInverseScheduler would convert an x0 or v output with the *current* (lower) noise level:
+        for an x0 model on the clean exemplar that divides its residual detail by sqrt(1 - alpha_0)
+        = 0.03 and floods the inverted latent (bench/inversion_signal.py). Converting at t, the
+        level the model assumed, gives what an epsilon model would have said."""
+        kind = self.scheduler.config.prediction_type
+        if kind == "epsilon":
+            return prediction
+        a = self.scheduler.alphas_cumprod[int(t)].to(device=z.device, dtype=torch.float32)
+        if kind == "sample":
+            eps = (z.float() - a.sqrt() * prediction.float()) / (1 - a).sqrt()
+        elif kind == "v_prediction":
+            eps = a.sqrt() * prediction.float() + (1 - a).sqrt() * z.float()
+        else:
+            raise ValueError(f"DDIM inversion: prediction_type {kind!r} is not supported")
+        return eps.to(prediction.dtype)
 
     @torch.no_grad()
     def encode_exemplar(self, image, label, instance=None, *, num_inference_steps: int = 20,
