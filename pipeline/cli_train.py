@@ -111,7 +111,11 @@ def register(app: typer.Typer) -> None:
             from amadapter.pipeline import AMAdapterPipeline
             from toytown.triples import make_triples
 
+            from evaluation.quality import QualitySettings
+
             pipe = AMAdapterPipeline.from_pretrained(out, dtype=None).to(dtype=__import__("torch").float32)
-            path = preview_grid(pipe, list(make_triples(preview, seed=9001)), out / "preview.png")
+            demo = QualitySettings()   # the demo's sampling (configs/toytown_demo.yaml)
+            path = preview_grid(pipe, list(make_triples(preview, seed=9001)), out / "preview.png",
+                                num_inference_steps=demo.num_inference_steps, guidance_scale=demo.guidance_scale)
             console.print(f"preview (exemplar | target | ground truth | structure_only | sa_aug | am_adapter): {path}")
     app.add_typer(train_app, name="train")

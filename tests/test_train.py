@@ -216,6 +216,7 @@ def test_export_assembles_a_loadable_pipeline(tmp_path):
     with pytest.raises(ExportError, match="PixelUnshuffleAutoencoder"):
         assemble(lossless, tmp_path / "no", vae_dir=lossless / "vae")
     src = AMAdapterPipeline.from_preset(tiny_config(), seed=3).save_pretrained(tmp_path / "stage2")
+    (src / "training_log.jsonl").write_text('{"stage": "stage2", "step": 0, "loss": 0.5, "time": 1.0}\n')
     vae = AMAdapterPipeline.from_pretrained(src).vae
     with torch.no_grad():
         vae.decoder.conv_out.bias.add_(0.5)          # a decoder-only change may be swapped in
@@ -225,6 +226,7 @@ def test_export_assembles_a_loadable_pipeline(tmp_path):
     assert info["dtype"] == "float16" and loaded.vae.dtype == torch.float32  # stored half, loaded upcast
     assert torch.equal(loaded.vae.decoder.conv_out.bias, vae.decoder.conv_out.bias.half().float())
     assert loaded.model_hash() == info["model_hash"]
+    assert (tmp_path / "toy" / "training_log.jsonl").read_bytes() == (src / "training_log.jsonl").read_bytes()
     assert all(name.endswith(".safetensors") for name in info["safetensors"]) and info["bytes"] < 25 * 2**20
 
     with torch.no_grad():

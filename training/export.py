@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from training.history import HISTORY_FILE
+
 _ENCODER_PREFIXES = ("encoder.", "quant_conv.")
 
 
@@ -62,6 +64,10 @@ def assemble(pipeline_dir: str | Path, out_dir: str | Path, *, vae_dir: str | Pa
             shutil.rmtree(target)
         os.replace(item, target)
     tmp.rmdir()
+    # the training history travels with the weights (model-card curves, continue_from_init)
+    history = Path(pipeline_dir) / HISTORY_FILE
+    if history.is_file():
+        shutil.copyfile(history, out_dir / HISTORY_FILE)
     loaded = AMAdapterPipeline.from_pretrained(out_dir)  # upcasts fp16 files to fp32 (exactly)
     expected = pipe.to(dtype=torch.float32).model_hash()
     if loaded.model_hash() != expected:
