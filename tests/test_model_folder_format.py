@@ -10,7 +10,7 @@ import amadapter
 from amadapter.bundled import toy_model_dir
 from amadapter.pipeline import AMAdapterPipeline
 
-TOY_HASH = "012020a756603389cbcaa2ef5257d2d025f600e2d94646cd608ad474f1a4b845"  # run manifests record it
+TOY_HASH = "e603c73dc3ad7a5aca548ede5fe8be8c37a8f6c8e6939060be8702cd1ff0e6f9"  # run manifests record it
 COMPONENTS = ("unet", "vae", "scheduler", "structure_net", "matcher", "text_embeds")
 
 
