@@ -32,6 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evaluation.metrics import psnr  # noqa: E402
 from evaluation.quality import QUALITY_SEED  # noqa: E402
 from toytown import make_triples  # noqa: E402
 
@@ -105,10 +106,6 @@ def _cells(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([u, torch.ones(len(u), 1, dtype=u.dtype)], 1)
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    return float(10 * np.log10(255.0 ** 2 / ((a.astype(np.float64) - b) ** 2).mean()))
-
-
 @torch.no_grad()
 def denoising(pipe, fit_images: np.ndarray, triples) -> list[dict]:
     sched = pipe.scheduler
@@ -126,11 +123,10 @@ def denoising(pipe, fit_images: np.ndarray, triples) -> list[dict]:
         w = torch.linalg.solve(x.T @ x + 1e-3 * torch.eye(x.shape[1], dtype=x.dtype), x.T @ y)
         linear = (_cells(noisy) @ w).reshape(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
         out = pipe.generation_eps(noisy, torch.full((len(triples),), t), cond, mode="structure_only")
-        kind = sched.config.prediction_type
-        x0 = out if kind == "sample" else a * noisy - s * out if kind == "v_prediction" else (noisy - s * out) / a
-        rows.append({"t": t, "model_psnr_db": round(_psnr(pipe.decode_latents(x0), targets), 2),
-                     "linear_psnr_db": round(_psnr(pipe.decode_latents(linear.float()), targets), 2),
-                     "noisy_psnr_db": round(_psnr(pipe.decode_latents(noisy / a), targets), 2)})
+        x0 = (noisy - s * pipe._epsilon_at(out, t, noisy)) / a   # whatever the model predicts
+        rows.append({"t": t, "model_psnr_db": round(psnr(pipe.decode_latents(x0), targets), 2),
+                     "linear_psnr_db": round(psnr(pipe.decode_latents(linear.float()), targets), 2),
+                     "noisy_psnr_db": round(psnr(pipe.decode_latents(noisy / a), targets), 2)})
     return rows
 
 
