@@ -2,8 +2,8 @@
 
 Toy-town's real images carry monochrome grain and almost no fine colour detail. This measures:
 
-1. ``basis`` (no model): the pixel speckle that a small latent error (i.i.d., std 0.1) decodes
-   to under the two scalings of the pixel-unshuffle latent, per-colour standardisation (the
+1. ``basis`` (no model): the span of a cell's variances (largest / smallest principal axis), and
+   the pixel speckle that a small latent error (i.i.d., std 0.1) decodes to under the two scalings of the pixel-unshuffle latent, per-colour standardisation (the
    preset's first) and PCA whitening (its current one), both fitted on the same images.
 2. ``samples`` (per pipeline folder): the high-frequency energy of samples at the demo's settings,
    chroma and luma apart, as a ratio to the ground truth's. 1.0 is the data's own texture.
@@ -72,7 +72,9 @@ def basis_speckle(fit_images: np.ndarray, test_images: np.ndarray, gt_hf: dict) 
         per_colour.to_latent.copy_(torch.diag(1 / std[colour_of]))
         per_colour.from_latent.copy_(torch.diag(std[colour_of]))
     t = _to_tensor(test_images)
-    rows = []
+    cells = F.pixel_unshuffle(x.double(), 4).permute(0, 2, 3, 1).reshape(-1, 48)
+    variances = torch.linalg.eigvalsh(torch.cov(cells.T))
+    rows = [{"cell_variance_span": round(float(variances.max() / variances.min()))}]
     for name, ae in (("per_colour", per_colour), ("whitened", whitened)):
         with torch.no_grad():
             z = ae.encode(t).latent_dist.mean
