@@ -28,11 +28,17 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from amadapter.reductions import split_amax, split_var_mean, use_split
+
 BLOCKS = ("down", "mid", "up")
 # Bytes of the widest aggregation activation per chunk of samples: a few samples at toy size
 # (their volumes stay in cache), one sample at SD1.5 size (a 32x32x32x32 volume of 32 channels
 # is 128 MB in fp32; GroupNorm and the max are per sample, so one sample is the floor).
 VOLUME_BUDGET_BYTES = 8 << 20
+# On CUDA the budget is a memory bound only: a sample at a time would run each of the matcher's
+# kernels once per sample (batch 8 at SD1.5: 8 launches of ~60 each per layer, fp16 volumes of
+# 64 MB per sample), so samples share kernels up to this many bytes of the widest activation.
+CUDA_VOLUME_BUDGET_BYTES = 512 << 20
 # Bytes of the upsampled residual held at once while it is added back to full-size logits
 # (query rows are upsampled a block at a time; SD1.5: 16 of the 64 target rows per block).
 RESIDUAL_BUDGET_BYTES = 64 << 20
@@ -62,13 +68,36 @@ def group_norm_relu(x: torch.Tensor, batch: int, norm: nn.GroupNorm) -> torch.Te
     """relu(GroupNorm(1)(x)) with the statistics over each sample's whole volume, for x
     (batch*Nq, C, he, we) in channels-last memory; the result keeps that memory format.
 
-    The statistics run on the flat per-sample rows (torch's group norm kernel; a two-dim
-    ``var_mean`` is 20x slower here), the affine is one fused multiply-add, ReLU is in place."""
+    On the CPU the statistics run on the flat per-sample rows (torch's group norm kernel; a
+    two-dim ``var_mean`` is 20x slower here), the affine is one fused multiply-add, ReLU is in
+    place. On CUDA that kernel reduces a sample with one thread block, so the statistics come
+    from :func:`amadapter.reductions.split_var_mean` and normalization and affine are one
+    multiply-add with a per-sample, per-channel scale and shift (computed in float32)."""
     n, c, h, w = x.shape
     flat = x.permute(0, 2, 3, 1).reshape(batch, 1, -1)  # a view when x is channels-last
-    y = F.group_norm(flat, 1, eps=norm.eps).view(batch, -1, c)
-    y = torch.addcmul(norm.bias, y, norm.weight).relu_()
+    if use_split(x):
+        var, mean = split_var_mean(flat.view(batch, -1))
+        scale = (var + norm.eps).rsqrt()[:, None] * norm.weight.to(var.dtype)  # (batch, C)
+        shift = norm.bias.to(var.dtype) - mean[:, None] * scale
+        rows = flat.view(batch, -1, c)
+        if torch.is_grad_enabled():  # out= records no graph
+            y = torch.addcmul(shift[:, None], rows, scale[:, None]).to(x.dtype).relu_()
+        else:  # one pass: half/bfloat16 in and out, float32 arithmetic
+            y = torch.addcmul(shift[:, None], rows, scale[:, None], out=torch.empty_like(rows)).relu_()
+    else:
+        y = F.group_norm(flat, 1, eps=norm.eps).view(batch, -1, c)
+        y = torch.addcmul(norm.bias, y, norm.weight).relu_()
     return y.view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+def volume_max(v: torch.Tensor, per_head: bool = True) -> torch.Tensor:
+    """The max of each sample's volume v (B, Nq, Ne, H): (B, H), one per head, or (B,) over all
+    heads. On CUDA the volume is split into pieces (:func:`amadapter.reductions.split_amax`,
+    the same value); on the CPU one ``amax``."""
+    B, H = v.shape[0], v.shape[-1]
+    if use_split(v):
+        return split_amax(v.reshape(B, -1, H) if per_head else v.reshape(B, -1))
+    return v.amax(dim=(1, 2)) if per_head else v.amax(dim=(1, 2, 3))
 
 
 class CostAggregator(nn.Module):
@@ -252,7 +281,7 @@ class Matcher(ModelMixin, ConfigMixin):
         self.phi_mid = CostAggregator(num_heads + 1, tuple(hidden_channels), num_heads)
         self.phi_up = CostAggregator(num_heads + 1, tuple(hidden_channels), num_heads)
         self.zero_output = False  # runtime switch for ablations/tests; never saved
-        self.volume_budget_bytes = VOLUME_BUDGET_BYTES  # runtime setting (tests shrink it); never saved
+        self.volume_budget_bytes: int | None = None  # runtime setting (tests shrink it; None: by device); never saved
 
     @torch.no_grad()
     def start_near_zero_(self, bias: float = 1e-2) -> "Matcher":
@@ -265,6 +294,11 @@ class Matcher(ModelMixin, ConfigMixin):
             norm.weight.zero_()
             norm.bias.fill_(bias)
         return self
+
+    def _volume_budget(self, x: torch.Tensor) -> int:
+        if self.volume_budget_bytes is not None:
+            return self.volume_budget_bytes
+        return CUDA_VOLUME_BUDGET_BYTES if x.is_cuda else VOLUME_BUDGET_BYTES
 
     def phi(self, block: str) -> CostAggregator:
         return {"down": self.phi_down, "mid": self.phi_mid, "up": self.phi_up}[block]
@@ -290,7 +324,8 @@ class Matcher(ModelMixin, ConfigMixin):
     def residual(self, logits: torch.Tensor, cost: torch.Tensor, e_hw, block: str) -> torch.Tensor:
         """phi(R) - max/4 for logits (B, H, Nq, Ne) and cost (B or 1, Nq, Ne) on one grid."""
         out = self.aggregate(logits, cost, e_hw, block)
-        out = out - out.amax(dim=(1, 3), keepdim=True) / 4
+        B, _, H, _ = out.shape
+        out = out - volume_max(out.transpose(2, 3)).view(B, 1, H, 1) / 4
         return out.transpose(1, 2)
 
     def refine_(
@@ -327,7 +362,7 @@ class Matcher(ModelMixin, ConfigMixin):
         # many as fit the byte budget): the same result, with the volumes bounded in memory.
         nq, ne = q_agg[0] * q_agg[1], e_agg[0] * e_agg[1]
         per_sample = nq * ne * max(self.config.hidden_channels) * logits.element_size()
-        step = max(1, self.volume_budget_bytes // per_sample)
+        step = max(1, self._volume_budget(logits) // per_sample)
         phi = self.phi(block)
         for a in range(0, B, step):
             part = logits[a : a + step]
@@ -336,7 +371,7 @@ class Matcher(ModelMixin, ConfigMixin):
             r = reduced_volume(part.detach(), cost if cost.shape[0] == 1 else cost[a : a + step],
                                q_hw, e_hw, q_agg, e_agg)
             out = phi(r, b).permute(0, 2, 3, 1).reshape(b, nq, ne, H)  # a view: phi's output is channels-last
-            peak = out.amax(dim=(1, 2), keepdim=True)  # per sample and head
+            peak = volume_max(out).view(b, 1, 1, H)  # per sample and head
             res = out.sub_(peak / 4) if not torch.is_grad_enabled() else out - peak / 4
             if resized:
                 add_upsampled_(part, res, q_hw, e_hw, q_agg, e_agg)
@@ -372,7 +407,7 @@ class Matcher(ModelMixin, ConfigMixin):
         if not big:
             seg = flat_resize(seg.float(), n, "nearest")
         rows = 1 if uncond_logits is None else 2
-        step = max(1, self.volume_budget_bytes // (rows * m * m * max(self.config.hidden_channels) * logits.element_size()))
+        step = max(1, self._volume_budget(logits) // (rows * m * m * max(self.config.hidden_channels) * logits.element_size()))
         for a in range(0, B, step):
             part = logits[a : a + step]
             cost = seg if seg.shape[0] == 1 else seg[a : a + step]
@@ -382,7 +417,7 @@ class Matcher(ModelMixin, ConfigMixin):
                 if big:
                     x = flat_resize(x, m, "bilinear")
                 out = self.aggregate(x, cost, grid, "down")
-                p = out.amax(dim=(1, 2, 3))
+                p = volume_max(out.transpose(2, 3), per_head=False)
                 peak = p if peak is None else torch.maximum(peak, p)
                 outs.append(out)
             res = (outs[0] - peak.view(-1, 1, 1, 1) / 4).transpose(1, 2)
