@@ -210,8 +210,9 @@ class AMAdapterPipeline(DiffusionPipeline):
             if not (sd_dir / sub).is_dir():
                 raise FileNotFoundError(f"{sd_dir / sub}: missing from the SD1.5 folder")
         p = get_preset("sd15")
-        unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(sd_dir, subfolder="vae")
+        cast = {} if dtype is None else {folder_format.dtype_kwarg(): dtype}  # loaded in it: no fp32 copy first
+        unet = UNet2DConditionModel.from_pretrained(sd_dir, subfolder="unet", **cast)
+        vae = AutoencoderKL.from_pretrained(sd_dir, subfolder="vae", **cast)
         base = DDIMScheduler.from_pretrained(sd_dir, subfolder="scheduler")
         scheduler = DDIMScheduler.from_config(base.config, **{k: p["scheduler"][k] for k in
                                                               ("steps_offset", "clip_sample", "set_alpha_to_one")})
@@ -247,10 +248,31 @@ class AMAdapterPipeline(DiffusionPipeline):
         ``to(None, None)`` changes nothing. Cached banks are dropped when anything moves."""
         if all(a is None for a in args) and kwargs.get("device") is None and kwargs.get("dtype") is None:
             return self
-        kwargs.setdefault("silence_dtype_warnings", True)  # fp16 on CPU is how export.py saves fp16 files
-        super().to(*args, **kwargs)
+        args, kwargs = self._cast_quietly(args, kwargs)
+        if args or kwargs.get("device") is not None or kwargs.get("dtype") is not None:
+            kwargs.setdefault("silence_dtype_warnings", True)  # fp16 on CPU is how export.py saves fp16 files
+            super().to(*args, **kwargs)
         self.bank_cache.clear()  # banks hold tensors of the old device/dtype
         return self
+
+    def _cast_quietly(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """Apply the dtype of a ``to`` call to the components here and return the call without it.
+
+        diffusers' ``ModelMixin.to`` warns on every cast that "modules ... should be kept in
+        float32: []", even for a model that keeps none (each of ours: one line per component
+        and load). A component with such modules is left to diffusers' ``to``, warning and all."""
+        rest, dtype = dict(kwargs), None
+        if "dtype" in rest:
+            dtype = rest.pop("dtype")
+            device_args = args
+        elif args and len(args) <= 2 and isinstance(args[-1], torch.dtype):
+            dtype, device_args = args[-1], args[:-1]
+        modules = [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+        if dtype is None or any(getattr(m, "_keep_in_fp32_modules", None) for m in modules):
+            return args, kwargs
+        for m in modules:
+            torch.nn.Module.to(m, dtype=dtype)
+        return tuple(a for a in device_args if a is not None), rest
 
     @property
     def vae_scale_factor(self) -> int:

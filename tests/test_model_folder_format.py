@@ -112,3 +112,49 @@ def test_load_model_specs(tmp_path):
         eval_load(tmp_path / "nothing")
     with pytest.raises(FileNotFoundError, match="model_index.json missing"):
         stage_load({"path": str(tmp_path)}, "cpu")
+
+
+FP32_NOTICE = "should be kept in float32"
+
+
+@pytest.fixture
+def diffusers_records():
+    """Records of diffusers' loggers (they do not propagate to the root logger)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("diffusers")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_loads_with_a_dtype_are_quiet(tmp_path, capfd, diffusers_records, dtype):
+    """diffusers' ModelMixin.to warns "modules ... should be kept in float32: []" on every cast,
+    for models that keep none: once per component and load (5 lines per actor). Loads and casts
+    apply the dtype without it."""
+    from amadapter.loading import load_model
+
+    pipes = [load_model("toy", dtype=dtype).pipe, load_model("random:toy", dtype=dtype).pipe,
+             load_model(legacy_copy(toy_model_dir(), tmp_path / "old"), dtype=dtype).pipe]
+    pipes[0].to("cpu", torch.float16).to(dtype=dtype)
+    for pipe in pipes:
+        assert {getattr(pipe, n).dtype for n in ("unet", "vae", "structure_net", "matcher", "text_embeds")} == {dtype}
+    out, err = capfd.readouterr()
+    assert FP32_NOTICE not in out + err
+    assert not [r for r in diffusers_records if FP32_NOTICE in r.getMessage()]
+
+
+def test_a_component_that_keeps_float32_modules_still_warns(toy, diffusers_records):
+    """Only the empty notice goes: a component naming modules to keep in float32 gets diffusers'
+    own cast and its warning."""
+    pipe = AMAdapterPipeline.from_pretrained(toy_model_dir())
+    pipe.unet._keep_in_fp32_modules = ["conv_in"]
+    pipe.to(torch.bfloat16)
+    assert [r for r in diffusers_records if FP32_NOTICE in r.getMessage() and "conv_in" in r.getMessage()]
+    assert pipe.unet.dtype == torch.bfloat16
