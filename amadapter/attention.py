@@ -46,6 +46,7 @@ class AttentionState:
         self.cond_start = 0  # rows [cond_start:] are conditional; rows before use plain attention
         self.keep_grad = False
         self.keep_uncond = False
+        self.own_records = False  # copy recorded tokens (a compiled UNet's CUDA graphs reuse their buffers)
         self.recorded: dict[str, torch.Tensor] = {}
         self.tokens: dict[str, torch.Tensor] | None = None
         self.exemplar_hw: tuple[int, int] | None = None
@@ -177,10 +178,7 @@ class AMAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if st.phase == "record":
-            rec = hidden_states[st.cond_start :]
-            st.recorded[self.name] = rec if st.keep_grad else rec.detach()
-            if st.keep_uncond and st.cond_start > 0:
-                st.recorded[self.name + UNCOND_SUFFIX] = hidden_states[: st.cond_start].detach()
+            (_record_eagerly if torch.compiler.is_compiling() else AMAttnProcessor._record)(self, hidden_states)
 
         B, N, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
@@ -197,7 +195,8 @@ class AMAttnProcessor:
         if st.phase == "generate" and st.tokens is not None and self.name in st.tokens:
             if attention_mask is not None:
                 raise ValueError(f"{self.name}: augmented self-attention does not take an attention mask")
-            out = self._augmented(attn, q, k, v)
+            out = (_augmented_eagerly if torch.compiler.is_compiling() else AMAttnProcessor._augmented)(
+                self, attn, q, k, v)
         else:
             mask = None
             if attention_mask is not None:
@@ -212,6 +211,15 @@ class AMAttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _record(self, hidden_states):
+        st = self.state
+        rec = hidden_states[st.cond_start :]
+        rec = rec if st.keep_grad else rec.detach()
+        st.recorded[self.name] = rec.clone() if st.own_records else rec
+        if st.keep_uncond and st.cond_start > 0:
+            uncond = hidden_states[: st.cond_start].detach()
+            st.recorded[self.name + UNCOND_SUFFIX] = uncond.clone() if st.own_records else uncond
 
     def _exemplar_keys(self, attn, tokens, dtype, release: bool):
         if release:  # the release hands its bank over in fp16 (mutual_self_attention_sa_aug.py:337,385)
@@ -266,6 +274,13 @@ class AMAttnProcessor:
             return out_c
         out_u = F.scaled_dot_product_attention(q[:c], k[:c], v[:c], scale=attn.scale)
         return torch.cat([out_u, out_c], dim=0)
+
+
+# Under torch.compile these parts run eagerly (a graph break each): a recorded token must be a
+# tensor of its own, not a CUDA graph output that the next replay overwrites, and the matcher's
+# cost look-ups are Python. Uncompiled calls go to the methods directly.
+_record_eagerly = torch.compiler.disable(AMAttnProcessor._record)
+_augmented_eagerly = torch.compiler.disable(AMAttnProcessor._augmented)
 
 
 def install_processors(unet, state: AttentionState) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from amadapter.bundled import toy_model_dir
+from amadapter.speed import apply_speed_options
 
 RANDOM_PREFIX = "random:"
 
@@ -28,13 +29,20 @@ def bundled_toy_available(path: Path | None = None) -> bool:
 
 
 def load_model(spec: str | Path, *, device=None, dtype=None, sd15_dir=None, adapter_dir=None,
-               **pipeline_kwargs) -> LoadedModel:
+               channels_last: bool | None = None, compile: str = "off", **pipeline_kwargs) -> LoadedModel:
     """``spec`` -> the pipeline on ``device`` in ``dtype`` (None: as loaded, fp32) and its display
-    name. ``pipeline_kwargs`` go to the pipeline (``bank_cache_size``, ``bank_cache_bytes``).
+    name. ``channels_last`` and ``compile`` are the speed options of :mod:`amadapter.speed`
+    (defaults: channels-last on CUDA only, no compile). ``pipeline_kwargs`` go to the pipeline
+    (``bank_cache_size``, ``bank_cache_bytes``).
     A folder without ``model_index.json`` raises FileNotFoundError naming it."""
+    loaded = _load(str(spec), device, dtype, sd15_dir, adapter_dir, pipeline_kwargs)
+    apply_speed_options(loaded.pipe, channels_last=channels_last, compile=compile)
+    return loaded
+
+
+def _load(spec: str, device, dtype, sd15_dir, adapter_dir, pipeline_kwargs: dict) -> LoadedModel:
     from amadapter.pipeline import AMAdapterPipeline
 
-    spec = str(spec)
     if spec == "toy":
         if bundled_toy_available():
             return LoadedModel(AMAdapterPipeline.from_pretrained(toy_model_dir(), device=device, dtype=dtype,

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from amgen_core.yaml_files import read_yaml_mapping
 
@@ -134,6 +134,16 @@ class ModelConfig(_Strict):
     guidance_scale: float = Field(7.5, ge=0.0)
     mode: Literal["am_adapter", "sa_aug", "structure_only"] = "am_adapter"
     granularity: Literal["class", "instance"] = "class"
+    # speed options (amadapter/speed.py): channels-last weights, None = on for CUDA and off on CPU;
+    # torch.compile of the UNet ("reduce-overhead" adds CUDA graphs), off until a GPU measures it
+    channels_last: bool | None = None
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_off(cls, value):
+        """YAML reads ``compile: off`` as false (and ``on`` as true)."""
+        return {False: "off", True: "default"}.get(value, value) if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _sd15_needs_dirs(self) -> "ModelConfig":
@@ -212,6 +222,10 @@ _NOT_HASHED = {
 }
 
 
+# Keys added after runs were made, left out of the hash at their default so those runs still resume.
+_HASH_NEUTRAL_DEFAULTS = {"model": {"channels_last": None, "compile": "off"}}
+
+
 def config_hash(cfg: RunConfig) -> str:
     data = cfg.model_dump(mode="json")
     for key, sub in _NOT_HASHED.items():
@@ -219,6 +233,10 @@ def config_hash(cfg: RunConfig) -> str:
             data.pop(key, None)
         else:
             for k in sub:
+                data[key].pop(k, None)
+    for key, defaults in _HASH_NEUTRAL_DEFAULTS.items():
+        for k, default in defaults.items():
+            if data[key].get(k, default) == default:
                 data[key].pop(k, None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

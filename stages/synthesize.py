@@ -55,6 +55,7 @@ def load_pipeline(model: dict[str, Any], device: str = "cpu", bank_cache_size: i
         path = local_dir(path)
     loaded = load_model(path, device=device, dtype=dtype, sd15_dir=local_dir(model.get("sd15_dir")),
                         adapter_dir=local_dir(model.get("adapter_dir")),
+                        channels_last=model.get("channels_last"), compile=model.get("compile", "off"),
                         bank_cache_size=None if bank_cache_size is None else int(bank_cache_size),
                         bank_cache_bytes=int(bank_cache_bytes))
     loaded.pipe.set_progress_bar_config(disable=True)  # rows report progress, not per-step bars
