@@ -114,8 +114,32 @@ def joint_attention(q, k_self, v_self, k_ex, v_ex, scale: float, refine=None) ->
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
-# torch's fused CPU attention kernel, which also returns the log-sum-exp of each query row
+# torch's fused attention kernels that also return the log-sum-exp of each query row: the CPU's,
+# and CUDA's flash attention (half and bfloat16)
 _FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_FLASH_CUDA = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention", None)
+_FLASH_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_fused_refused: set = set()  # (device type, dtype, head dim) whose kernel raised once: general path
+
+
+def _fused_self(q, k, v, scale):
+    """(normalized output, log-sum-exp (B, H, N) in float32) of plain attention from a fused
+    kernel, or None where none applies. A kernel that refuses its inputs (an unsupported head
+    dim or GPU) raises at launch; that case then takes the general path for good."""
+    cpu = q.device.type == "cpu" and _FLASH_CPU is not None
+    cuda = q.is_cuda and q.dtype in _FLASH_CUDA_DTYPES and _FLASH_CUDA is not None
+    case = (q.device.type, q.dtype, q.shape[-1])
+    if not (cpu or cuda) or case in _fused_refused:
+        return None
+    try:
+        if cpu:
+            out = _FLASH_CPU(q, k, v, 0.0, False, scale=scale)
+        else:
+            out = _FLASH_CUDA(q, k, v, 0.0, False, False, scale=scale)
+    except RuntimeError:
+        _fused_refused.add(case)
+        return None
+    return out[0], out[1]
 
 
 def _joint_rows(q, k_self, v_self, k_ex, v_ex, scale, refine, rows) -> torch.Tensor:
@@ -125,14 +149,15 @@ def _joint_rows(q, k_self, v_self, k_ex, v_ex, scale, refine, rows) -> torch.Ten
         refine(logits_ex, rows)
     B, H, N, _ = q.shape
     inplace = not torch.is_grad_enabled()
-    # Inference on CPU: the self part runs in the fused kernel, which gives its normalized output
-    # o_s and log-sum-exp l_s; a query's self probabilities then weigh in as the single term
-    # exp(l_s - m) * o_s, and the self logits never exist. (Its l_s has no gradient: training
-    # takes the general path.)
-    fused = inplace and q.device.type == "cpu" and _FLASH_CPU is not None
-    if fused:
-        o_self, lse_self = _FLASH_CPU(q, k_self, v_self, 0.0, False, scale=scale)[:2]
-        lse_self = lse_self.unsqueeze(-1).to(logits_ex.dtype)
+    # Inference: the self part runs in a fused kernel (CPU; CUDA in half precision), which gives
+    # its normalized output o_s and log-sum-exp l_s; a query's self probabilities then weigh in
+    # as the single term exp(l_s - m) * o_s, and the self logits never exist. (Its l_s has no
+    # gradient: training takes the general path.)
+    fused = _fused_self(q, k_self, v_self, scale) if inplace else None
+    if fused is not None:
+        o_self, lse_self = fused
+        # l_s stays float32: one rounded l_s would scale a row's whole self part (bf16 near 16: 6%)
+        lse_self = lse_self.unsqueeze(-1).float()
         width = k_ex.shape[-2]
     else:
         width = N + k_ex.shape[-2]
@@ -140,13 +165,14 @@ def _joint_rows(q, k_self, v_self, k_ex, v_ex, scale, refine, rows) -> torch.Ten
     outs = []
     for a in range(0, N, chunk):
         le = logits_ex[:, :, a : a + chunk]
-        if fused:
+        if fused is not None:
             ls = lse_self[:, :, a : a + chunk]
             m = torch.maximum(le.amax(-1, keepdim=True), ls)
             pe = le.sub_(m).exp_()
             ws = ls.sub(m).exp_()  # the self part's share before normalization
-            den = pe.sum(-1, keepdim=True).add_(ws)
-            outs.append(torch.addcmul(pe @ v_ex, o_self[:, :, a : a + chunk].to(pe.dtype), ws).div_(den))
+            den = pe.sum(-1, keepdim=True, dtype=ws.dtype).add_(ws)
+            out = torch.addcmul(pe @ v_ex, o_self[:, :, a : a + chunk].to(pe.dtype), ws).div_(den)
+            outs.append(out.to(q.dtype))
             continue
         ls = qs[:, :, a : a + chunk] @ k_self.transpose(-1, -2)
         with torch.no_grad():

@@ -14,6 +14,7 @@ from amadapter.attention import joint_attention
 
 B, H, N, NE, D = 2, 3, 37, 11, 8
 SCALE = D ** -0.5
+BF16_ATOL = 0.05  # measured: 0.038 with l_s in float32, 0.070 with l_s rounded to bf16
 
 
 def _inputs(ex_batch: int, dtype=torch.float32):
@@ -155,3 +156,36 @@ def test_fused_self_part_equals_the_explicit_self_logits(monkeypatch, ex_batch):
         explicit = joint_attention(*args, SCALE, refine=_refine)
     torch.testing.assert_close(fused, explicit, rtol=0, atol=2e-6)
     torch.testing.assert_close(fused.double(), _reference(*args, refine=_refine), rtol=0, atol=2e-6)
+
+
+def test_a_fused_kernel_that_refuses_its_inputs_falls_back_for_good(monkeypatch):
+    """On CUDA the self part's fused kernel (flash attention) may refuse a head dim or a GPU at
+    launch: that case then takes the general path, with the same result, and is not retried."""
+    args = _inputs(1)
+    fused = joint_attention(*args, SCALE)
+    calls = []
+
+    def refusing(*a, **k):
+        calls.append(1)
+        raise RuntimeError("no kernel for these inputs")
+
+    monkeypatch.setattr(attention, "_FLASH_CPU", refusing)
+    monkeypatch.setattr(attention, "_fused_refused", set())
+    with torch.no_grad():
+        general = [joint_attention(*args, SCALE) for _ in range(2)]
+    assert calls == [1] and attention._fused_refused == {("cpu", torch.float32, D)}
+    for out in general:
+        torch.testing.assert_close(out, fused, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(general[0], _reference(*args).float(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_keeps_the_self_log_sum_exp_in_float32():
+    """bfloat16 with large self logits (log-sum-exp near 40, where a bf16 step is 0.25): the
+    fused path stays within bf16 rounding of the float64 softmax."""
+    q, k, v, ke, ve = _inputs(1, torch.float64)
+    inputs = [t.to(torch.bfloat16) for t in (q * 6, k, v, ke, ve)]
+    ref = _reference(*(t.double() for t in inputs))  # the same rounded inputs, exact arithmetic
+    with torch.no_grad():
+        got = joint_attention(*inputs, SCALE)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), ref, rtol=0, atol=BF16_ATOL)
