@@ -34,6 +34,11 @@ from amadapter.matcher import Matcher, block_of
 # one at least. SD1.5 at 512x512, 8 heads, 64x64 layer: 512 MB per sample in fp32, 256 MB in bf16.
 LOGITS_BUDGET_BYTES = 512 << 20
 CHUNK_BYTES = 128 << 20  # self logits + exemplar logits of one query chunk
+# On CUDA the budgets only bound memory: one sample at a time would also hand the matcher one
+# sample per call (its kernels launched per sample), and small query chunks multiply launches.
+# SD1.5 fp16, batch 8: 8 x 256 MB of exemplar logits at once, about 4 query chunks per layer.
+CUDA_LOGITS_BUDGET_BYTES = 2 << 30
+CUDA_CHUNK_BYTES = 512 << 20
 UNCOND_SUFFIX = "#uncond"  # recorded-token key of a layer's unconditional rows (release_compat)
 
 
@@ -98,14 +103,16 @@ def joint_attention(q, k_self, v_self, k_ex, v_ex, scale: float, refine=None) ->
     """softmax([q k_self^T ; refine(q k_ex^T)] * scale) @ [v_self ; v_ex], without concatenating.
 
     q, k_self, v_self: (B, H, N, d); k_ex, v_ex: (1 or B, H, Ne, d) (broadcast, never copied).
-    The exemplar logits exist for as many whole samples as fit ``LOGITS_BUDGET_BYTES``;
+    The exemplar logits exist for as many whole samples as fit ``LOGITS_BUDGET_BYTES`` (on CUDA
+    ``CUDA_LOGITS_BUDGET_BYTES``, and ``CUDA_CHUNK_BYTES`` below);
     ``refine(logits, rows)`` edits those of the samples ``rows`` (a slice of the batch) in place.
     The softmax then runs in query chunks of ``CHUNK_BYTES``, on the exemplar logits in place.
     """
     B, H, N, _ = q.shape
     Ne = k_ex.shape[-2]
     per_sample = H * N * Ne * q.element_size()
-    step = max(1, LOGITS_BUDGET_BYTES // max(1, per_sample))
+    budget = CUDA_LOGITS_BUDGET_BYTES if q.is_cuda else LOGITS_BUDGET_BYTES
+    step = max(1, budget // max(1, per_sample))
     outs = []
     for a in range(0, B, step):
         rows = slice(a, min(B, a + step))
@@ -161,7 +168,7 @@ def _joint_rows(q, k_self, v_self, k_ex, v_ex, scale, refine, rows) -> torch.Ten
         width = k_ex.shape[-2]
     else:
         width = N + k_ex.shape[-2]
-    chunk = max(1, CHUNK_BYTES // max(1, B * H * width * q.element_size()))
+    chunk = max(1, (CUDA_CHUNK_BYTES if q.is_cuda else CHUNK_BYTES) // max(1, B * H * width * q.element_size()))
     outs = []
     for a in range(0, N, chunk):
         le = logits_ex[:, :, a : a + chunk]
