@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch import nn
 
 # Elements per piece of a row. Long enough that a piece is a cheap reduction of its own, short
 # enough that a sample's volume (1M-33M elements) makes hundreds to thousands of pieces.
@@ -84,3 +85,46 @@ def split_var_mean(x: torch.Tensor, chunk: int = SPLIT_CHUNK) -> tuple[torch.Ten
     mean = (mean_i * n_i).sum(1) / total
     m2 = (var_i * n_i).sum(1) + ((mean_i - mean[:, None]).square() * n_i).sum(1)
     return m2 / total, mean
+
+
+# nn.GroupNorm on CUDA gives each (sample, group) row one thread block: a net whose rows are few
+# and long (the structure net's stem at SD1.5: 2 groups of 2-4M values per sample) leaves most of
+# the GPU idle, so such rows are split. Short or many rows keep torch's kernel.
+SPLIT_GROUP_NORM_MIN_ROW = 1 << 16
+SPLIT_GROUP_NORM_MAX_ROWS = 256
+
+
+def split_group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
+    """``F.group_norm`` of x (N, C, ...) from :func:`split_var_mean` statistics; normalization and
+    affine are one multiply-add with float32 per-(sample, channel) scale and shift. The result
+    has x's dtype and memory format."""
+    n, c = x.shape[:2]
+    var, mean = split_var_mean(x.reshape(n * groups, -1))
+    per_channel = c // groups
+    rstd = (var + eps).rsqrt().view(n, groups, 1).expand(n, groups, per_channel).reshape(n, c)
+    mean = mean.view(n, groups, 1).expand(n, groups, per_channel).reshape(n, c)
+    scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    shift = -mean * scale if bias is None else bias.to(rstd.dtype) - mean * scale
+    view = (n, c) + (1,) * (x.dim() - 2)
+    if torch.is_grad_enabled():  # out= records no graph
+        return torch.addcmul(shift.view(view), x, scale.view(view)).to(x.dtype)
+    return torch.addcmul(shift.view(view), x, scale.view(view), out=torch.empty_like(x))
+
+
+class SplitGroupNorm(nn.GroupNorm):
+    """nn.GroupNorm (same parameters, same state dict) whose few long rows are split on CUDA
+    (:func:`split_group_norm`); elsewhere torch's kernel, as before."""
+
+    @classmethod
+    def like(cls, norm: nn.GroupNorm) -> "SplitGroupNorm":
+        like = {"device": norm.weight.device, "dtype": norm.weight.dtype} if norm.affine else {}
+        new = cls(norm.num_groups, norm.num_channels, norm.eps, norm.affine, **like)
+        new.load_state_dict(norm.state_dict())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0] * self.num_groups
+        if (use_split(x) and rows <= SPLIT_GROUP_NORM_MAX_ROWS
+                and x.numel() >= rows * SPLIT_GROUP_NORM_MIN_ROW):
+            return split_group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)

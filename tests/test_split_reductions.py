@@ -162,3 +162,49 @@ def test_pipeline_with_split_reductions_matches_the_cpu_path():
         split = pipe([target, target], image, label, **kwargs).latents
     torch.testing.assert_close(split, plain, rtol=1e-4, atol=1e-4)
     assert isinstance(pipe.matcher.phi("up"), CostAggregator)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_split_group_norm_equals_torch(monkeypatch, channels_last):
+    """SplitGroupNorm forced to split (its row thresholds lowered): nn.GroupNorm's output and
+    gradients in float64, the input's memory format kept; unforced, torch's kernel itself."""
+    monkeypatch.setattr(reductions, "SPLIT_CHUNK", 100)
+    monkeypatch.setattr(reductions, "SPLIT_GROUP_NORM_MIN_ROW", 1)
+    torch.manual_seed(0)
+    ref = torch.nn.GroupNorm(2, 6, eps=1e-6).double()
+    torch.nn.init.normal_(ref.weight)
+    torch.nn.init.normal_(ref.bias)
+    norm = reductions.SplitGroupNorm.like(ref)
+    x = torch.randn(3, 6, 10, 13, dtype=torch.float64) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(norm(x), ref(x), rtol=0, atol=0)  # the CPU's own kernel
+        with split_reductions():
+            got = norm(x)
+    assert got.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(got, ref(x), rtol=1e-10, atol=1e-10)
+    xg = x.clone().requires_grad_(True)
+    with split_reductions():
+        g_split = torch.autograd.grad(norm(xg).square().sum(), [xg, norm.weight])
+    g_ref = torch.autograd.grad(ref(xg).square().sum(), [xg, ref.weight])
+    for a, b in zip(g_split, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_structure_net_norms_split_and_keep_their_state_dict(monkeypatch):
+    from amadapter.structure_net import StructureNet
+
+    monkeypatch.setattr(reductions, "SPLIT_GROUP_NORM_MIN_ROW", 1)
+    pipe = tiny_pipeline()
+    net = pipe.structure_net.double()
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert norms and all(isinstance(m, reductions.SplitGroupNorm) for m in norms)
+    plain = StructureNet(**net.config)
+    assert plain.state_dict().keys() == net.state_dict().keys()
+    cond = torch.rand(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = net(cond, 500)
+        with split_reductions():
+            after = net(cond, 500)
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-10)
