@@ -189,3 +189,14 @@ def test_bf16_keeps_the_self_log_sum_exp_in_float32():
         got = joint_attention(*inputs, SCALE)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), ref, rtol=0, atol=BF16_ATOL)
+
+
+def test_out_of_memory_in_the_fused_kernel_is_not_a_refusal(monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(attention, "_FLASH_CPU", oom)
+    monkeypatch.setattr(attention, "_fused_refused", set())
+    with torch.no_grad(), pytest.raises(torch.OutOfMemoryError):
+        joint_attention(*_inputs(1), SCALE)
+    assert not attention._fused_refused
