@@ -137,16 +137,26 @@ def exemplar_timesteps(t: torch.Tensor, fraction: tuple[float, float], generator
     return (t.float().cpu() * u).round().long().to(t.device)
 
 
+def _like(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """CPU ``x`` on ``ref``'s device and dtype; to a GPU through pinned memory, so the copy is
+    queued without waiting for the device."""
+    if ref.device.type == "cpu":
+        return x.to(ref)
+    return x.pin_memory().to(ref.device, non_blocking=True).to(ref.dtype)
+
+
 def noised_pair(pipe, batch, generator: torch.Generator, high_noise_bias: float = 0.0,
                 exemplar_t_fraction: tuple[float, float] = (1.0, 1.0)) -> NoisedPair:
     z_t = encode(pipe, batch["target_image"])
     z_e = encode(pipe, batch["exemplar_image"])
     B = z_t.shape[0]
     sched = pipe.scheduler
-    t = sample_timesteps(B, sched.config.num_train_timesteps, high_noise_bias, generator).to(z_t.device)
-    n_t = torch.randn(z_t.shape, generator=generator).to(z_t)
-    n_e = torch.randn(z_e.shape, generator=generator).to(z_e)
+    # Every draw on the CPU from the step's generator, in this order; then to the device.
+    t = sample_timesteps(B, sched.config.num_train_timesteps, high_noise_bias, generator)
+    n_t = torch.randn(z_t.shape, generator=generator)
+    n_e = torch.randn(z_e.shape, generator=generator)
     t_e = exemplar_timesteps(t, exemplar_t_fraction, generator)
+    t, t_e, n_t, n_e = t.to(z_t.device), t_e.to(z_t.device), _like(n_t, z_t), _like(n_e, z_e)
     return NoisedPair(
         target=sched.add_noise(z_t, n_t, t), exemplar=sched.add_noise(z_e, n_e, t_e),
         clean_target=z_t, clean_exemplar=z_e,
