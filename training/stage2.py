@@ -95,7 +95,7 @@ def pair_costs(batch, kind: str, sampling: str, dtype):
                       granularity="instance" if kind == "instance" else "class", sampling=sampling,
                       instance_mapping=shared_things(inst_t[i], inst_e[i]) if kind == "mapping" else None)
              for i in range(len(labels_t))]
-    device = batch["target_label"].device
+    device = batch["target_image"].device  # the maps stay on the CPU (training/loop.py _to_device)
 
     def cost_fn(q_hw, e_hw):
         return torch.cat([s.cost(q_hw, e_hw, device=device, dtype=dtype) for s in specs])
