@@ -213,7 +213,8 @@ class AMAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
         if st.phase == "record":
-            (_record_eagerly if torch.compiler.is_compiling() else AMAttnProcessor._record)(self, hidden_states)
+            record = _record_eagerly if torch.compiler.is_compiling() else AMAttnProcessor._record
+            record(self, hidden_states)
 
         B, N, _ = hidden_states.shape
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states

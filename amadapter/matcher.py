@@ -28,7 +28,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from amadapter.reductions import split_amax, split_var_mean, use_split
+from amadapter.reductions import affine_normalize, split_amax, split_var_mean, use_split
 
 BLOCKS = ("down", "mid", "up")
 # Bytes of the widest aggregation activation per chunk of samples: a few samples at toy size
@@ -72,18 +72,13 @@ def group_norm_relu(x: torch.Tensor, batch: int, norm: nn.GroupNorm) -> torch.Te
     two-dim ``var_mean`` is 20x slower here), the affine is one fused multiply-add, ReLU is in
     place. On CUDA that kernel reduces a sample with one thread block, so the statistics come
     from :func:`amadapter.reductions.split_var_mean` and normalization and affine are one
-    multiply-add with a per-sample, per-channel scale and shift (computed in float32)."""
+    multiply-add (:func:`amadapter.reductions.affine_normalize`)."""
     n, c, h, w = x.shape
     flat = x.permute(0, 2, 3, 1).reshape(batch, 1, -1)  # a view when x is channels-last
     if use_split(x):
-        var, mean = split_var_mean(flat.view(batch, -1))
-        scale = (var + norm.eps).rsqrt()[:, None] * norm.weight.to(var.dtype)  # (batch, C)
-        shift = norm.bias.to(var.dtype) - mean[:, None] * scale
+        var, mean = (t[:, None].expand(batch, c) for t in split_var_mean(flat.view(batch, -1)))
         rows = flat.view(batch, -1, c)
-        if torch.is_grad_enabled():  # out= records no graph
-            y = torch.addcmul(shift[:, None], rows, scale[:, None]).to(x.dtype).relu_()
-        else:  # one pass: half/bfloat16 in and out, float32 arithmetic
-            y = torch.addcmul(shift[:, None], rows, scale[:, None], out=torch.empty_like(rows)).relu_()
+        y = affine_normalize(rows, var, mean, norm.weight, norm.bias, norm.eps, (batch, 1, c)).relu_()
     else:
         y = F.group_norm(flat, 1, eps=norm.eps).view(batch, -1, c)
         y = torch.addcmul(norm.bias, y, norm.weight).relu_()

@@ -94,21 +94,28 @@ SPLIT_GROUP_NORM_MIN_ROW = 1 << 16
 SPLIT_GROUP_NORM_MAX_ROWS = 256
 
 
+def affine_normalize(x: torch.Tensor, var, mean, weight, bias, eps: float, shape) -> torch.Tensor:
+    """weight * (x - mean) / sqrt(var + eps) + bias as one multiply-add with a float32 scale and
+    shift: ``var`` and ``mean`` (N, C) per sample and channel, ``shape`` how (N, C) broadcasts
+    over x. The result has x's dtype (on CUDA one pass: half/bfloat16 in and out) and, made by
+    ``empty_like``, its memory format."""
+    scale = (var + eps).rsqrt()
+    if weight is not None:
+        scale = scale * weight.to(scale.dtype)
+    shift = -mean * scale if bias is None else bias.to(scale.dtype) - mean * scale
+    if torch.is_grad_enabled():  # out= records no graph
+        return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
+    return torch.addcmul(shift.view(shape), x, scale.view(shape), out=torch.empty_like(x))
+
+
 def split_group_norm(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor:
-    """``F.group_norm`` of x (N, C, ...) from :func:`split_var_mean` statistics; normalization and
-    affine are one multiply-add with float32 per-(sample, channel) scale and shift. The result
-    has x's dtype and memory format."""
+    """``F.group_norm`` of x (N, C, ...) from :func:`split_var_mean` statistics and
+    :func:`affine_normalize`; the result has x's dtype and memory format."""
     n, c = x.shape[:2]
     var, mean = split_var_mean(x.reshape(n * groups, -1))
-    per_channel = c // groups
-    rstd = (var + eps).rsqrt().view(n, groups, 1).expand(n, groups, per_channel).reshape(n, c)
-    mean = mean.view(n, groups, 1).expand(n, groups, per_channel).reshape(n, c)
-    scale = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    shift = -mean * scale if bias is None else bias.to(rstd.dtype) - mean * scale
-    view = (n, c) + (1,) * (x.dim() - 2)
-    if torch.is_grad_enabled():  # out= records no graph
-        return torch.addcmul(shift.view(view), x, scale.view(view)).to(x.dtype)
-    return torch.addcmul(shift.view(view), x, scale.view(view), out=torch.empty_like(x))
+    per_group = (n, groups, 1)
+    var, mean = (t.view(per_group).expand(n, groups, c // groups).reshape(n, c) for t in (var, mean))
+    return affine_normalize(x, var, mean, weight, bias, eps, (n, c) + (1,) * (x.dim() - 2))
 
 
 class SplitGroupNorm(nn.GroupNorm):
