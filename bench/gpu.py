@@ -56,12 +56,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("structure_only", "sa_aug", "am_adapter")
 
 
-def build_pipeline(model, device: torch.device, dtype: torch.dtype):
+def build_pipeline(model, device: torch.device, dtype: torch.dtype, speed: dict | None = None):
     """The bench's one way to a pipeline on ``device`` in ``dtype``: ``model`` is a model spec
-    (amadapter.loading: "toy", "random:sd15") or a preset dict (the tiny model). Speed options of
-    the pipeline (channels-last, attention kernels, torch.compile) belong here."""
+    (amadapter.loading: "toy", "random:sd15") or a preset dict (the tiny model). ``speed`` holds
+    the run config's ``model.channels_last`` / ``model.compile`` (amadapter.speed)."""
     from amadapter.loading import load_model
     from amadapter.pipeline import AMAdapterPipeline
+    from amadapter.speed import apply_speed_options
     from exemplar_reuse import with_text_condition
 
     if isinstance(model, dict):
@@ -71,7 +72,9 @@ def build_pipeline(model, device: torch.device, dtype: torch.dtype):
     if not pipe.text_embeds.identical_halves:
         pipe = with_text_condition(pipe)  # random prompt-kind halves: CFG runs as with real prompts
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    pipe = pipe.to(device, dtype)
+    apply_speed_options(pipe, **(speed or {}))
+    return pipe
 
 
 def _sync(device: torch.device) -> None:
@@ -172,7 +175,7 @@ def sd15_section(args, device, elapsed) -> dict:
             out["skipped"] += [f"{dtype_name}/{m}/b{b}" for m in MODES for b in args.sd_batches]
             continue
         if pipe is None:
-            pipe = build_pipeline(model, device, DTYPES[dtype_name])
+            pipe = build_pipeline(model, device, DTYPES[dtype_name], args.speed)
         else:
             pipe.to(device, DTYPES[dtype_name])  # one random model for every dtype
         banks = exemplar_banks(pipe, size, args.sd_steps, 7.5)
@@ -217,7 +220,7 @@ def toy_section(args, device) -> dict:
     out = {"model": "toy", "folder": str(toy_model_dir()), "batch": args.toy_batch, "steps": 4, "guidance_scale": 3.0,
            "mode": "am_adapter", "rows": []}
     for dtype_name in ("fp32", "bf16"):
-        pipe = build_pipeline("toy", device, DTYPES[dtype_name])
+        pipe = build_pipeline("toy", device, DTYPES[dtype_name], args.speed)
         sample = pipe.unet.config.sample_size
         size = args.toy_size or tuple(int(s) * pipe.vae_scale_factor
                                       for s in (sample if isinstance(sample, (list, tuple)) else (sample, sample)))
@@ -308,6 +311,9 @@ def parse(argv=None):
     ap.add_argument("--train-steps", default=None, help="W,T: warm-up and timed steps (default 5,30; --tiny: 1,2)")
     ap.add_argument("--train-profile-steps", type=int, default=5)
     ap.add_argument("--train-workers", type=int, default=None, help="loader workers (default: CPUs - 2; --tiny: 0)")
+    ap.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                    help="model.channels_last: auto = on for CUDA, off on CPU")
+    ap.add_argument("--compile", default="off", help="model.compile: off, default, reduce-overhead, max-autotune")
     ap.add_argument("--skip", default="", help="sections to leave out: sd15,toy,train")
     args = ap.parse_args(argv)
     t = args.tiny
@@ -326,6 +332,8 @@ def parse(argv=None):
     if args.train_workers is None:
         args.train_workers = 0 if t else max(0, min(14, (os.cpu_count() or 2) - 2))
     args.skip = {s for s in args.skip.split(",") if s}
+    args.speed = {"channels_last": {"auto": None, "on": True, "off": False}[args.channels_last],
+                  "compile": args.compile}
     return args
 
 
@@ -341,7 +349,8 @@ def main(argv=None) -> dict:
     elapsed = lambda: time.perf_counter() - t0  # noqa: E731
     result = {"bench": "gpu", "date": datetime.date.today().isoformat(), "tiny": args.tiny, "device": str(device),
               "device_name": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "seconds": {}}
+              "torch": torch.__version__, "speed": {"channels_last": args.channels_last, "compile": args.compile},
+              "seconds": {}}
     for name, fn in (("toy", lambda: toy_section(args, device)), ("train", lambda: train_section(args, device)),
                      ("sd15", lambda: sd15_section(args, device, elapsed))):
         if name in args.skip:

@@ -16,7 +16,7 @@ RUN = f"""
 import runpy, sys
 for name in {ABSENT_ON_GPU_MACHINE!r}:
     sys.modules[name] = None  # import fails, as on the GPU machine
-sys.argv = ["bench/gpu.py", "--tiny"]
+sys.argv = ["bench/gpu.py", "--tiny", "--channels-last", "on"]
 runpy.run_path("bench/gpu.py", run_name="__main__")
 """
 
@@ -27,6 +27,7 @@ def test_gpu_bench_runs_tiny_on_cpu_without_ray_faiss_datasets():
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["bench"] == "gpu" and result["tiny"] and result["device"] == "cpu"
+    assert result["speed"] == {"channels_last": "on", "compile": "off"}  # the run config's speed keys reach the bench
 
     sd = result["sd15"]
     assert not sd["skipped"]
