@@ -256,7 +256,7 @@ def train_section(args, device) -> dict:
     warm, timed = args.train_steps
     overrides = [f"init_from={toy_model_dir()}", f"batch_size={args.train_batch}", "steps=1000000",
                  "warmup_steps=0", "checkpoint_every=1000000", f"use_gpu={str(device.type == 'cuda').lower()}",
-                 f"loader.num_workers={args.train_workers}", "torch_threads=null" if device.type == "cuda" else "torch_threads=1"]
+                 f"loader.num_workers={args.train_workers}"] + ([] if device.type == "cuda" else ["torch_threads=1"])
     if args.tiny:
         overrides += ["data.height=16", "data.width=32"]
     root = Path(tempfile.mkdtemp(prefix="amgen-bench-gpu-"))

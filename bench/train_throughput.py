@@ -15,7 +15,7 @@ work, not the time other jobs held the core. Wall-clock figures are in the JSON 
 
 Last line: one JSON object.
 Usage: python bench/train_throughput.py [--steps 6] [--batch 8] [--variants fp32,bf16,channels_last,compile]
-       [--optimizer-impl auto|fused|foreach|loop] [--cast-weights-once on|off] [--count-casts 2]
+       [--optimizer-impl auto|fused|foreach|loop] [--cast-weights-once on|off] [--count-casts 2] [--adamw-steps 20]
 """
 from __future__ import annotations
 
@@ -64,6 +64,30 @@ def count_casts(step_fn, steps: int = 2) -> dict:
         if e.name in counts:
             counts[e.name] += 1
     return {k: v / steps for k, v in counts.items()}
+
+
+def adamw_ms_per_step(steps: int, rounds: int = 3) -> dict:
+    """ms per ``AdamW.step()`` on stage 1's trainable tensors of the toy preset, per kernel
+    (``optimizer_impl``), with fixed random gradients; ``rounds`` alternating rounds of ``steps``."""
+    from training.loop import adamw_kwargs
+
+    config = _config(8, "no")
+    module = Stage1Task(config, ToyTownPairs(config.data)).build(torch.device("cpu"))
+    params = [p for p in module.parameters() if p.requires_grad]
+    grads = [torch.randn_like(p) * 1e-3 for p in params]
+    out = {"tensors": len(params), "values": sum(p.numel() for p in params)}
+    for _ in range(rounds):
+        for impl in ("loop", "foreach", "fused"):
+            copies = [p.detach().clone().requires_grad_(True) for p in params]
+            for c, g in zip(copies, grads):
+                c.grad = g.clone()
+            opt = torch.optim.AdamW(copies, lr=1e-4, **adamw_kwargs(impl, torch.device("cpu")))
+            opt.step()  # the state is made at the first step
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                opt.step()
+            out.setdefault(impl, []).append(1e3 * (time.perf_counter() - t0) / steps)
+    return out
 
 
 def run_variant(name: str, steps: int, batch: int, batches: list, before: str | None = None, speed: dict | None = None,
@@ -120,6 +144,8 @@ def main(argv=None) -> dict:
                     help="the training config's cast_weights_once (off: autocast casts at every use)")
     ap.add_argument("--count-casts", type=int, default=0, metavar="STEPS",
                     help="also count aten::to/_to_copy/copy_ calls per step over this many profiled steps")
+    ap.add_argument("--adamw-steps", type=int, default=0, metavar="N",
+                    help="also time AdamW.step() alone per kernel (loop, foreach, fused), 3 rounds of N steps")
     args = ap.parse_args(argv)
     speed = {"optimizer_impl": args.optimizer_impl, "cast_weights_once": args.cast_weights_once == "on"}
     torch.set_num_threads(1)
@@ -147,6 +173,8 @@ def main(argv=None) -> dict:
     result = {"bench": "train_throughput", "preset": "toy", "batch": args.batch, "steps": args.steps,
               "torch": torch.__version__, "cpu_capability": isa, "data_cpu_s_per_sample": data_cpu_per_sample, **speed,
               "rows": rows}
+    if args.adamw_steps:
+        result["adamw_ms_per_step"] = adamw_ms_per_step(args.adamw_steps)
     print(json.dumps(result))
     return result
 

@@ -98,7 +98,7 @@ class TrainConfig(BaseModel):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # cosine floor, as a fraction of lr
     grad_clip: float | None = 1.0
     # AdamW kernel: "auto" takes the fused one wherever torch has it (CUDA; CPU too, where it
-    # measured 2.8x faster than the per-tensor loop on the toy model), else "foreach".
+    # measured 3-4x faster than the per-tensor loop on the toy model: docs/performance.md), else "foreach".
     optimizer_impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
