@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-# Owned by another change, with its own test.
+# tests/test_bench_gpu.py runs it, with the modules a lent GPU machine lacks blocked.
 NOT_HERE = {"gpu.py"}
 
 
@@ -56,6 +56,12 @@ def check_quality(rows, _):
     assert {"sa_aug", "am_adapter", "ground_truth"} <= by_mode.keys()
     assert all(row["n"] == 2 for row in rows)
     assert 0 <= by_mode["am_adapter"]["miou"] <= 100 and by_mode["ground_truth"]["class_de2000"] == 0
+
+
+def check_am_step_cpu(r, _):
+    steps = r["step_cpu_s"]["batch1"]
+    assert set(steps) == {"structure_only", "sa_aug", "am_adapter", "am_adapter_split"}
+    assert all(positive(v) for v in steps.values())
 
 
 def check_routing_oracle(r, _):
@@ -145,6 +151,7 @@ CASES = [
                                "--sd15-size", "64x64"], check_exemplar_reuse),
     case("sd15_memory.py", ["--tiny", "--dtypes", "fp32", "--steps", "2", "--cuda", "off"], check_sd15_memory),
     case("domain_adaptation.py", ["--tiny"], check_domain_adaptation),
+    case("am_step_cpu.py", ["--batches", "1", "--repeats", "1", "--steps", "1"], check_am_step_cpu),
     case("retrieval.py", ["--n", "5000", "--queries", "50", "--quality-pool", "200", "--retriever-queries", "20",
                           "--repeats", "1", "--shards", "2", "--nlist", "64", "--nprobe", "8", "--codec", "pq110x4fs",
                           "--rerank", "4", "--compare", "IVF64,Flat|nprobe=8"], check_retrieval),
