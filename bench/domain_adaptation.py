@@ -8,7 +8,7 @@ line is one JSON object: per-arm mean night/day mIoU, ``gain_vs_b`` ((c) - (b), 
 ``gain_vs_best_baseline`` ((c) - best (d), night), ``day_drop`` ((a) - (c), day), and the rest.
 
 Usage: python bench/domain_adaptation.py [--work-dir runs/adapt] [--day-n 500] [--bank-n 10]
-       [--test-n 300] [--night-real-n 500] [--steps 300] [--seeds 3] [--workers 2]
+       [--test-n 300] [--night-real-n 500] [--steps 300] [--seeds 3] [--workers 2] [--model toy] [--tiny]
        [--json rows.json] [--result result.json] [--picture docs/adaptation.png]
 """
 from __future__ import annotations
@@ -38,13 +38,27 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model-steps", type=int, default=4)
+    ap.add_argument("--model", default="toy", help="the amgen model: toy (the bundled one) or a model folder")
+    ap.add_argument("--tiny", action="store_true",
+                    help="the smallest run that exercises every arm (a few scenes, 2 training steps, one seed, a tiny "
+                    "random model): checks that the bench runs, measures nothing")
     ap.add_argument("--json", type=Path, default=None, help="rows [{arm, seed, night_miou, day_miou}]")
     ap.add_argument("--result", type=Path, default=None, help="the whole result")
     ap.add_argument("--picture", type=Path, default=None)
     a = ap.parse_args(argv)
+    if a.tiny:
+        from amadapter.testing import tiny_pipeline
+
+        a.day_n, a.bank_n, a.test_n, a.night_real_n = 9, 3, 4, 6
+        a.steps, a.batch_size, a.seeds, a.model_steps = 2, 4, 1, 1
+        tiny = a.work_dir / "tiny-model"
+        if not (tiny / "model_index.json").is_file():
+            tiny_pipeline(seed=0).save_pretrained(tiny)
+        a.model = str(tiny)
     sizes = AdaptSizes(a.day_n, a.bank_n, a.test_n, a.night_real_n)
     result = run_adapt(a.work_dir, sizes, steps=a.steps, batch_size=a.batch_size, seeds=a.seeds, workers=a.workers,
-                       model_steps=a.model_steps, picture=a.picture, log=lambda m: print(m, file=sys.stderr, flush=True))
+                       model=a.model, model_steps=a.model_steps, picture=a.picture,
+                       log=lambda m: print(m, file=sys.stderr, flush=True))
     if a.json is not None:
         write_json(a.json, [{k: r[k] for k in ("arm", "seed", "night_miou", "day_miou")} for r in result["rows"]])
     if a.result is not None:

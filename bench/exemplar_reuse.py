@@ -170,8 +170,11 @@ def step_profile(pipe, image, label, target, size, steps, gs, reps):
     """Median CPU time of one generation step (1 target, CFG) per mode, and of the adapter's
     parts inside the am_adapter step; the matching cost is timed cold (a fresh CostSpec)."""
     bank = pipe.encode_exemplar(image, label, num_inference_steps=steps, guidance_scale=gs)
+    # The latent's shape comes from the model, as the pipeline makes it (channels: the UNet's input,
+    # 48 for the bundled pixel-unshuffle latent, 4 for a KL VAE; side: image side / the VAE's factor).
     f = pipe.vae_scale_factor
-    lat = torch.randn(2, 4, size[0] // f, size[1] // f, generator=torch.Generator().manual_seed(0)).to(pipe.dtype)
+    z = pipe.initial_noise([0], (size[0] // f, size[1] // f))
+    lat = torch.cat([z, z])  # the CFG pair
     cond = pipe.prepare_condition(target)
     states, cond_start = pipe._embeds(1, cfg=True)
     t = bank.timesteps[0]

@@ -22,7 +22,7 @@ device was present where this was written; that path has not run.
 
 Timing uses ``--threads`` torch threads (default 1: CPU time = our work on a shared box).
 Peak memory of the whole run stays under ~6 GiB (fp32 weights 3.4 GB for the UNet).
-Last line: one JSON object. Usage: python bench/sd15_memory.py [--dtypes fp32,bf16]
+Last line: one JSON object. Usage: python bench/sd15_memory.py [--dtypes fp32,bf16] [--tiny]
 [--modes sa_aug,am_adapter] [--size 512x512] [--threads 1]
 """
 from __future__ import annotations
@@ -65,20 +65,25 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def build(size, dtype_name: str, device: str = "cpu"):
+TINY_WIDTH = (32, 32, 64, 64)   # --tiny: the sd15 block layout at these widths (a smoke run, not a measurement)
+TINY_SIZE = "64x64"
+
+
+def build(size, dtype_name: str, device: str = "cpu", tiny: bool = False):
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from exemplar_reuse import with_text_condition
+    from exemplar_reuse import sd15_shaped_config, with_text_condition
 
     from amadapter.pipeline import AMAdapterPipeline
 
-    pipe = with_text_condition(AMAdapterPipeline.from_preset("sd15", seed=0))
+    preset = sd15_shaped_config(TINY_WIDTH, size) if tiny else "sd15"
+    pipe = with_text_condition(AMAdapterPipeline.from_preset(preset, seed=0))
     pipe.to(device, getattr(torch, DTYPES[dtype_name]))
     return pipe
 
 
-def worker(mode: str, dtype_name: str, size, steps: int) -> dict:
+def worker(mode: str, dtype_name: str, size, steps: int, tiny: bool = False) -> dict:
     """One generation step of ``mode`` in a fresh process; returns its figures."""
     import torch
 
@@ -89,7 +94,7 @@ def worker(mode: str, dtype_name: str, size, steps: int) -> dict:
     from exemplar_reuse import Clock, timed_parts
 
     with torch.no_grad():
-        pipe = build(size, dtype_name)
+        pipe = build(size, dtype_name, tiny=tiny)
         image, label, _ = tiny_scene(0, size=size, cars=3)
         target = tiny_scene(100, size=size, cars=2)[1]
         f = pipe.vae_scale_factor
@@ -97,8 +102,9 @@ def worker(mode: str, dtype_name: str, size, steps: int) -> dict:
         sched = pipe._scheduler(steps)
         t = sched.timesteps[0]
         g = torch.Generator().manual_seed(0)
-        z_ex = torch.randn(1, 4, *latent_hw, generator=g).to(pipe.dtype)
-        z = torch.randn(1, 4, *latent_hw, generator=g).to(pipe.dtype)
+        c = pipe.unet.config.in_channels   # the model's latent channels (4 for SD1.5's KL VAE)
+        z_ex = torch.randn(1, c, *latent_hw, generator=g).to(pipe.dtype)
+        z = torch.randn(1, c, *latent_hw, generator=g).to(pipe.dtype)
         states, cond_start = pipe._embeds(1, cfg=True)
         # the exemplar side (once per exemplar; not measured): one appearance pass records the tokens
         _, tokens = pipe.appearance_tokens(torch.cat([z_ex, z_ex]), t, pipe.prepare_condition(label),
@@ -121,13 +127,13 @@ def worker(mode: str, dtype_name: str, size, steps: int) -> dict:
             "torch_threads": torch.get_num_threads(), "finite": bool(torch.isfinite(eps).all())}
 
 
-def cuda_worker(size, steps: int, batches, dtype_name: str) -> dict:
+def cuda_worker(size, steps: int, batches, dtype_name: str, tiny: bool = False) -> dict:
     """Images/s of full generations with one reused bank at several batch sizes, peak GPU memory."""
     import torch
 
     from amadapter.testing import tiny_scene
 
-    pipe = build(size, dtype_name, device="cuda")
+    pipe = build(size, dtype_name, device="cuda", tiny=tiny)
     image, label, _ = tiny_scene(0, size=size, cars=3)
     out = {"device": torch.cuda.get_device_name(0), "dtype": dtype_name, "steps": steps, "images_per_s": {},
            "peak_gpu_bytes": {}}
@@ -172,7 +178,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--modes", default="sa_aug,am_adapter")
-    ap.add_argument("--size", default="512x512")
+    ap.add_argument("--size", default=None, help=f"HxW (default 512x512; {TINY_SIZE} with --tiny)")
+    ap.add_argument("--tiny", action="store_true",
+                    help=f"the sd15 block layout at widths {TINY_WIDTH} and {TINY_SIZE}: checks that the bench runs, "
+                    "measures nothing about SD1.5")
     ap.add_argument("--steps", type=int, default=20, help="schedule length (the step timed is its first)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cuda", choices=("auto", "on", "off"), default="auto")
@@ -180,27 +189,29 @@ def main() -> None:
     ap.add_argument("--worker", nargs=2, metavar=("MODE", "DTYPE"), help=argparse.SUPPRESS)
     ap.add_argument("--cuda-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.size = args.size or (TINY_SIZE if args.tiny else "512x512")
     size = tuple(int(s) for s in args.size.split("x"))
     if args.worker or args.cuda_worker:
         import torch
 
         torch.set_num_threads(args.threads)
         if args.cuda_worker:
-            res = cuda_worker(size, args.steps, [int(b) for b in args.cuda_batches.split(",")], args.dtypes.split(",")[0])
+            res = cuda_worker(size, args.steps, [int(b) for b in args.cuda_batches.split(",")], args.dtypes.split(",")[0],
+                              tiny=args.tiny)
         else:
-            res = worker(*args.worker, size, args.steps)
+            res = worker(*args.worker, size, args.steps, tiny=args.tiny)
         print(json.dumps(res))
         return
 
     def child(extra) -> dict:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--size", args.size, "--steps", str(args.steps),
-               "--threads", str(args.threads), *extra]
+               "--threads", str(args.threads), *(["--tiny"] if args.tiny else []), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
-    result = {"bench": "sd15_memory", "size": list(size), "batch": 1, "torch_threads": args.threads,
+    result = {"bench": "sd15_memory", "size": list(size), "tiny": args.tiny, "batch": 1, "torch_threads": args.threads,
               "where": "CPU", "runs": [], "adapter_peak_ratio": {}, "adapter_step_rise_ratio": {}}
     for dtype_name in args.dtypes.split(","):
         by_mode = {}

@@ -191,7 +191,8 @@ class IndexBuilder:
 
     def finish(self, num_shards: int = 1, *, ivf_threshold: int = DEFAULT_IVF_THRESHOLD, nlist: int | None = None,
                nprobe: int | None = None, embedding_version: str = "", seed: int = 0, workers: int | None = None,
-               device: str = "cpu", progress: Callable[[int, int], None] | None = None) -> ShardedIndex:
+               device: str = "cpu", progress: Callable[[int, int], None] | None = None, codec: str = "flat",
+               rerank: int | None = None) -> ShardedIndex:
         """Write the shards (keeping any a killed run finished), rename into place, drop the staging."""
         if self._open is not None:
             self.seal()
@@ -203,7 +204,7 @@ class IndexBuilder:
         check_unique_ids(rows.all_ids(), where)
         write_index(rows, self.out, self.root / "index", num_shards, resume=True, ivf_threshold=ivf_threshold,
                     nlist=nlist, nprobe=nprobe, embedding_version=embedding_version, seed=seed, workers=workers,
-                    progress=progress)
+                    progress=progress, codec=codec, rerank=rerank)
         shutil.rmtree(self.root, ignore_errors=True)
         return ShardedIndex.load(self.out, device=device, verify=False)
 

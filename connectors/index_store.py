@@ -6,6 +6,7 @@ Layout of an index folder::
     shard-00000.faiss           one FAISS index per shard (IndexFlatIP or IndexIVFFlat, inner product)
     shard-00000.parquet         the shard's id table: ``id`` (str) and ``meta`` (JSON object)
     shard-00000.labels.npy      optional small label maps for the exact rerank (N, h, w) uint8
+    shard-00000.vectors.npy     codec "pq...fs" only: the shard's full vectors (N, dim) float32
 
 Rows are split into contiguous shards, so global row ``r`` lives in shard ``s`` at local
 position ``r - offset[s]``; results merge on (score desc, global row asc), which makes a
@@ -16,6 +17,12 @@ shard is a copy of that empty trained IVF with its own vectors added (the FAISS 
 building shards independently). Because the quantizer is shared, loading merges the shards'
 inverted lists into one IVF for search (one scan of nprobe lists per query, not S).
 
+IVF lists hold either the vectors themselves (codec ``flat``, IndexIVFFlat) or 4-bit product-
+quantizer codes scanned with SIMD lookups (codec ``pq<M>x4fs``, IndexIVFPQFastScan: M codes of
+4 bits per vector, M dividing the dimension), whose candidates (``rerank`` x k of them) are then
+re-scored exactly against the full vectors kept beside the shard (IndexRefine over an
+IndexFlatIP). The codec is recorded in the manifest; an index without one is ``flat``.
+
 Builds go through :func:`write_index` over a :class:`RowSource` (arrays in memory, or the
 on-disk parts of ``connectors.index_staging``); a killed build resumes with its finished shards.
 """
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +59,9 @@ KMEANS_ITERATIONS = 10
 TRAIN_POINTS_PER_LIST = 16
 
 GPU_MAX_K = 2048                 # faiss-gpu's largest k per search call
+DEFAULT_CODEC = "flat"
+PQ_TRAIN_POINTS = 4096          # pq codecs: the product quantizer's training sample, at least
+DEFAULT_RERANK = 16              # pq codecs: candidates re-scored exactly per hit (16: recall@10 0.957 at 1M, docs)
 
 Filter = Mapping[str, Any] | Callable[[dict], bool] | None
 
@@ -90,9 +101,23 @@ def default_nprobe(nlist: int) -> int:
     return int(math.isqrt(nlist) // 2)
 
 
+def pq_subquantizers(codec: str, dim: int | None = None) -> int | None:
+    """M of an IVF codec "pq<M>x4fs" (None for "flat"); ValueError for anything else."""
+    if codec == "flat":
+        return None
+    m = re.fullmatch(r"pq(\d+)x4fs", str(codec))
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"IVF codec must be 'flat' or 'pq<M>x4fs' (e.g. pq220x4fs), got {codec!r}")
+    M = int(m.group(1))
+    if dim is not None and dim % M:
+        raise ValueError(f"IVF codec {codec}: M={M} must divide the dimension {dim}")
+    return M
+
+
 def _shard_names(i: int) -> dict[str, str]:
     stem = f"shard-{i:05d}"
-    return {"index": f"{stem}.faiss", "table": f"{stem}.parquet", "labels": f"{stem}.labels.npy"}
+    return {"index": f"{stem}.faiss", "table": f"{stem}.parquet", "labels": f"{stem}.labels.npy",
+            "vectors": f"{stem}.vectors.npy"}
 
 
 def _num_gpus() -> int:
@@ -168,8 +193,9 @@ class ArrayRows:
         return None if self._labels is None else self._labels[lo:hi]
 
 
-def train_ivf(rows: RowSource, nlist: int, seed: int) -> faiss.Index:
-    """An empty IVF whose coarse quantizer is spherical k-means on a seeded sample of the rows."""
+def train_ivf(rows: RowSource, nlist: int, seed: int, codec: str = DEFAULT_CODEC) -> faiss.Index:
+    """An empty IVF whose coarse quantizer is spherical k-means on a seeded sample of the rows;
+    for a pq codec, its product quantizer is trained on the same sample."""
     n, d = rows.count, rows.dim
     rng = np.random.default_rng(seed)
     size = min(n, nlist * TRAIN_POINTS_PER_LIST)
@@ -179,7 +205,18 @@ def train_ivf(rows: RowSource, nlist: int, seed: int) -> faiss.Index:
     km.train(np.ascontiguousarray(sample, dtype=np.float32))
     quantizer = faiss.IndexFlatIP(d)
     quantizer.add(km.centroids)
-    ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    M = pq_subquantizers(codec, d)
+    if M is None:
+        ivf = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        ivf = faiss.IndexIVFPQFastScan(quantizer, d, nlist, M, 4, faiss.METRIC_INNER_PRODUCT)
+        ivf.by_residual = False   # one lookup table per query, not per probed list
+        ivf.pq.cp.seed = seed
+        ivf.pq.cp.min_points_per_centroid = 1   # small indexes: no warning per sub-quantizer (as the coarse k-means)
+        if len(sample) < PQ_TRAIN_POINTS and size < n:   # the 16 codes of each sub-quantizer want more than a few lists' worth
+            take = min(n, PQ_TRAIN_POINTS)
+            sample = rows.take(np.sort(rng.choice(n, size=take, replace=False))) if take < n else rows.vectors(0, n)
+        ivf.train(np.ascontiguousarray(sample, dtype=np.float32))   # the quantizer is trained: only the PQ
     if not ivf.is_trained:
         raise RuntimeError("IVF quantizer was not trained")
     return faiss.clone_index(ivf)   # owns a copy of the quantizer (ours goes out of scope)
@@ -192,6 +229,7 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(part, path)
 
 
+SHARD_FILES = ("index", "table", "labels", "vectors")   # the files a manifest's shard entry may name
 PLAN_FILE = "build-plan.json"          # work-folder bookkeeping, removed before the rename
 TEMPLATE_FILE = "quantizer.faiss"
 
@@ -199,8 +237,12 @@ TEMPLATE_FILE = "quantizer.faiss"
 def write_index(rows: RowSource, out: Path, work: Path, num_shards: int, *, resume: bool = False,
                 ivf_threshold: int = DEFAULT_IVF_THRESHOLD, nlist: int | None = None, nprobe: int | None = None,
                 embedding_version: str = "", seed: int = 0, workers: int | None = None,
-                progress: Callable[[int, int], None] | None = None) -> None:
+                progress: Callable[[int, int], None] | None = None, codec: str = DEFAULT_CODEC,
+                rerank: int | None = None) -> None:
     """Train, write every shard of ``rows`` into ``work``, then rename ``work`` to ``out``.
+
+    ``codec``: what IVF lists hold, "flat" or "pq<M>x4fs" (see the module docstring); ``rerank``:
+    the pq codecs' default candidates per hit (``DEFAULT_RERANK``). Flat shards ignore both.
 
     With ``resume``, a ``work`` folder left by a killed build with the same plan keeps its trained
     quantizer and its finished shards (each shard is recorded only once its files are complete).
@@ -215,12 +257,19 @@ def write_index(rows: RowSource, out: Path, work: Path, num_shards: int, *, resu
         if not 1 <= nlist <= n:
             raise ValueError(f"index build {out}: nlist={nlist} must be in 1..{n}")
         nprobe = int(min(nprobe or default_nprobe(nlist), nlist))
+        pq_subquantizers(codec, d)
+        if codec != "flat" and n < 16:
+            raise ValueError(f"index build {out}: codec {codec} needs at least 16 rows (its 4-bit codes), got {n}")
+        rerank = int(rerank or DEFAULT_RERANK) if codec != "flat" else None
     else:
-        nlist, nprobe = None, None
+        nlist, nprobe, codec, rerank = None, None, DEFAULT_CODEC, None
     has_labels = rows.label_size is not None
+    has_vectors = codec != "flat"
     plan = {"count": n, "dim": d, "num_shards": num_shards, "kind": kind, "nlist": nlist, "nprobe": nprobe,
             "seed": seed, "embedding_version": embedding_version, "labels": has_labels,
             "kmeans": [KMEANS_ITERATIONS, TRAIN_POINTS_PER_LIST]}
+    if codec != DEFAULT_CODEC:   # a flat plan stays as it was (a resumed build of today's kind keeps its shards)
+        plan.update(codec=codec, rerank=rerank)
     plan_path = work / PLAN_FILE
     if not (resume and plan_path.is_file() and json.loads(plan_path.read_text()) == plan):
         shutil.rmtree(work, ignore_errors=True)
@@ -233,7 +282,7 @@ def write_index(rows: RowSource, out: Path, work: Path, num_shards: int, *, resu
         if tpath.is_file():
             template = faiss.read_index(str(tpath))
         else:
-            template = train_ivf(rows, nlist, seed)
+            template = train_ivf(rows, nlist, seed, codec)
             faiss.write_index(template, str(work / (TEMPLATE_FILE + ".part")))
             os.replace(work / (TEMPLATE_FILE + ".part"), tpath)
 
@@ -249,12 +298,14 @@ def write_index(rows: RowSource, out: Path, work: Path, num_shards: int, *, resu
     def write_shard(s: int) -> None:
         lo, hi = int(bounds[s]), int(bounds[s + 1])
         index = faiss.clone_index(template) if template is not None else faiss.IndexFlatIP(d)
-        if hi > lo:
-            x = np.ascontiguousarray(rows.vectors(lo, hi), dtype=np.float32)
-            check_finite(x, f"index build {out}")
-            index.add(x)
-            del x
         names = _shard_names(s)
+        x = np.ascontiguousarray(rows.vectors(lo, hi), dtype=np.float32) if hi > lo else np.empty((0, d), np.float32)
+        check_finite(x, f"index build {out}")
+        if hi > lo:
+            index.add(x)
+        if has_vectors:   # the exact rerank's vectors
+            np.save(work / names["vectors"], x)
+        del x
         faiss.write_index(index, str(work / names["index"]))
         del index
         ids, metas = rows.table(lo, hi)
@@ -262,9 +313,11 @@ def write_index(rows: RowSource, out: Path, work: Path, num_shards: int, *, resu
                        work / names["table"])
         entry = {"index": names["index"], "table": names["table"], "count": hi - lo,
                  "labels": names["labels"] if has_labels else None}
+        if has_vectors:
+            entry["vectors"] = names["vectors"]
         if has_labels:
             np.save(work / names["labels"], np.asarray(rows.labels(lo, hi), np.uint8))
-        entry["sha256"] = {key: file_sha256(work / entry[key]) for key in ("index", "table", "labels") if entry[key]}
+        entry["sha256"] = {key: file_sha256(work / entry[key]) for key in SHARD_FILES if entry.get(key)}
         _write_json(done_path(s), entry)
         entries[s] = entry
         finished[0] += 1
@@ -286,6 +339,8 @@ def write_index(rows: RowSource, out: Path, work: Path, num_shards: int, *, resu
         "label_size": list(rows.label_size) if has_labels else None,
         "faiss_version": faiss.__version__, "shards": [entries[s] for s in range(num_shards)],
     }   # no timings: same input -> same bytes
+    if codec != DEFAULT_CODEC:
+        manifest.update(codec=codec, rerank=rerank)
     for s in range(num_shards):
         done_path(s).unlink()
     for name in (PLAN_FILE, TEMPLATE_FILE):
@@ -298,13 +353,16 @@ class ShardedIndex:
     """S FAISS shards + id tables behind one ``search``. Build with :meth:`build`, open with :meth:`load`."""
 
     def __init__(self, path: Path, manifest: dict, shards: list, ids: list[np.ndarray],
-                 metas: list[list[str]], labels: list[np.ndarray | None], device: str = "cpu"):
+                 metas: list[list[str]], labels: list[np.ndarray | None], device: str = "cpu",
+                 vectors: list[np.ndarray | None] | None = None):
         self.path = Path(path)
         self.manifest = manifest
         self.dim = int(manifest["dim"])
         self.kind = str(manifest["kind"])
         self.nlist = manifest.get("nlist")
         self.nprobe = int(manifest.get("nprobe") or 1)
+        self.codec = str(manifest.get("codec", DEFAULT_CODEC))
+        self.rerank = int(manifest.get("rerank") or DEFAULT_RERANK)   # pq codecs: candidates per hit
         self.embedding_version = str(manifest.get("embedding_version", ""))
         counts = [int(s["count"]) for s in manifest["shards"]]
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -315,22 +373,34 @@ class ShardedIndex:
         self._row_of = {s: i for i, s in enumerate(self.ids.tolist())}
         self._mask_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.device = device
+        self._keep: list = []   # faiss objects a wrapper points at without owning them
         # What a query scans: (faiss index, first global row, row count). Shards are the unit of
         # building and storage; for search, CPU IVF shards are merged into one IVF (see _merge_ivf).
-        self._parts = self._merge_ivf(shards) if self.kind == "ivf" else \
+        self._parts = self._merge_ivf(shards, vectors) if self.kind == "ivf" else \
             [(sh, int(self._offsets[i]), int(counts[i])) for i, sh in enumerate(shards)]
 
-    def _merge_ivf(self, shards: list) -> list[tuple[Any, int, int]]:
+    def _merge_ivf(self, shards: list, vectors: list[np.ndarray | None] | None = None) -> list[tuple[Any, int, int]]:
         """One IVF over all rows: the shards share the quantizer, so their inverted lists concatenate.
 
         Searching S shards costs S scans of nprobe short lists per query, and that per-list
         overhead dominated: 8 shards of 200k rows searched at ~1/3 the speed of one index
         (bench/retrieval.py). Ids in the merged lists are global rows (shard offset added).
+        A pq codec's merged IVF is wrapped in an exact rerank (IndexRefine) over all the vectors.
         """
         merged = shards[0]
         for i, shard in enumerate(shards[1:], 1):
             merged.merge_from(shard, int(self._offsets[i]))   # moves the codes; the shard is left empty
-        return [(merged, 0, int(self._offsets[-1]))]
+        if self.codec == DEFAULT_CODEC:
+            return [(merged, 0, int(self._offsets[-1]))]
+        exact = faiss.IndexFlatIP(self.dim)
+        for vec in vectors or []:
+            for lo in range(0, len(vec), 65_536):   # from the memory map in slices: no second full copy
+                exact.add(np.ascontiguousarray(vec[lo:lo + 65_536], dtype=np.float32))
+        if exact.ntotal != merged.ntotal:
+            raise IndexFormatError(f"{self.path}: {exact.ntotal} rerank vectors for {merged.ntotal} rows")
+        refine = faiss.IndexRefine(merged, exact)   # does not own either: keep them alive with it
+        self._keep += [merged, exact]
+        return [(refine, 0, int(self._offsets[-1]))]
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -339,12 +409,14 @@ class ShardedIndex:
               ivf_threshold: int = DEFAULT_IVF_THRESHOLD, nlist: int | None = None, nprobe: int | None = None,
               labels: np.ndarray | None = None, embedding_version: str = "", seed: int = 0,
               workers: int | None = None, device: str = "cpu",
-              progress: Callable[[int, int], None] | None = None) -> "ShardedIndex":
+              progress: Callable[[int, int], None] | None = None, codec: str = DEFAULT_CODEC,
+              rerank: int | None = None) -> "ShardedIndex":
         """Write an index of ``vectors`` (N, D) to ``out_dir`` and return it loaded.
 
         ``ids``: N unique strings. ``meta``: N JSON-able dicts (e.g. domain, source, split) or None.
         ``labels``: optional (N, h, w) uint8 small label maps kept for the exact rerank.
-        Shards are IVF when a shard would hold >= ``ivf_threshold`` rows, flat otherwise.
+        Shards are IVF when a shard would hold >= ``ivf_threshold`` rows, flat otherwise; ``codec``
+        and ``rerank``: what IVF lists hold (see the module docstring).
         The folder appears atomically (built under a temporary name, then renamed).
         For inputs that do not fit in memory, see ``connectors.index_staging.IndexBuilder``.
         """
@@ -371,7 +443,8 @@ class ShardedIndex:
         shutil.rmtree(work, ignore_errors=True)
         try:
             write_index(rows, out, work, num_shards, ivf_threshold=ivf_threshold, nlist=nlist, nprobe=nprobe,
-                        embedding_version=embedding_version, seed=seed, workers=workers, progress=progress)
+                        embedding_version=embedding_version, seed=seed, workers=workers, progress=progress,
+                        codec=codec, rerank=rerank)
         except BaseException:
             shutil.rmtree(work, ignore_errors=True)
             raise
@@ -381,7 +454,7 @@ class ShardedIndex:
     @classmethod
     def load(cls, path: str | os.PathLike, *, expected_dim: int | None = None,
              embedding_version: str | None = None, device: str = "cpu", nprobe: int | None = None,
-             verify: bool = True) -> "ShardedIndex":
+             verify: bool = True, rerank: int | None = None) -> "ShardedIndex":
         """Open an index folder. ``device``: "cpu", "cuda" (faiss-gpu required) or "auto".
 
         Raises IndexNotFoundError (no folder / no manifest) or IndexFormatError (bad manifest,
@@ -401,18 +474,23 @@ class ShardedIndex:
         cls._check_manifest(manifest, mpath, expected_dim, embedding_version)
         device = cls._resolve_device(device)
         dim = int(manifest["dim"])
-        shards, ids, metas, labels = [], [], [], []
+        shards, ids, metas, labels, vectors = [], [], [], [], []
         for i, entry in enumerate(manifest["shards"]):
-            shard, shard_ids, shard_meta, shard_labels = cls._load_shard(root, i, entry, dim, manifest, verify)
+            shard, shard_ids, shard_meta, shard_labels, shard_vectors = cls._load_shard(root, i, entry, dim, manifest,
+                                                                                        verify)
             shards.append(shard)
             ids.append(shard_ids)
             metas.append(shard_meta)
             labels.append(shard_labels)
+            vectors.append(shard_vectors)
         if manifest["kind"] == "ivf":
             cls._check_shared_quantizer(root, shards, manifest)
-        index = cls(root, manifest, shards, ids, metas, labels, device="cpu")
+        index = cls(root, manifest, shards, ids, metas, labels, device="cpu", vectors=vectors)
+        del vectors   # copied into the rerank's flat index; the memory maps close
         if nprobe is not None:
             index.nprobe = int(nprobe)
+        if rerank is not None:
+            index.rerank = int(rerank)
         if device == "cuda":
             index._to_gpu()
         return index
@@ -428,6 +506,12 @@ class ShardedIndex:
                 raise IndexFormatError(f"{mpath}: manifest lacks {key!r}")
         if m["metric"] != METRIC or m["kind"] not in ("flat", "ivf"):
             raise IndexFormatError(f"{mpath}: unsupported metric/kind {m['metric']}/{m['kind']}")
+        try:
+            pq_subquantizers(m.get("codec", DEFAULT_CODEC), int(m["dim"]))
+        except ValueError as exc:
+            raise IndexFormatError(f"{mpath}: {exc}") from exc
+        if m.get("codec", DEFAULT_CODEC) != DEFAULT_CODEC and any(not s.get("vectors") for s in m["shards"]):
+            raise IndexFormatError(f"{mpath}: codec {m['codec']} needs every shard's 'vectors' (the exact rerank)")
         if not isinstance(m["shards"], list) or not m["shards"]:
             raise IndexFormatError(f"{mpath}: manifest lists no shards")
         if sum(int(s.get("count", -1)) for s in m["shards"]) != int(m["count"]):
@@ -441,9 +525,9 @@ class ShardedIndex:
     @staticmethod
     def _load_shard(root: Path, i: int, entry: dict, dim: int, manifest: dict, verify: bool):
         sums = entry.get("sha256", {})
-        for key in ("index", "table", "labels"):
+        for key in SHARD_FILES:
             name = entry.get(key)
-            if key != "labels" and not name:
+            if key in ("index", "table") and not name:
                 raise IndexFormatError(f"{root / MANIFEST}: shard {i} lacks {key!r}")
             if name and not (root / name).is_file():
                 raise IndexFormatError(f"{root / name}: shard file missing (listed in {root / MANIFEST})")
@@ -481,7 +565,16 @@ class ShardedIndex:
                 raise IndexFormatError(f"{lpath}: unreadable label maps: {exc}") from exc
             if labels.shape[0] != count or labels.dtype != np.uint8:
                 raise IndexFormatError(f"{lpath}: expected ({count}, h, w) uint8, got {labels.shape} {labels.dtype}")
-        return shard, ids, metas, labels
+        vectors = None
+        if entry.get("vectors"):
+            vpath = root / entry["vectors"]
+            try:
+                vectors = np.load(vpath, mmap_mode="r")
+            except (ValueError, OSError) as exc:
+                raise IndexFormatError(f"{vpath}: unreadable vectors: {exc}") from exc
+            if vectors.shape != (count, dim) or vectors.dtype != np.float32:
+                raise IndexFormatError(f"{vpath}: expected ({count}, {dim}) float32, got {vectors.shape} {vectors.dtype}")
+        return shard, ids, metas, labels, vectors
 
     @staticmethod
     def _check_shared_quantizer(root: Path, shards: list, manifest: dict) -> None:
@@ -509,7 +602,10 @@ class ShardedIndex:
         return device
 
     def _to_gpu(self) -> None:
-        """Same index parts on every visible GPU; searches then go through the plain ``search`` path."""
+        """Same index parts on every visible GPU; searches then go through the plain ``search`` path.
+        faiss-gpu has no 4-bit fast-scan lists: a pq codec's index stays on the CPU."""
+        if self.codec != DEFAULT_CODEC:
+            return
         gpu_parts = []
         for part, lo, count in self._parts:
             g = faiss.index_cpu_to_all_gpus(part)
@@ -604,6 +700,8 @@ class ShardedIndex:
             params = faiss.SearchParametersIVF(nprobe=int(min(nprobe, self.nlist)))
             if sel is not None:
                 params.sel = sel
+            if self.codec != DEFAULT_CODEC:   # PQ candidates, re-scored exactly
+                params = faiss.IndexRefineSearchParameters(k_factor=float(self.rerank), base_index_params=params)
             dist, idx = part.search(q, kk, params=params)
         elif sel is not None:
             dist, idx = part.search(q, kk, params=faiss.SearchParameters(sel=sel))
@@ -654,22 +752,23 @@ class ShardedIndex:
             fetch = min(fetch, int(counts.max()), cap or fetch)
             expected = int(np.minimum(counts, fetch).sum())   # hits the shards can return at this fetch
             dist, cand = self._fan_out(q[todo], fetch, mask, nprobe)
-            short = []
+            valid = cand >= 0
+            keep = valid.copy()
+            if mask is not None:
+                keep &= mask[np.maximum(cand, 0)]
             for j, qi in enumerate(todo):
-                keep = cand[j] >= 0
-                if mask is not None:
-                    keep &= mask[np.maximum(cand[j], 0)]
                 if excl[qi]:
-                    keep &= np.fromiter((r not in excl[qi] for r in cand[j]), bool, len(cand[j]))
-                got = np.flatnonzero(keep)[:k]
-                scores[qi, :len(got)] = dist[j, got]
-                rows[qi, :len(got)] = cand[j, got]
-                # Short, yet every shard returned all it was asked for: a larger fetch can help.
-                # (A shard returning fewer means its probed lists or the filter ran dry.)
-                if (len(got) < k and fetch < counts.max() and fetch != cap
-                        and int((cand[j] >= 0).sum()) == expected):
-                    short.append(qi)
-            todo = np.array(short, dtype=np.int64)
+                    keep[j] &= np.fromiter((r not in excl[qi] for r in cand[j]), bool, cand.shape[1])
+            # The first k kept hits of each query, in order (vectorized over the queries).
+            rank = np.cumsum(keep, axis=1) - 1
+            jj, cc = np.nonzero(keep & (rank < k))
+            scores[todo[jj], rank[jj, cc]] = dist[jj, cc]
+            rows[todo[jj], rank[jj, cc]] = cand[jj, cc]
+            # Short, yet every shard returned all it was asked for: a larger fetch can help.
+            # (A shard returning fewer means its probed lists or the filter ran dry.)
+            got = np.minimum(keep.sum(axis=1), k)
+            short = (got < k) & (valid.sum(axis=1) == expected)
+            todo = todo[short] if (fetch < counts.max() and fetch != cap) else todo[:0]
             fetch *= 4
         ids = [[str(self.ids[r]) for r in row if r >= 0] for row in rows]
         return SearchHits(scores=scores, rows=rows, ids=ids)

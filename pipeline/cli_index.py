@@ -98,6 +98,10 @@ def build_cmd(
     ivf_threshold: Optional[int] = typer.Option(None, "--ivf-threshold", min=1, help="rows per shard above which shards are IVF"),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF lists (default ~4*sqrt(N))"),
     nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists probed per query"),
+    codec: str = typer.Option("flat", "--codec", help="what IVF lists hold: flat (the vectors) or pq<M>x4fs (4-bit "
+                              "PQ fast-scan codes + an exact rerank, e.g. pq220x4fs; docs/performance.md)"),
+    rerank: Optional[int] = typer.Option(None, "--rerank", min=1, help="pq codecs: candidates re-scored exactly "
+                                         "per hit (default 16)"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the IVF k-means sample"),
     part_size: int = typer.Option(PART_SIZE, "--part-size", min=1, help="inputs per staged part (the unit a "
                                   "killed build resumes from)"),
@@ -114,7 +118,8 @@ def build_cmd(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from connectors.index_store import DEFAULT_IVF_THRESHOLD
+    from connectors.index_store import DEFAULT_IVF_THRESHOLD, pq_subquantizers
+    from stages.embed import EMBED_DIM
     from connectors.source_api import BAD_INPUT_ERRORS
     from stages.retrieve import build_exemplar_index_parts
 
@@ -135,7 +140,12 @@ def build_cmd(
     parts = [(lambda lo=lo, hi=hi: read_layouts(src, items[lo:hi], errors, None)) for lo, hi in zip(bounds, bounds[1:])]
     fingerprint = {"source": source, "root": str(root.resolve()), "split": split, "items": total,
                    "part_size": part_size, "options": opts}
-    kwargs = {"ivf_threshold": ivf_threshold or DEFAULT_IVF_THRESHOLD, "nlist": nlist, "nprobe": nprobe, "seed": seed}
+    try:
+        pq_subquantizers(codec, EMBED_DIM)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--codec") from None
+    kwargs = {"ivf_threshold": ivf_threshold or DEFAULT_IVF_THRESHOLD, "nlist": nlist, "nprobe": nprobe, "seed": seed,
+              "codec": codec, "rerank": rerank}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as bar:
         read_task = bar.add_task(f"read + embed {root}", total=total)
@@ -165,7 +175,8 @@ def _print_build_summary(console, index, stats, errors, seconds, source, root) -
     t.add_row("indexed", f"{stats.count} layouts from {source}: {root}")
     t.add_row("skipped", f"{stats.skipped} without an image, {len(errors)} unreadable"
               + (f" (this run; {stats.parts_resumed} part(s) resumed from a killed build)" if stats.parts_resumed else ""))
-    kind = index.kind if index.kind == "flat" else f"ivf (nlist {index.nlist}, nprobe {index.nprobe})"
+    kind = index.kind if index.kind == "flat" else f"ivf (nlist {index.nlist}, nprobe {index.nprobe}" + (
+        f", {index.codec}, rerank x{index.rerank})" if index.codec != "flat" else ")")
     t.add_row("index", f"{index.num_shards} shard(s), {kind}, dim {index.dim}, {index.embedding_version}")
     t.add_row("time", f"{seconds:.1f}s ({stats.count / max(seconds, 1e-9):.0f} layouts/s)")
     t.add_row("output", str(index.path))

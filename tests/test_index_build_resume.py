@@ -75,12 +75,13 @@ def test_another_input_does_not_resume_and_restart_starts_over(tmp_path):
     assert calls == [0, 1, 2] and len(ShardedIndex.load(out)) == 30
 
 
-def test_killed_shard_writing_keeps_finished_shards(tmp_path):
+@pytest.mark.parametrize("codec", ["flat", "pq8x4fs"])
+def test_killed_shard_writing_keeps_finished_shards(tmp_path, codec):
     x = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     ids = [f"v{i}" for i in range(400)]
     labels = np.random.default_rng(1).integers(0, 30, (400, 4, 8)).astype(np.uint8)
-    ShardedIndex.build(x, ids, None, tmp_path / "clean", 4, labels=labels, **IVF)
+    ShardedIndex.build(x, ids, None, tmp_path / "clean", 4, labels=labels, codec=codec, **IVF)
 
     def stage(out):
         b = IndexBuilder(out, fingerprint={"t": 1}, resume=True)
@@ -96,18 +97,19 @@ def test_killed_shard_writing_keeps_finished_shards(tmp_path):
 
     out = tmp_path / "idx"
     with pytest.raises(Killed):
-        stage(out).finish(4, workers=1, progress=kill_after_two, **IVF)
+        stage(out).finish(4, workers=1, progress=kill_after_two, codec=codec, **IVF)
     work = staging_dir(out) / "index"
     done = sorted(p.name[:11] for p in work.glob("*.done.json"))   # the pool may finish one more
     assert done[:2] == ["shard-00000", "shard-00001"] and len(done) < 4 and (work / "quantizer.faiss").is_file()
     kept = {f"{name}.faiss": (work / f"{name}.faiss").stat().st_mtime_ns for name in done}
 
     seen: list[int] = []
-    index = stage(out).finish(4, workers=1, progress=lambda done, total: seen.append(done), **IVF)
+    index = stage(out).finish(4, workers=1, progress=lambda done, total: seen.append(done), codec=codec, **IVF)
     assert seen == list(range(len(kept), 5))                         # finished shards counted as done
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept   # and not rewritten
     assert files_of(out) == files_of(tmp_path / "clean")
     assert index.kind == "ivf" and len(index) == 400 and np.array_equal(index.label(399), labels[399])
+    assert index.codec == codec
 
 
 def test_label_maps_stream_through_one_embedding_batch(tmp_path, monkeypatch):

@@ -73,6 +73,29 @@ def test_clear_errors(tree, tmp_path):
     assert res.exit_code != 0 and "kitti" in res.output
 
 
+def test_build_with_the_pq_codec(tmp_path):
+    """--codec pq<M>x4fs: IVF shards of PQ fast-scan codes with an exact rerank; a bad codec is refused."""
+    from toytown import make_tree
+
+    tree = tmp_path / "toy"
+    make_tree(tree, 40, seed=4, height=32, width=64)
+    out = tmp_path / "pq"
+    res = runner.invoke(app, ["index", "build", "--source", "toytown", "--root", str(tree), "--out", str(out),
+                              "--shards", "2", "--ivf-threshold", "10", "--nlist", "2", "--codec", "pq220x4fs",
+                              "--rerank", "4"])
+    assert res.exit_code == 0, res.output
+    assert "pq220x4fs, rerank x4" in res.output
+    index = ShardedIndex.load(out)
+    assert index.kind == "ivf" and index.codec == "pq220x4fs" and index.rerank == 4
+    target = labels_of(tree)[0]
+    res = runner.invoke(app, ["index", "query", "--index", str(out), "--label", str(target), "--k", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout.strip().splitlines()[-1])[0]["iou"] == 1.0
+    res = runner.invoke(app, ["index", "build", "--source", "toytown", "--root", str(tree), "--out",
+                              str(tmp_path / "bad"), "--codec", "pq7x4fs"])
+    assert res.exit_code == 2 and "divide" in res.output
+
+
 def test_parse_filters():
     assert parse_filters(["domain=night", "year=2020", "domain=fog"]) == {"domain": ["night", "fog"], "year": 2020}
     assert parse_filters(None) is None
