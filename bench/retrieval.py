@@ -24,8 +24,10 @@ Measured in one run on the same queries (held-out layouts, not in the index):
 
 ``--cache DIR`` keeps the generated vectors and the built index there (keyed by every input
 that shapes them), so a repeat run measures the queries without generating or building again.
-Layouts are generated and embedded 10k at a time, so 1M runs in ~6 GiB (vectors 2.6 GB, the
-index another 2.6 GB). Last line: one JSON object.
+Layouts are generated and embedded 10k at a time. At 1M the vectors are 2.6 GB and the index
+another 2.6 GB (flat lists, or the pq codec's rerank copy): peak RSS ~8.5 GiB for a run that
+builds (memory-mapped vectors counted), ~6 GiB for one that loads from ``--cache``.
+Last line: one JSON object.
 Usage: python bench/retrieval.py [--n 100000] [--shards 8] [--nlist N] [--nprobe P] [--threads 1]
        [--repeats 3] [--cache /tmp/amgen-bench-retrieval] [--index ivf|ivfpq]
 """
@@ -276,15 +278,16 @@ def cached_layouts(n: int, seed: int, keep: int, cache: Path | None) -> tuple[np
     if cache is None:
         xb, pool, gen_s, embed_s = embedded_layouts(n, seed, keep)
         return xb, pool, {"generate_s": gen_s, "embed_s": embed_s, "cached": False}
-    stem = cache / f"layouts-n{n}-seed{seed}-{EMBED_VERSION}"
-    vec, lab, info = stem.with_suffix(".vectors.npy"), stem.with_suffix(".pool.npy"), stem.with_suffix(".json")
+    stem = f"layouts-n{n}-seed{seed}-{EMBED_VERSION}"
+    vec, lab, info = (cache / f"{stem}.vectors.npy", cache / f"{stem}.pool.npy", cache / f"{stem}.json")
     if vec.is_file() and lab.is_file() and info.is_file() and np.load(lab, mmap_mode="r").shape[0] >= keep:
         return np.load(vec, mmap_mode="r"), np.load(lab)[:keep], {**json.loads(info.read_text()), "cached": True}
     xb, pool, gen_s, embed_s = embedded_layouts(n, seed, keep)
     cache.mkdir(parents=True, exist_ok=True)
     for path, arr in ((vec, xb), (lab, pool)):
-        np.save(path.with_suffix(".part.npy"), arr)
-        os.replace(path.with_suffix(".part.npy"), path)
+        part = path.with_name(path.name + ".part.npy")
+        np.save(part, arr)
+        os.replace(part, path)
     info.write_text(json.dumps({"generate_s": gen_s, "embed_s": embed_s}))
     return xb, pool, {"generate_s": gen_s, "embed_s": embed_s, "cached": False}
 
@@ -396,7 +399,7 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=None, help="default: 12 up to nlist 1024, else 24 (see docs/performance.md)")
     ap.add_argument("--codec", default="flat", help="what the IVF lists hold: flat, or pq<M>x4fs (4-bit PQ fast-scan "
                     "codes + an exact rerank; connectors/index_store.py)")
-    ap.add_argument("--rerank", type=int, default=None, help="pq codecs: candidates re-scored exactly per hit (default 8)")
+    ap.add_argument("--rerank", type=int, default=None, help="pq codecs: candidates re-scored exactly per hit (default 16)")
     ap.add_argument("--threads", type=int, default=1, help="FAISS/OpenMP threads of both timed arms (brute force and index)")
     ap.add_argument("--build-threads", type=int, default=os.cpu_count() or 1, help="threads for k-means and the shard build")
     ap.add_argument("--blas", default="auto",

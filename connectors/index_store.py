@@ -61,7 +61,7 @@ TRAIN_POINTS_PER_LIST = 16
 GPU_MAX_K = 2048                 # faiss-gpu's largest k per search call
 DEFAULT_CODEC = "flat"
 PQ_TRAIN_POINTS = 4096          # pq codecs: the product quantizer's training sample, at least
-DEFAULT_RERANK = 8               # pq codecs: candidates re-scored exactly per hit asked for
+DEFAULT_RERANK = 16              # pq codecs: candidates re-scored exactly per hit (16: recall@10 0.957 at 1M, docs)
 
 Filter = Mapping[str, Any] | Callable[[dict], bool] | None
 

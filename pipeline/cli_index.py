@@ -101,7 +101,7 @@ def build_cmd(
     codec: str = typer.Option("flat", "--codec", help="what IVF lists hold: flat (the vectors) or pq<M>x4fs (4-bit "
                               "PQ fast-scan codes + an exact rerank, e.g. pq220x4fs; docs/performance.md)"),
     rerank: Optional[int] = typer.Option(None, "--rerank", min=1, help="pq codecs: candidates re-scored exactly "
-                                         "per hit (default 8)"),
+                                         "per hit (default 16)"),
     seed: int = typer.Option(0, "--seed", min=0, help="seed of the IVF k-means sample"),
     part_size: int = typer.Option(PART_SIZE, "--part-size", min=1, help="inputs per staged part (the unit a "
                                   "killed build resumes from)"),

@@ -133,6 +133,7 @@ def case(script, args, check, timeout=300, name=None):
 
 
 TOY = str(ROOT / "amadapter" / "weights" / "toy")
+WORK_DIR_FLAG = {"domain_adaptation.py": "--work-dir", "pipeline_efficiency.py": "--work"}
 CASES = [
     case("toytown_speed.py", ["--n", "5", "--repeats", "1"], check_toytown_speed),
     case("autoencoder.py", ["--n", "2"], check_autoencoder),
@@ -169,8 +170,8 @@ def test_bench_runs_at_its_smallest_size(script, args, check, timeout, tmp_path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1",
            }
-    if script == "domain_adaptation.py":
-        args = [*args, "--work-dir", str(tmp_path / "adapt")]
+    if script in WORK_DIR_FLAG:   # scratch folders in pytest's tmp, not the checkout or /tmp
+        args = [*args, WORK_DIR_FLAG[script], str(tmp_path / "work")]
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
