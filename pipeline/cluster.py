@@ -56,8 +56,22 @@ def ensure_ray(cfg: RunConfig, device_count: Callable[[], int] | None = None) ->
     if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the driver; its nodes own the GPUs
         ray.init(address=address, log_to_driver=True)
     else:  # local by default (local_mode no longer exists in Ray)
+        keep_token_auth()
         ray.init(**local_ray_args(cfg, device_count))
     return True
+
+
+def keep_token_auth() -> None:
+    """A new local Ray turns token authentication on unless ``RAY_AUTH_MODE`` says otherwise, and
+    then warns on every start that it did. Saying ``token`` explicitly keeps it on, without the
+    warning; a user's own ``RAY_AUTH_MODE`` (``disabled``) is left alone. Ray reads the variable
+    into its config when it is imported, so the config is read again."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def actor_pool(n: int, autoscale: bool = False):
