@@ -83,12 +83,16 @@ class ModelClock:
 class Synthesizer:
     """Ray Data batch function over loaded groups (see stages/group.py) -> one row per sample.
 
+    ``encode_pngs``: False leaves image, label and instance as arrays (None where absent), for
+    ``encode_pngs`` to encode in another process: a model actor then spends its time in the model
+    and not in zlib (pipeline/synthesis_actors.py). The bytes are the same either way.
+
     ``restart_on_device_error``: a CUDA error ends the process (for Ray to restart the actor); only
     for an instance that is a Ray actor."""
 
     def __init__(self, model: dict[str, Any], *, device: str = "cpu", torch_threads: int | None = None,
                  bank_cache_size: int = 64, bank_cache_bytes: int = DEFAULT_BANK_CACHE_BYTES,
-                 restart_on_device_error: bool = False):
+                 restart_on_device_error: bool = False, encode_pngs: bool = True):
         import torch
 
         if torch_threads:
@@ -100,6 +104,7 @@ class Synthesizer:
         self.restart_on_device_error = restart_on_device_error
         self.crash_point = CrashPoint()
         self.clock = ModelClock()
+        self.encode_pngs = encode_pngs
 
     # -- one group
     def _bank(self, arrays: dict[str, np.ndarray], key: str):
@@ -203,14 +208,16 @@ class Synthesizer:
     def _bank_misses(self) -> int:
         return int(self.pipe.bank_cache.misses)
 
+    def _pixels(self, image, label, instance) -> dict[str, Any]:
+        cells = {"image": image, "label": label, "instance": instance}
+        return {k: png_or_empty(a) for k, a in cells.items()} if self.encode_pngs else cells
+
     def _row(self, group: dict, m: dict, image, label, instance, err: dict | None) -> dict[str, Any]:
         ok = err is None
         return {
             "sample_id": m["sample_id"], "shard": int(group["shard"]), "position": int(m["position"]),
             "target_id": m["target_id"], "exemplar_id": group["exemplar_id"],
-            "image": encode_png(image) if ok else b"",
-            "label": encode_png(label) if ok else b"",
-            "instance": encode_png(instance) if ok and instance is not None else b"",
+            **self._pixels(image if ok else None, label if ok else None, instance if ok else None),
             "seed": int(m["seed"]), "augment": m["augment"], "model": self.model_id,
             "error": "" if ok else json.dumps(err), "bank_new": False, "seconds": 0.0,
             "cpu_seconds": 0.0,
@@ -239,3 +246,15 @@ class Synthesizer:
                 for k in SAMPLE_COLUMNS:
                     out[k].append(row[k])
         return out
+
+
+def png_or_empty(array: np.ndarray | None) -> bytes:
+    """PNG bytes, or b"" where there is no array (a quarantined sample, no instance map)."""
+    return b"" if array is None else encode_png(array)
+
+
+def encode_pngs(rows: dict[str, list]) -> dict[str, list]:
+    """Sample rows (columns) with image, label and instance arrays -> the same with PNG bytes."""
+    for col in ("image", "label", "instance"):
+        rows[col] = [png_or_empty(a) for a in rows[col]]
+    return rows
