@@ -51,12 +51,14 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GPU_IMAGES_PER_S = 129.0  # bundled toy model, bf16, batch 64, demo sampling, one H200 (issue 22)
-RAY_SYSTEM = ("gcs_server", "raylet", "log_monitor", "monitor.py", "dashboard", "agent", "runtime_env")
+# Ray's and Ray Data's own actors: they cost CPU per second of wall time, not per sample.
+RAY_OWN_ACTORS = ("Agent", "_StatsActor", "_AutoscalingCoordinator", "ActorLocationTracker", "AutoscalingRequester")
 
 
 def cpu_snapshot() -> dict[str, float]:
-    """CPU seconds so far of this driver, of Ray's own processes and of Ray's workers (live ones
-    by their own times, ended ones through their parent's children times)."""
+    """CPU seconds so far of this driver, of Ray's own processes (GCS, raylet, agents, Ray Data's
+    bookkeeping actors) and of the workers that run the run's tasks and actors (live ones by their
+    own times, ended ones through the raylet's children times)."""
     import psutil
 
     def own(t) -> float:
@@ -72,7 +74,8 @@ def cpu_snapshot() -> dict[str, float]:
             t, name, cmd = p.cpu_times(), p.name(), " ".join(p.cmdline())
         except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
             continue
-        worker = name.startswith("ray::") or cmd.startswith("ray::") or "default_worker.py" in cmd
+        worker = (name.startswith("ray::") or cmd.startswith("ray::") or "default_worker.py" in cmd) \
+            and not any(a in cmd for a in RAY_OWN_ACTORS)
         out["workers" if worker else "ray_system"] += own(t)
         # The raylet reaps the workers it started; whatever else ended was Ray's own.
         out["workers" if name == "raylet" else "ray_system"] += reaped(t)
