@@ -19,6 +19,11 @@ LOADER_CPUS = 0.25  # the loader tasks are light, but they must always find a CP
 SCORE_CPUS = 0.25  # per scorer actor: a small segmenter on one torch thread
 RETRIEVE_CPUS = 0.5  # per retrieval actor: one FAISS search and an exact rerank per batch
 PLAN_TASK_CPUS = 1.0  # the read/augment and embed tasks of the plan pass ask for Ray's default slot
+# A load task waits for its model actor (pipeline/synthesis_actors.py) and lends its CPU slot
+# meanwhile, so Ray starts more workers than CPUs. With Ray's default (workers above one per CPU
+# idle for 1 s are ended) pass 2 ended and started workers all the time, each start paying its
+# imports; a local Ray keeps them for this long instead.
+IDLE_WORKER_KEEP_MS = 60_000
 
 class ClusterResourceError(RuntimeError):
     """The cluster cannot run what the config asks for (e.g. GPUs that are not there)."""
@@ -41,7 +46,8 @@ def local_ray_args(cfg: RunConfig, device_count: Callable[[], int] | None = None
     """``ray.init`` arguments of a local Ray. "local" always starts a fresh instance, never one that
     `ray start` left on this machine."""
     return dict(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=local_gpus(cfg, device_count),
-                include_dashboard=False, log_to_driver=False, configure_logging=False)
+                include_dashboard=False, log_to_driver=False, configure_logging=False,
+                _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS})
 
 
 def ensure_ray(cfg: RunConfig, device_count: Callable[[], int] | None = None) -> bool:

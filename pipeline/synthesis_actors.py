@@ -72,10 +72,10 @@ def queue_batch(actor, batch: dict[str, list]):
 def load_and_synthesize_batch(batch: dict[str, Any], target_spec: str, exemplar_spec: str,
                               actors: list) -> dict[str, list]:
     """Ray Data batch function: group descriptors -> loaded here -> synthesized by their actors ->
-    sample rows (``stages.synthesize.SAMPLE_COLUMNS``)."""
+    sample rows (``stages.sample_rows.SAMPLE_COLUMNS``)."""
     import ray
 
-    from stages.synthesize import SAMPLE_COLUMNS, encode_pngs
+    from stages.sample_rows import SAMPLE_COLUMNS, encode_pngs
 
     loaded = load_groups_batch(batch, target_spec, exemplar_spec)
     refs = [queue_batch(actor_for(group, actors), {k: [v[i]] for k, v in loaded.items()})

@@ -18,14 +18,12 @@ import numpy as np
 
 from amadapter.bank import DEFAULT_BANK_CACHE_BYTES
 from amadapter.loading import load_model
-from amgen_core.image_io import encode_png
 from amgen_core.quarantine import is_sample_error, sample_error_row
 from connectors.storage import local_dir
 from stages.failures import CrashPoint, leave_stage, split_once_on_oom
 from stages.group import unpack_arrays
+from stages.sample_rows import SAMPLE_COLUMNS, encode_pngs, png_or_empty  # noqa: F401  (re-exported)
 
-SAMPLE_COLUMNS = ("sample_id", "shard", "position", "target_id", "exemplar_id", "image", "label", "instance",
-                  "seed", "augment", "model", "error", "bank_new", "seconds", "cpu_seconds")
 # Failures of one sample that must not stop the run (shape/size problems surface as these in torch);
 # a RuntimeError only when amgen_core.quarantine.failure_kind does not blame the machine.
 SAMPLE_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
@@ -246,15 +244,3 @@ class Synthesizer:
                 for k in SAMPLE_COLUMNS:
                     out[k].append(row[k])
         return out
-
-
-def png_or_empty(array: np.ndarray | None) -> bytes:
-    """PNG bytes, or b"" where there is no array (a quarantined sample, no instance map)."""
-    return b"" if array is None else encode_png(array)
-
-
-def encode_pngs(rows: dict[str, list]) -> dict[str, list]:
-    """Sample rows (columns) with image, label and instance arrays -> the same with PNG bytes."""
-    for col in ("image", "label", "instance"):
-        rows[col] = [png_or_empty(a) for a in rows[col]]
-    return rows
