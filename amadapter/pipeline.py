@@ -186,7 +186,9 @@ class AMAdapterPipeline(DiffusionPipeline):
             finally:
                 if bar_was_on:
                     diffusers_logging.enable_progress_bar()
-        return pipe.to(device, dtype)
+        # Both loaders already gave every part ``dtype``; casting again would only make diffusers warn
+        # that modules "should be kept in float32" (an empty list of them) on every load.
+        return pipe.to(device, None if dtype is None or pipe.dtype == dtype else dtype)
 
     def save_pretrained(self, path, **kwargs) -> Path:
         """diffusers' layout: one folder per component (safetensors) and ``model_index.json``,

@@ -19,6 +19,11 @@ LOADER_CPUS = 0.25  # the loader tasks are light, but they must always find a CP
 SCORE_CPUS = 0.25  # per scorer actor: a small segmenter on one torch thread
 RETRIEVE_CPUS = 0.5  # per retrieval actor: one FAISS search and an exact rerank per batch
 PLAN_TASK_CPUS = 1.0  # the read/augment and embed tasks of the plan pass ask for Ray's default slot
+# A load task waits for its model actor (pipeline/synthesis_actors.py) and lends its CPU slot
+# meanwhile, so Ray starts more workers than CPUs. With Ray's default (workers above one per CPU
+# idle for 1 s are ended) pass 2 ended and started workers all the time, each start paying its
+# imports; a local Ray keeps them for this long instead.
+IDLE_WORKER_KEEP_MS = 60_000
 
 class ClusterResourceError(RuntimeError):
     """The cluster cannot run what the config asks for (e.g. GPUs that are not there)."""
@@ -41,7 +46,8 @@ def local_ray_args(cfg: RunConfig, device_count: Callable[[], int] | None = None
     """``ray.init`` arguments of a local Ray. "local" always starts a fresh instance, never one that
     `ray start` left on this machine."""
     return dict(address="local", num_cpus=cfg.ray.num_cpus, num_gpus=local_gpus(cfg, device_count),
-                include_dashboard=False, log_to_driver=False, configure_logging=False)
+                include_dashboard=False, log_to_driver=False, configure_logging=False,
+                _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS})
 
 
 def ensure_ray(cfg: RunConfig, device_count: Callable[[], int] | None = None) -> bool:
@@ -56,8 +62,22 @@ def ensure_ray(cfg: RunConfig, device_count: Callable[[], int] | None = None) ->
     if address:  # a cluster: `ray job submit` sets RAY_ADDRESS for the driver; its nodes own the GPUs
         ray.init(address=address, log_to_driver=True)
     else:  # local by default (local_mode no longer exists in Ray)
+        keep_token_auth()
         ray.init(**local_ray_args(cfg, device_count))
     return True
+
+
+def keep_token_auth() -> None:
+    """A new local Ray turns token authentication on unless ``RAY_AUTH_MODE`` says otherwise, and
+    then warns on every start that it did. Saying ``token`` explicitly keeps it on, without the
+    warning; a user's own ``RAY_AUTH_MODE`` (``disabled``) is left alone. Ray reads the variable
+    into its config when it is imported, so the config is read again."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+
+    Config.initialize("")
 
 
 def actor_pool(n: int, autoscale: bool = False):
@@ -71,8 +91,11 @@ def actor_pool(n: int, autoscale: bool = False):
 
 
 def restart_policy(cfg: RunConfig) -> dict[str, int]:
-    """``ray_remote_args`` of every actor pool: a dead actor is restarted (a CUDA error ends its
-    process on purpose), and a task that failed with the machine, not the sample, is retried."""
+    """Restart bounds of every actor: a dead actor is restarted (a CUDA error ends its process on
+    purpose), and a task that failed with the machine, not the sample, is retried. The model
+    actors take them in ``ray.remote`` (pipeline/synthesis_actors.py); the retrieval and scoring
+    pools (Ray Data) only through ``map_batches``' ``ray_remote_args``, which Ray 2.60 deprecates
+    without a named replacement (its own default would be unbounded restarts and retries)."""
     return {"max_restarts": cfg.ray.max_restarts, "max_task_retries": cfg.ray.max_task_retries}
 
 

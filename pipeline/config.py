@@ -158,6 +158,7 @@ class SynthesisConfig(_Strict):
     num_cpus: float = Field(1.0, gt=0.0)  # CPUs per actor
     torch_threads: int | None = Field(None, ge=1)  # None: = num_cpus of the actor
     batch_size: int = Field(8, ge=1)  # targets per model call; a batch shares one exemplar
+    prefetch_batches: int = Field(2, ge=0)  # loaded batches queued at each actor while it computes one
     allow_cpu_fallback: bool = False  # no GPU in the cluster: run on CPU instead of failing
     bank_cache_size: int = Field(64, ge=0)  # exemplar banks kept per actor at most (LRU)
     bank_cache_bytes: int = Field(2 << 30, ge=0)  # and their tensor bytes at most (2 GiB, as amadapter.bank)
@@ -218,7 +219,7 @@ _NOT_HASHED = {
     "output": {"dir", "export_cityscapes", "preview", "preview_rows"},
     "ray": None,
     "synthesis": {"actors", "num_cpus", "num_gpus", "allow_cpu_fallback", "bank_cache_size", "bank_cache_bytes",
-                  "gpu_wait_s"},
+                  "gpu_wait_s", "prefetch_batches"},
 }
 
 

@@ -149,6 +149,7 @@ def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: fl
     task = ray.remote(num_cpus=0, max_retries=0)(write_derived_outputs)
     ray.get(task.remote(cfg, plan, location_str(out), summary, dict(stats)))
     summary.timings.update({"synthesize_s": round(synth_s, 3), "model_s": round(writer.model_seconds, 3),
+                            "model_cpu_s": round(writer.model_cpu_seconds, 3),
                             "finish_s": round(time.perf_counter() - t_fin, 3),
                             "total_s": round(time.perf_counter() - t_start, 3)})
     log.this_run.update({"synthesized": writer.synthesized, "timings": summary.timings,

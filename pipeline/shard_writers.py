@@ -23,8 +23,8 @@ from stages.write import ModelMismatchError, ShardWriter
 # A writer mostly waits for rows and for storage: it takes no CPU slot, so it never competes with the
 # model actors and the loader for the slots pipeline/cluster.py sizes them by.
 WRITER_CPUS = 0
-TALLY_COLUMNS = ("taken", "synthesized", "quarantined", "banks_new", "model_seconds", "model", "completed",
-                 "problem")
+TALLY_COLUMNS = ("taken", "synthesized", "quarantined", "banks_new", "model_seconds", "model_cpu_seconds", "model",
+                 "completed", "problem")
 
 
 class ShardWriterActor:
@@ -38,7 +38,7 @@ class ShardWriterActor:
     def add(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
         """Take sample rows; returns what was taken and the stats of the shards completed by them."""
         w = self.writer
-        before = (w.synthesized, w.quarantined, w.banks_new, w.model_seconds, len(w.written))
+        before = (w.synthesized, w.quarantined, w.banks_new, w.model_seconds, w.model_cpu_seconds)
         taken, problem = 0, ""
         done_before = set(w.written)
         try:
@@ -56,7 +56,7 @@ class ShardWriterActor:
         completed = [w.written[s].to_dict() for s in sorted(set(w.written) - done_before)]
         return {"taken": taken, "synthesized": w.synthesized - before[0], "quarantined": w.quarantined - before[1],
                 "banks_new": w.banks_new - before[2], "model_seconds": w.model_seconds - before[3],
-                "model": w.model or "", "completed": json.dumps(completed), "problem": problem}
+                "model_cpu_seconds": w.model_cpu_seconds - before[4], "model": w.model or "", "completed": json.dumps(completed), "problem": problem}
 
     def pending(self) -> list[int]:
         return self.writer.pending()
@@ -86,7 +86,7 @@ def deliver_batch(batch: dict[str, Any], writers: list) -> dict[str, list]:
     results = ray.get([writers[i].add.remote(rs) for i, rs in sorted(by_writer.items())])
     completed = [s for res in results for s in json.loads(res["completed"])]
     tally = {k: sum(res[k] for res in results) for k in ("taken", "synthesized", "quarantined", "banks_new",
-                                                           "model_seconds")}
+                                                           "model_seconds", "model_cpu_seconds")}
     tally["model"] = next((res["model"] for res in results if res["model"]), "")
     tally["completed"] = json.dumps(completed)
     tally["problem"] = "; ".join(res["problem"] for res in results if res["problem"])
@@ -101,6 +101,7 @@ class PassTally:
     quarantined: int = 0
     banks_new: int = 0
     model_seconds: float = 0.0
+    model_cpu_seconds: float = 0.0
     model: str | None = None
     samples: int = 0
 

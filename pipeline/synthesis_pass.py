@@ -1,7 +1,8 @@
 """Pass 2: the plan's unfinished shards -> group by exemplar -> load -> synthesize (actor pool)
 -> score -> write.
 
-Only the model runs on actors; loading is a light CPU task in front of them. Writing happens on
+Only the model runs on actors (pipeline/synthesis_actors.py: plain Ray actors built from the model
+config); loading is a light CPU task in front of them that queues each loaded group at its actor. Writing happens on
 the workers (pipeline/shard_writers.py): writer actors write each shard the moment it is complete
 (stages/write.py); the driver receives per-shard stats and records them in the manifest
 (pipeline/finish.py).
@@ -19,31 +20,31 @@ from pipeline.console import Reporter
 from pipeline.finish import ManifestLog, RunSummary, finish_run
 from pipeline.plan import Plan
 from pipeline.shard_writers import PassTally, deliver_batch, raise_problem, start_writers
+from pipeline.synthesis_actors import start_synthesis_actors
 from connectors.parquet_sink import ShardStats
 from connectors.storage import location_str
-from stages.group import group_samples, load_groups_batch
+from stages.group import group_samples
 from stages.read import source_spec
 
 
 
-def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers):
-    """The streaming part of pass 2 as a Ray dataset of sample rows."""
+def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers, actors: list):
+    """The streaming part of pass 2 as a Ray dataset of sample rows; ``actors``: the model actors
+    (pipeline/synthesis_actors.py)."""
     import ray
-    from stages.synthesize import Synthesizer
+    from ray.data import TaskPoolStrategy
 
-    model = cfg.model.model_dump(mode="json")
+    from pipeline.synthesis_actors import load_and_synthesize_batch
+
     ds = ray.data.from_items([{"group": json.dumps(g, sort_keys=True)} for g in groups],
                              override_num_blocks=max(1, min(len(groups), 4 * workers.actors * 8)))
-    ds = ds.map_batches(load_groups_batch, fn_kwargs={"target_spec": source_spec(cfg.source),
-                                                       "exemplar_spec": source_spec(cfg.exemplars.source or cfg.source)},
-                        batch_size=1, batch_format="numpy", num_cpus=LOADER_CPUS)
-    ds = ds.map_batches(Synthesizer, fn_constructor_args=(model,),
-                        fn_constructor_kwargs={"device": workers.device, "torch_threads": workers.torch_threads,
-                                               "bank_cache_size": cfg.synthesis.bank_cache_size,
-                                               "bank_cache_bytes": cfg.synthesis.bank_cache_bytes,
-                                               "restart_on_device_error": True},
-                        batch_size=1, batch_format="numpy", compute=actor_pool(workers.actors),
-                        num_cpus=workers.num_cpus, num_gpus=workers.num_gpus or None, **restart_policy(cfg))
+    # One group per task; per actor, one group in the model and prefetch_batches loaded and queued.
+    in_flight = workers.actors * (1 + cfg.synthesis.prefetch_batches)
+    ds = ds.map_batches(load_and_synthesize_batch,
+                        fn_kwargs={"target_spec": source_spec(cfg.source),
+                                   "exemplar_spec": source_spec(cfg.exemplars.source or cfg.source), "actors": actors},
+                        batch_size=1, batch_format="numpy", num_cpus=LOADER_CPUS,
+                        compute=TaskPoolStrategy(size=in_flight))
     if cfg.score.enabled:
         from stages.score import Scorer
 
@@ -72,6 +73,7 @@ class ShardLedger:
         t.quarantined += int(row["quarantined"])
         t.banks_new += int(row["banks_new"])
         t.model_seconds += float(row["model_seconds"])
+        t.model_cpu_seconds += float(row["model_cpu_seconds"])
         if row["model"]:
             t.model = str(row["model"])
         for d in json.loads(row["completed"]):
@@ -106,8 +108,9 @@ def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set
     writers = start_writers(location_str(log.out), expected, plan.shard_totals(), log.summary.config_hash,
                             SCORE_COLUMNS if cfg.score.enabled else (), log.summary.model, count,
                             stop_after=ledger.fail_after_shards)
+    actors = start_synthesis_actors(cfg, workers)
     try:
-        ds = synthesis_dataset(cfg, groups, workers)
+        ds = synthesis_dataset(cfg, groups, workers, actors)
         ds = ds.map_batches(deliver_batch, fn_kwargs={"writers": writers}, batch_size=None,
                             batch_format="numpy", num_cpus=LOADER_CPUS)
         with rep.progress(len(pending_rows), "synthesize") as bar:
@@ -121,8 +124,8 @@ def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set
         if left:
             raise RuntimeError(f"shards {left} did not receive all their samples")
     finally:
-        for w in writers:
-            ray.kill(w)
+        for a in [*writers, *actors]:
+            ray.kill(a)
     return time.perf_counter() - t_synth
 
 

@@ -14,6 +14,7 @@ then mapped to 0 ("unlabeled"), in the label and in the instance map.
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 import math
 from typing import Any
 
@@ -99,6 +100,14 @@ def _transform(step: dict) -> A.BasicTransform:
     raise ValueError(f"augment record has an unknown op {kind!r}")
 
 
+@lru_cache(maxsize=512)
+def _cached_transform(step_json: str) -> A.BasicTransform:
+    """One step's transform, built once per worker: building an albumentations transform (its
+    argument validation) cost more than applying it to a toy layout. Steps have fixed parameters
+    and every Compose reseeds its transforms, so a shared one gives the same pixels."""
+    return _transform(json.loads(step_json))
+
+
 def replay(record: dict | str, label: np.ndarray, instance: np.ndarray | None = None,
            image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Apply a record exactly: returns (label uint8, instance int32 or None, image uint8 or None)."""
@@ -114,7 +123,8 @@ def replay(record: dict | str, label: np.ndarray, instance: np.ndarray | None = 
         masks.append(instance.astype(np.int32))
     # albumentations wants an image even for mask-only work; a blank one costs nothing here.
     img = image if image is not None else np.zeros((h, w, 3), np.uint8)
-    out = A.Compose([_transform(s) for s in rec["ops"]], seed=0, strict=True)(image=img, masks=masks)
+    steps = [_cached_transform(json.dumps(s, sort_keys=True)) for s in rec["ops"]]
+    out = A.Compose(steps, seed=0, strict=True)(image=img, masks=masks)
     new_label = np.asarray(out["masks"][0])
     ignore = new_label == FILL
     new_label = np.where(ignore, UNLABELED, new_label).astype(np.uint8)

@@ -18,14 +18,12 @@ import numpy as np
 
 from amadapter.bank import DEFAULT_BANK_CACHE_BYTES
 from amadapter.loading import load_model
-from amgen_core.image_io import encode_png
 from amgen_core.quarantine import is_sample_error, sample_error_row
 from connectors.storage import local_dir
 from stages.failures import CrashPoint, leave_stage, split_once_on_oom
 from stages.group import unpack_arrays
+from stages.sample_rows import SAMPLE_COLUMNS, encode_pngs, png_or_empty  # noqa: F401  (re-exported)
 
-SAMPLE_COLUMNS = ("sample_id", "shard", "position", "target_id", "exemplar_id", "image", "label", "instance",
-                  "seed", "augment", "model", "error", "bank_new", "seconds")
 # Failures of one sample that must not stop the run (shape/size problems surface as these in torch);
 # a RuntimeError only when amgen_core.quarantine.failure_kind does not blame the machine.
 SAMPLE_ERRORS = (ValueError, RuntimeError, IndexError, KeyError)
@@ -62,15 +60,38 @@ def load_pipeline(model: dict[str, Any], device: str = "cpu", bank_cache_size: i
     return loaded.pipe, loaded.name
 
 
+class ModelClock:
+    """Time spent inside the model: wall seconds and this process's CPU seconds (all its threads).
+
+    Everything else a run spends, on any process, is the DAG's own cost around the model
+    (bench/pipeline_efficiency.py divides a run's CPU time by this line)."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+
+    def __enter__(self):
+        self._t = (time.perf_counter(), time.process_time())
+        return self
+
+    def __exit__(self, *exc):
+        self.wall += time.perf_counter() - self._t[0]
+        self.cpu += time.process_time() - self._t[1]
+        return False
+
+
 class Synthesizer:
     """Ray Data batch function over loaded groups (see stages/group.py) -> one row per sample.
+
+    ``encode_pngs``: False leaves image, label and instance as arrays (None where absent), for
+    ``encode_pngs`` to encode in another process: a model actor then spends its time in the model
+    and not in zlib (pipeline/synthesis_actors.py). The bytes are the same either way.
 
     ``restart_on_device_error``: a CUDA error ends the process (for Ray to restart the actor); only
     for an instance that is a Ray actor."""
 
     def __init__(self, model: dict[str, Any], *, device: str = "cpu", torch_threads: int | None = None,
                  bank_cache_size: int = 64, bank_cache_bytes: int = DEFAULT_BANK_CACHE_BYTES,
-                 restart_on_device_error: bool = False):
+                 restart_on_device_error: bool = False, encode_pngs: bool = True):
         import torch
 
         if torch_threads:
@@ -81,15 +102,18 @@ class Synthesizer:
         self.model_id = f"{name}@{self.pipe.model_hash()[:16]}"
         self.restart_on_device_error = restart_on_device_error
         self.crash_point = CrashPoint()
+        self.clock = ModelClock()
+        self.encode_pngs = encode_pngs
 
     # -- one group
     def _bank(self, arrays: dict[str, np.ndarray], key: str):
         m = self.settings
         if m["mode"] == "structure_only":  # the baseline ignores the exemplar
             return None
-        return self.pipe.encode_exemplar(
-            arrays["exemplar_image"], arrays["exemplar_label"], arrays.get("exemplar_instance"),
-            num_inference_steps=m["steps"], guidance_scale=m["guidance_scale"], key=key)
+        with self.clock:
+            return self.pipe.encode_exemplar(
+                arrays["exemplar_image"], arrays["exemplar_label"], arrays.get("exemplar_instance"),
+                num_inference_steps=m["steps"], guidance_scale=m["guidance_scale"], key=key)
 
     def _generate(self, bank, labels: list[np.ndarray], instances: list[np.ndarray | None], seeds: list[int],
                   exemplar_instance: np.ndarray | None, exemplar_key: str) -> np.ndarray:
@@ -98,10 +122,11 @@ class Synthesizer:
         if m.get("granularity", "class") == "instance":
             kwargs.update(exemplar_instance=exemplar_instance, granularity="instance",
                           target_instances=None if any(i is None for i in instances) else np.stack(instances))
-        out = self.pipe(np.stack(labels), bank=bank, seeds=[int(s) for s in seeds],
-                        num_inference_steps=m["steps"], guidance_scale=m["guidance_scale"], mode=m["mode"],
-                        exemplar_key=exemplar_key, **kwargs)
-        images = np.asarray(out.images)
+        with self.clock:
+            out = self.pipe(np.stack(labels), bank=bank, seeds=[int(s) for s in seeds],
+                            num_inference_steps=m["steps"], guidance_scale=m["guidance_scale"], mode=m["mode"],
+                            exemplar_key=exemplar_key, **kwargs)
+            images = np.asarray(out.images)
         if images.shape[:3] != (len(labels), *labels[0].shape):
             raise ValueError(f"model returned images of shape {images.shape} for {len(labels)} targets "
                              f"of size {labels[0].shape}")
@@ -111,7 +136,7 @@ class Synthesizer:
         members = group["members"]
         if not members:
             return []
-        t0 = time.perf_counter()
+        before = (self.clock.wall, self.clock.cpu)
         arrays = unpack_arrays(payload)
         labels = [arrays[f"label_{i}"] for i in range(len(members))]
         instances = [arrays.get(f"instance_{i}") for i in range(len(members))]
@@ -155,12 +180,13 @@ class Synthesizer:
                         if not is_sample_error(e):
                             raise
                         results[i] = (None, sample_error_row(members[i], "synthesize", f"{type(e).__name__}: {e}"))
-        seconds = (time.perf_counter() - t0) / len(members)
+        seconds = (self.clock.wall - before[0]) / len(members)
+        cpu_seconds = (self.clock.cpu - before[1]) / len(members)
         rows = []
         for i, (m, (img, err)) in enumerate(zip(members, results)):
             row = self._row(group, m, img, labels[i], instances[i], err)
             row["bank_new"] = bool(bank_new and i == 0)
-            row["seconds"] = seconds
+            row["seconds"], row["cpu_seconds"] = seconds, cpu_seconds
             rows.append(row)
         return rows
 
@@ -181,16 +207,19 @@ class Synthesizer:
     def _bank_misses(self) -> int:
         return int(self.pipe.bank_cache.misses)
 
+    def _pixels(self, image, label, instance) -> dict[str, Any]:
+        cells = {"image": image, "label": label, "instance": instance}
+        return {k: png_or_empty(a) for k, a in cells.items()} if self.encode_pngs else cells
+
     def _row(self, group: dict, m: dict, image, label, instance, err: dict | None) -> dict[str, Any]:
         ok = err is None
         return {
             "sample_id": m["sample_id"], "shard": int(group["shard"]), "position": int(m["position"]),
             "target_id": m["target_id"], "exemplar_id": group["exemplar_id"],
-            "image": encode_png(image) if ok else b"",
-            "label": encode_png(label) if ok else b"",
-            "instance": encode_png(instance) if ok and instance is not None else b"",
+            **self._pixels(image if ok else None, label if ok else None, instance if ok else None),
             "seed": int(m["seed"]), "augment": m["augment"], "model": self.model_id,
             "error": "" if ok else json.dumps(err), "bank_new": False, "seconds": 0.0,
+            "cpu_seconds": 0.0,
         }
 
     # -- Ray Data entry point

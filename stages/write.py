@@ -53,6 +53,7 @@ class ShardWriter:
         self.written: dict[int, ShardStats] = {}
         self.synthesized = self.quarantined = self.banks_new = 0
         self.model_seconds = 0.0  # time the actors spent inside the model, summed over samples
+        self.model_cpu_seconds = 0.0  # and the CPU time of their processes meanwhile
 
     def add(self, row: dict[str, Any]) -> ShardStats | None:
         shard, sid = int(row["shard"]), str(row["sample_id"])
@@ -71,6 +72,7 @@ class ShardWriter:
             self.synthesized += 1
             self.banks_new += int(bool(row.get("bank_new", False)))
             self.model_seconds += float(row.get("seconds", 0.0))
+            self.model_cpu_seconds += float(row.get("cpu_seconds", 0.0))
         if self.seen[shard] == self.expected[shard]:
             return self._flush(shard)
         return None

@@ -111,6 +111,8 @@ def oom_once_class():
                 raise InfrastructureError("oom", "synthesize: oom failure, not the sample's: OutOfMemoryError")
             return batch
 
+        synthesize = __call__  # the model actors' method (pipeline/synthesis_actors.py)
+
     return OomOnce
 
 
@@ -132,4 +134,26 @@ def test_a_machine_failure_is_retried_by_ray_up_to_max_task_retries(world, retri
     else:
         with pytest.raises(Exception, match="InfrastructureError: synthesize: oom failure"):
             ds.take_all()
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_a_model_actor_retries_a_machine_failure_up_to_max_task_retries(world, retries):
+    import ray
+
+    from pipeline.cluster import restart_policy
+    from pipeline.synthesis_actors import queue_batch
+
+    cfg = config_from_dict(run_tree(world["tree"], world["model"], world["base"] / "unused",
+                                    ray={"max_task_retries": retries}))
+    marker = world["base"] / f"oom-once-actor-{retries}"
+    actor = ray.remote(num_cpus=0.5, **restart_policy(cfg))(oom_once_class()).remote(str(marker))
+    try:
+        if retries:
+            assert ray.get(queue_batch(actor, {"id": [1]})) == {"id": [1]}
+        else:
+            with pytest.raises(Exception, match="InfrastructureError: synthesize: oom failure"):
+                ray.get(queue_batch(actor, {"id": [1]}))
+    finally:
+        ray.kill(actor)
     assert marker.exists()

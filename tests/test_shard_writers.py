@@ -16,8 +16,8 @@ from test_stages import _sample_row
 def test_the_writer_returns_stats_not_samples_and_counts_each_sample_once(tmp_path):
     w = ShardWriterActor(str(tmp_path), {0: ["s0", "s1"], 1: ["s2"]}, 2, "c" * 64, (), None)
     first = w.add([_sample_row(0, 0), _sample_row(2, 1)])
-    assert set(first) == {"taken", "synthesized", "quarantined", "banks_new", "model_seconds", "model", "completed",
-                          "problem"}
+    assert set(first) == {"taken", "synthesized", "quarantined", "banks_new", "model_seconds", "model_cpu_seconds",
+                          "model", "completed", "problem"}
     assert all(not isinstance(v, (bytes, bytearray)) for v in first.values())
     done = json.loads(first["completed"])
     assert (first["taken"], [d["name"] for d in done]) == (2, ["data/train-00001-of-00002.parquet"])

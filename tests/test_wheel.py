@@ -65,8 +65,12 @@ def test_wheel_holds_presets_and_weights(installed, tmp_path):
 
 
 def test_demo_runs_from_the_wheel_outside_the_checkout(installed, tmp_path):
+    from test_quiet_console import unasked_lines
+
     res = run_installed(installed, tmp_path, "demo", "--n", "4", "--steps", "1", "--out", "demo")
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    # A quiet console: no Ray or diffusers warning or error line that the demo did not ask for.
+    assert unasked_lines(res.stdout + res.stderr) == [], (res.stdout[-3000:], res.stderr[-3000:])
     out = tmp_path / "demo"
     assert len(list((out / "data").glob("*.parquet"))) == 1
     manifest = json.loads((out / "manifest.json").read_text())
