@@ -94,6 +94,16 @@ def check_driver_writer(r, _):
 def check_pipeline_efficiency(r, _):
     assert r["samples"] == 4 and positive(r["dag_images_per_s"]) and positive(r["bare_images_per_s"])
     assert 0 < r["efficiency_same_run"] <= 1
+    assert positive(r["dag_cpu_ms_per_sample"]) and positive(r["model_cpu_ms_per_sample"])
+    assert positive(r["cores_per_gpu"]) and finite(r["steady_state_efficiency"]) and finite(r["end_to_end_efficiency"])
+    assert set(r["dag_cpu_ms_per_sample_parts"]) == {"driver", "ray_system", "workers"}
+
+
+def check_dag_parts(r, _):
+    assert r["samples"] == 8 and r["size"] == [64, 128]
+    parts = ("load", "png", "unpack", "write")
+    assert all(finite(r[f"{p}_ms_per_sample"]) and r[f"{p}_ms_per_sample"] >= 0 for p in parts)
+    assert positive(r["total_ms_per_sample"])
 
 
 def check_exemplar_reuse(r, _):
@@ -152,6 +162,7 @@ CASES = [
                                "--sd15-size", "64x64"], check_exemplar_reuse),
     case("sd15_memory.py", ["--tiny", "--dtypes", "fp32", "--steps", "2", "--cuda", "off"], check_sd15_memory),
     case("domain_adaptation.py", ["--tiny"], check_domain_adaptation),
+    case("dag_parts.py", ["--n", "8", "--reps", "1"], check_dag_parts),
     case("am_step_cpu.py", ["--batches", "1", "--repeats", "1", "--steps", "1"], check_am_step_cpu),
     case("retrieval.py", ["--n", "5000", "--queries", "50", "--quality-pool", "200", "--retriever-queries", "20",
                           "--repeats", "1", "--shards", "2", "--nlist", "64", "--nprobe", "8", "--codec", "pq110x4fs",
