@@ -44,11 +44,13 @@ def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers):
                                                "restart_on_device_error": True},
                         batch_size=1, batch_format="numpy", compute=actor_pool(workers.actors),
                         num_cpus=workers.num_cpus, num_gpus=workers.num_gpus or None, **restart_policy(cfg))
-    if cfg.score.enabled:
+    if cfg.score.enabled or cfg.gate.enabled:
+        from stages.gate import GateScorer
         from stages.score import Scorer
 
-        ds = ds.map_batches(Scorer, fn_constructor_args=(cfg.score.segmenter, 1),
-                            fn_constructor_kwargs={"restart_on_device_error": True}, batch_size=16,
+        gate = {"metric": cfg.gate.metric, "threshold": cfg.gate.threshold} if cfg.gate.enabled else {}
+        ds = ds.map_batches(GateScorer if gate else Scorer, fn_constructor_args=(cfg.score.segmenter, 1),
+                            fn_constructor_kwargs={"restart_on_device_error": True, **gate}, batch_size=16,
                             batch_format="numpy", compute=actor_pool(workers.score_actors, autoscale=True),
                             num_cpus=SCORE_CPUS, **restart_policy(cfg))
     return ds
