@@ -96,7 +96,7 @@ class ConcatSource:
 
 @dataclass
 class SegmenterTrainConfig:
-    steps: int = 1200
+    steps: int = 1200  # fixed steps (unused with until_plateau, below)
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
