@@ -8,7 +8,8 @@ line is one JSON object: per-arm mean night/day mIoU, ``gain_vs_b`` ((c) - (b), 
 ``gain_vs_best_baseline`` ((c) - best (d), night), ``day_drop`` ((a) - (c), day), and the rest.
 
 Usage: python bench/domain_adaptation.py [--work-dir runs/adapt] [--day-n 500] [--bank-n 10]
-       [--test-n 300] [--night-real-n 500] [--steps 300] [--seeds 3] [--workers 2] [--model toy] [--tiny]
+       [--test-n 300] [--night-real-n 500] [--steps S | --max-steps 3000 --plateau-window 100]
+       [--seeds 3] [--workers 2] [--arms b_day_bank,c_amgen,...] [--gate 0.2] [--model toy] [--tiny]
        [--json rows.json] [--result result.json] [--picture docs/adaptation.png]
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evaluation.adaptation import table  # noqa: E402
-from pipeline.cli_eval import AdaptSizes, run_adapt, write_json  # noqa: E402
+from pipeline.cli_eval import AdaptSizes, downstream_train_config, run_adapt, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,7 +34,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--bank-n", type=int, default=d.bank_n)
     ap.add_argument("--test-n", type=int, default=d.test_n)
     ap.add_argument("--night-real-n", type=int, default=d.night_real_n)
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=None, help="fixed segmenter steps; default: until the loss plateaus")
+    ap.add_argument("--max-steps", type=int, default=3000)
+    ap.add_argument("--plateau-window", type=int, default=100)
+    ap.add_argument("--plateau-min-improvement", type=float, default=0.02)
+    ap.add_argument("--arms", default=None, help="comma-separated arms (default: all)")
+    ap.add_argument("--gate", type=float, action="append", default=[], help="arm (c) gated at this judge mIoU")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -56,9 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
             tiny_pipeline(seed=0).save_pretrained(tiny)
         a.model = str(tiny)
     sizes = AdaptSizes(a.day_n, a.bank_n, a.test_n, a.night_real_n)
-    result = run_adapt(a.work_dir, sizes, steps=a.steps, batch_size=a.batch_size, seeds=a.seeds, workers=a.workers,
-                       model=a.model, model_steps=a.model_steps, picture=a.picture,
-                       log=lambda m: print(m, file=sys.stderr, flush=True))
+    train = downstream_train_config(a.steps, a.max_steps, a.plateau_window, a.plateau_min_improvement, a.batch_size)
+    result = run_adapt(a.work_dir, sizes, train=train, seeds=a.seeds, workers=a.workers, model=a.model,
+                       model_steps=a.model_steps,
+                       picture=a.picture, log=lambda m: print(m, file=sys.stderr, flush=True),
+                       arms=a.arms.split(",") if a.arms else None, gate_thresholds=a.gate)
     if a.json is not None:
         write_json(a.json, [{k: r[k] for k in ("arm", "seed", "night_miou", "day_miou")} for r in result["rows"]])
     if a.result is not None:
@@ -67,9 +75,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(table(s))
     line = {"arms": {arm: {"night_miou": v["night"]["mean"], "night_std": v["night"]["std"], "day_miou": v["day"]["mean"],
                            "day_std": v["day"]["std"]} for arm, v in s["arms"].items()},
-            "gain_vs_b": s["gain_vs_b"], "gain_vs_best_baseline": s["gain_vs_best_baseline"],
-            "best_baseline": s["best_baseline"], "day_drop": s["day_drop"], "gap_to_e": s["gap_to_e"],
-            "verdicts": s["verdicts"], "sizes": result["sizes"], "steps": a.steps, "seeds": a.seeds,
+            **{k: s[k] for k in ("gain_vs_b", "gain_vs_best_baseline", "best_baseline", "day_drop", "day_drop_vs_b",
+                                 "gap_to_e", "verdicts", "gated") if k in s},
+            "arm_steps": {arm: v["steps"] for arm, v in s["arms"].items()}, "gate": result.get("gate"),
+            "sizes": result["sizes"], "steps": a.steps or f"until plateau, at most {a.max_steps}", "seeds": a.seeds,
             "amgen_run_s": result["amgen_run"]["run_seconds"], "wall_s": result["wall_seconds"]}
     print(json.dumps(line))
     return line

@@ -8,7 +8,10 @@ check says what to look at. Checked:
 - manifest.json: present, lists exactly the shards on disk, rows and sha256 match the files;
 - rows: every label decodes to uint8 Cityscapes ids of the image's size, every image decodes to RGB,
   instances decode to 16 bits of the same size, sample_ids are unique;
-- errors/*.parquet readable with the error columns; README.md with the YAML header datasets reads.
+- errors/*.parquet readable with the error columns; README.md with the YAML header datasets reads;
+- filtered/ (the quality gate's table): files named ``shard-KKKKK.parquet`` after a shard on disk,
+  the filtered columns, known reasons, no sample both filtered and in a shard, and as many rows as
+  a complete manifest's ``counts.filtered``.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from datasets import Features, Image
 
 from amgen_core.labels import LabelError, check_label_ids
 from amgen_core.image_io import CorruptImageError, decode_image_bytes
+from connectors.filtered_sink import FILTERED_DIR, FILTERED_SCHEMA, REASONS
 from connectors.parquet_sink import (
     CARD_NAME, DATA_DIR, ERROR_SCHEMA, ERRORS_DIR, IMAGE_COLUMNS, MANIFEST_NAME, MAX_ROW_GROUP, SAMPLE_SCHEMA,
     SCORE_PREFIX, SHARD_RE, file_sha256, shard_name,
@@ -54,6 +58,7 @@ class _Check:
         self.problems: list[str] = []
         self.warnings: list[str] = []
         self.counts = {"shards": 0, "samples": 0, "errors": 0, "bad_rows": 0}
+        self.sample_ids: dict[str, str] = {}  # sample_id -> where in data/ it was read
         self.schemas: list[pa.Schema] = []  # of the shards read so far, in name order
 
     # ------------------------------------------------------------ shards on disk
@@ -218,7 +223,7 @@ class _Check:
             self.problems.append(f"{name}: ... and {len(row_problems) - MAX_ROW_PROBLEMS_PER_SHARD} more row problems")
 
     def shards(self, shards: dict[str, Path]) -> None:
-        seen: dict[str, str] = {}
+        seen = self.sample_ids
         for name, p in sorted(shards.items()):
             try:
                 pf = pq.ParquetFile(p)
@@ -246,6 +251,46 @@ class _Check:
             if missing:
                 self.problems.append(f"{ERRORS_DIR}/{p.name}: error columns {missing} missing")
             self.counts["errors"] += t.num_rows
+
+    def filtered(self, shards: dict[str, Path]) -> None:
+        d = self.out / FILTERED_DIR
+        if not d.is_dir():
+            return  # no gate, or a gate that kept everything
+        indices = {int(SHARD_RE.match(Path(n).name)[1]) for n in shards}
+        total = 0
+        for p in sorted(d.iterdir()):
+            name = f"{FILTERED_DIR}/{p.name}"
+            if p.name.startswith("."):
+                self.warnings.append(f"{name}: leftover temporary file (an interrupted write)")
+                continue
+            if not (p.name.startswith("shard-") and p.name.endswith(".parquet") and p.name[6:-8].isdigit()):
+                self.problems.append(f"{name}: unexpected file (filtered tables are shard-KKKKK.parquet)")
+                continue
+            if int(p.name[6:-8]) not in indices:
+                self.problems.append(f"{name}: no shard {int(p.name[6:-8])} in {DATA_DIR}/ (filtered rows of an unfinished shard)")
+            try:
+                missing = [c for c in FILTERED_SCHEMA.names if c not in pq.read_schema(p).names]
+                if missing:
+                    self.problems.append(f"{name}: filtered columns {missing} missing")
+                    continue
+                t = pq.read_table(p, columns=["sample_id", "reason"])
+            except (pa.ArrowException, OSError) as e:
+                self.problems.append(f"{name}: not a readable Parquet file ({e})")
+                continue
+            for i, (sid, reason) in enumerate(zip(t.column("sample_id").to_pylist(), t.column("reason").to_pylist())):
+                if reason not in REASONS:
+                    self.problems.append(f"{name} row {i} (sample_id {sid}): reason {reason!r} is not one of {list(REASONS)}")
+                if sid in self.sample_ids:
+                    self.problems.append(f"{name} row {i}: sample_id {sid} is filtered and also in {self.sample_ids[sid]}")
+            total += t.num_rows
+        self.counts["filtered"] = total
+        try:
+            man = json.loads((self.out / MANIFEST_NAME).read_text())
+        except (OSError, json.JSONDecodeError):
+            return  # reported by the manifest check
+        declared = (man.get("counts") or {}).get("filtered") if isinstance(man.get("counts"), dict) else None
+        if man.get("complete") and declared is not None and declared != total:
+            self.problems.append(f"{MANIFEST_NAME}: counts.filtered={declared} but {FILTERED_DIR}/ holds {total} rows")
 
     def card(self) -> None:
         p = self.out / CARD_NAME
@@ -282,5 +327,6 @@ def verify_dataset(out_dir: str | os.PathLike) -> VerifyReport:
     check.manifest(shards)
     check.shards(shards)
     check.errors()
+    check.filtered(shards)
     check.card()
     return VerifyReport(not check.problems, check.problems, check.counts, check.warnings)

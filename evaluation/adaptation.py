@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -42,6 +42,19 @@ ADAPT_TREE_SEEDS = {
 
 ARMS = ("a_day", "b_day_bank", "c_amgen", "d_fda", "d_histogram", "d_pda", "e_night_real")
 BASELINES = {"d_fda": "FDA", "d_histogram": "HistogramMatching", "d_pda": "PixelDistributionAdaptation"}
+# The classes of the layout's objects (issue 21): reported one by one beside the bars; the rest as one mean.
+OBJECT_CLASSES = ("car", "truck", "bus", "person", "rider")
+
+
+def gated_arm(threshold: float) -> str:
+    """The name of arm (c) with the quality gate at ``threshold`` (judge mIoU, 0..1)."""
+    return f"c_amgen_gate{threshold:g}"
+
+
+def arm_order(gate_thresholds: Sequence[float] = ()) -> tuple[str, ...]:
+    """Every arm in report order: the gated (c) arms right after (c)."""
+    at = ARMS.index("c_amgen") + 1
+    return ARMS[:at] + tuple(gated_arm(t) for t in gate_thresholds) + ARMS[at:]
 
 
 class SampleList:
@@ -80,6 +93,8 @@ class AdaptationData:
     day_test: SampleList
     amgen_exemplar_ids: Sequence[str] = ()  # exemplar id of every amgen sample
     bank_ids: Sequence[str] = ()            # layout ids of the bank
+    # threshold -> what the quality gate kept of amgen's renderings at it (a gated amgen run each)
+    amgen_gated: dict[float, SampleList] = field(default_factory=dict)
 
 
 class ExemplarOriginError(ValueError):
@@ -125,16 +140,23 @@ def baseline_sets(data: AdaptationData, seed: int = 0) -> dict[str, SampleList]:
     return out
 
 
-def arm_parts(data: AdaptationData, baselines: dict[str, SampleList]) -> dict[str, list]:
-    """Each arm's training parts, in order (sample sources with ``name``, ``domain``, ``size``)."""
+def arm_parts(data: AdaptationData, baselines: dict[str, SampleList], only: Sequence[str] | None = None) -> dict[str, list]:
+    """Each arm's training parts, in order (sample sources with ``name``, ``domain``, ``size``);
+    ``only``: these arms (report order kept), else all."""
     times = max(1, round(data.day.size / max(1, data.bank.size)))
     bank = Repeated(data.bank, times)
     b = [data.day, bank]
     parts = {"a_day": [data.day], "b_day_bank": b, "c_amgen": b + [data.amgen]}
+    for t, kept in data.amgen_gated.items():
+        parts[gated_arm(t)] = b + [kept]
     for arm in BASELINES:
         parts[arm] = b + [baselines[arm]]
     parts["e_night_real"] = [data.day, data.night_real]
-    return {arm: parts[arm] for arm in ARMS}
+    order = arm_order(list(data.amgen_gated))
+    unknown = sorted(set(only or ()) - set(order))
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; the arms are {', '.join(order)}")
+    return {arm: parts[arm] for arm in order if only is None or arm in only}
 
 
 def describe(parts: list) -> list[dict[str, Any]]:
@@ -163,7 +185,7 @@ def _train_one(job: tuple[str, int]) -> dict[str, Any]:
     day = evaluate_segmenter(model, _SHARED["day_test"], test_n["day"])
     return {"arm": arm, "seed": seed, "night_miou": round(100 * night.miou(), 2), "day_miou": round(100 * day.miou(), 2),
             "night_iou_per_class": {c: round(100 * v, 2) for c, v in per_class_table(night.per_class()).items()},
-            "seconds": round(time.time() - t0, 1)}
+            "training": model.training_record, "seconds": round(time.time() - t0, 1)}
 
 
 def spread(values: Sequence[float]) -> dict[str, float]:
@@ -172,48 +194,82 @@ def spread(values: Sequence[float]) -> dict[str, float]:
             "min": round(float(v.min()), 2), "max": round(float(v.max()), 2)}
 
 
+def object_classes(per_class: dict[str, float]) -> dict[str, float | None]:
+    """The layout's object classes one by one (None: absent from the test scenes) and ``rest``,
+    the mean IoU of every other class present."""
+    out: dict[str, float | None] = {c: per_class.get(c) for c in OBJECT_CLASSES}
+    rest = [v for c, v in per_class.items() if c not in OBJECT_CLASSES]
+    out["rest"] = round(float(np.mean(rest)), 2) if rest else None
+    return out
+
+
+def _figures(night: dict[str, float], day: dict[str, float], arm: str) -> dict[str, Any]:
+    """An amgen arm against (b), the best baseline present and (e); absent arms give no figure."""
+    out: dict[str, Any] = {}
+    if "b_day_bank" in night:
+        out["gain_vs_b"] = round(night[arm] - night["b_day_bank"], 2)
+        out["day_drop_vs_b"] = round(day["b_day_bank"] - day[arm], 2)
+    present = [a for a in BASELINES if a in night]
+    if present:
+        best_d = max(present, key=lambda a: night[a])
+        out["best_baseline"] = best_d
+        out["gain_vs_best_baseline"] = round(night[arm] - night[best_d], 2)
+    if "a_day" in night:
+        out["day_drop"] = round(day["a_day"] - day[arm], 2)
+    if "e_night_real" in night:
+        out["gap_to_e"] = round(night["e_night_real"] - night[arm], 2)
+    return out
+
+
+def _verdicts(f: dict[str, Any]) -> dict[str, bool]:
+    """Issue 21's bars: (c) >= (b) + 10 and >= the best baseline + 3 night mIoU, at most 2 day mIoU below (b)."""
+    bars = {"c_ge_b_plus_10": ("gain_vs_b", lambda v: v >= 10), "c_ge_best_d_plus_3": ("gain_vs_best_baseline", lambda v: v >= 3),
+            "c_day_within_2_of_b": ("day_drop_vs_b", lambda v: v <= 2)}
+    return {name: ok(f[key]) for name, (key, ok) in bars.items() if key in f}
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-arm mean and spread, the mean per-class night IoU, and the three acceptance figures."""
+    """Per-arm mean and spread, the mean per-class night IoU (and the object classes apart), the
+    training steps each arm took, and the acceptance figures of (c) and of every gated (c)."""
     arms: dict[str, Any] = {}
-    for arm in ARMS:
+    names = list(dict.fromkeys(r["arm"] for r in rows))
+    for arm in names:
         mine = [r for r in rows if r["arm"] == arm]
-        if not mine:
-            continue
         classes = sorted({c for r in mine for c in r["night_iou_per_class"]})
         per_class = {c: round(float(np.nanmean([r["night_iou_per_class"].get(c, np.nan) for r in mine])), 2)
                      for c in classes}
         arms[arm] = {"night": spread([r["night_miou"] for r in mine]), "day": spread([r["day_miou"] for r in mine]),
-                     "seeds": [r["seed"] for r in mine], "night_iou_per_class": per_class}
+                     "seeds": [r["seed"] for r in mine], "night_iou_per_class": per_class,
+                     "night_objects": object_classes(per_class),
+                     "steps": [r.get("training", {}).get("steps") for r in mine]}
     night = {a: v["night"]["mean"] for a, v in arms.items()}
     day = {a: v["day"]["mean"] for a, v in arms.items()}
-    best_d = max(BASELINES, key=lambda a: night.get(a, -np.inf))
-    figures = {
-        "gain_vs_b": round(night["c_amgen"] - night["b_day_bank"], 2),
-        "gain_vs_best_baseline": round(night["c_amgen"] - night[best_d], 2),
-        "best_baseline": best_d,
-        "day_drop": round(day["a_day"] - day["c_amgen"], 2),
-        "gap_to_e": round(night["e_night_real"] - night["c_amgen"], 2),
-    }
-    verdicts = {"c_ge_b_plus_10": figures["gain_vs_b"] >= 10, "c_ge_best_d_plus_3": figures["gain_vs_best_baseline"] >= 3,
-                "c_day_within_2_of_a": figures["day_drop"] <= 2}
-    return {"arms": arms, **figures, "verdicts": verdicts}
+    out: dict[str, Any] = {"arms": arms}
+    if "c_amgen" in arms:
+        figures = _figures(night, day, "c_amgen")
+        out.update(figures, verdicts=_verdicts(figures))
+    gated = [a for a in arms if a.startswith("c_amgen_gate")]
+    if gated:
+        out["gated"] = {a: {**_figures(night, day, a), "verdicts": _verdicts(_figures(night, day, a))} for a in gated}
+    return out
 
 
 def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Sequence[int], run_dir: str | Path,
                    test_n: dict[str, int] | None = None, workers: int = 1, baseline_seed: int = 0,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every arm with every seed (``workers`` processes) and score it. Returns the rows
-    ({arm, seed, night_miou, day_miou, ...}), each arm's training parts and the summary."""
+                   log: Callable[[str], None] = print, arms: Sequence[str] | None = None) -> dict[str, Any]:
+    """Train every arm (or those of ``arms``) with every seed (``workers`` processes) and score
+    it. Returns the rows ({arm, seed, night_miou, day_miou, ...}), each arm's training parts and
+    the summary."""
     check_exemplars(data.amgen_exemplar_ids, data.bank_ids)
     test_n = test_n or {"night": data.night_test.size, "day": data.day_test.size}
     t0 = time.time()
     baselines = baseline_sets(data, baseline_seed)
     log(f"baselines: {data.day.size} day images restyled by {', '.join(BASELINES.values())} "
         f"({time.time() - t0:.1f} s)")
-    parts = arm_parts(data, baselines)
+    parts = arm_parts(data, baselines, arms)
     _SHARED.update(parts=parts, cfg=cfg, run_dir=str(run_dir), test_n=test_n, night_test=data.night_test,
                    day_test=data.day_test)
-    jobs = [(arm, seed) for arm in ARMS for seed in seeds]
+    jobs = [(arm, seed) for arm in parts for seed in seeds]
     rows: list[dict[str, Any]] = []
 
     def done(row: dict[str, Any]) -> None:
@@ -221,7 +277,7 @@ def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Seque
         log(f"[{len(rows)}/{len(jobs)}] {row['arm']} seed {row['seed']}: night mIoU {row['night_miou']:.2f} "
             f"day mIoU {row['day_miou']:.2f} ({row['seconds']} s)")
 
-    for arm in ARMS:
+    for arm in parts:
         log(f"arm {arm}: " + " + ".join(f"{p['samples']} {p['name']}" for p in describe(parts[arm])))
     try:
         if workers <= 1:
@@ -235,17 +291,23 @@ def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Seque
                     done(row)
     finally:
         _SHARED.clear()
-    rows.sort(key=lambda r: (ARMS.index(r["arm"]), r["seed"]))
+    order = list(parts)
+    rows.sort(key=lambda r: (order.index(r["arm"]), r["seed"]))
     return {"rows": rows, "arms": {arm: describe(p) for arm, p in parts.items()}, "summary": summarize(rows),
             "train_config": asdict(cfg), "test_n": test_n, "train_seconds": round(time.time() - t0, 1)}
 
 
 def table(summary: dict[str, Any]) -> str:
-    """The result as a markdown table: mean ± std (min..max) per arm, night and day."""
-    lines = ["| arm | night mIoU | day mIoU |", "|---|---|---|"]
+    """The result as a markdown table: mean ± std (min..max) per arm, night and day, and beside
+    them the night IoU of the layout's object classes and the mean of the rest (mean over seeds)."""
+    head = ["arm", "night mIoU", "day mIoU", *(f"night {c}" for c in OBJECT_CLASSES), "night rest", "steps"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    cell = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.2f}..{s['max']:.2f})"  # noqa: E731
     for arm, v in summary["arms"].items():
-        cell = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f} ({s['min']:.2f}..{s['max']:.2f})"
-        lines.append(f"| {arm} | {cell(v['night'])} | {cell(v['day'])} |")
+        objects = v.get("night_objects") or object_classes(v["night_iou_per_class"])
+        per = ["-" if objects[c] is None else f"{objects[c]:.1f}" for c in (*OBJECT_CLASSES, "rest")]
+        steps = ", ".join(str(n) for n in v.get("steps", []) if n is not None) or "-"
+        lines.append(f"| {arm} | {cell(v['night'])} | {cell(v['day'])} | " + " | ".join(per) + f" | {steps} |")
     return "\n".join(lines)
 
 

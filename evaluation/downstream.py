@@ -1,7 +1,8 @@
 """The downstream test: does a synthetic dataset help a segmenter learn?
 
-Two segmenters with the same architecture, steps and seed: one trained on the real samples, one
-on the same real samples plus the synthetic ones. Both are scored on the same held-out real
+Two segmenters with the same architecture, training rule (fixed steps, or until the loss
+plateaus: evaluation/plateau.py) and seed: one trained on the real samples, one on the same real
+samples plus the synthetic ones. Both are scored on the same held-out real
 samples. The caller chooses all three sets (``amgen eval segmenter``: real and held-out toy-town
 scenes, an amgen output dataset read through ``connectors.parquet_source``); any layout source
 becomes samples through :class:`LayoutSamples`.
@@ -73,10 +74,10 @@ def pixels_per_class(cm: np.ndarray) -> dict[str, int]:
     return {NAMES[int(TRAIN_ID_TO_ID[k])]: int(n) for k, n in enumerate(cm.sum(1)) if n}
 
 
-def draws(size: int, n_real: int, cfg: SegmenterTrainConfig) -> dict[str, int]:
-    """How many of a run's training draws (every step, resumed ones too) hit the real part
-    (indices below ``n_real``) and the synthetic part."""
-    idx = np.concatenate([batch_indices(size, cfg, step) for step in range(cfg.steps)])
+def draws(size: int, n_real: int, cfg: SegmenterTrainConfig, steps: int | None = None) -> dict[str, int]:
+    """How many of a run's training draws (every step, resumed ones too; ``steps`` of them, by
+    default ``cfg.steps``) hit the real part (indices below ``n_real``) and the synthetic part."""
+    idx = np.concatenate([batch_indices(size, cfg, step) for step in range(cfg.steps if steps is None else steps)])
     return {"real": int((idx < n_real).sum()), "synthetic": int((idx >= n_real).sum())}
 
 
@@ -109,7 +110,8 @@ def run_downstream(
         acc = evaluate_segmenter(model, heldout, heldout_n)
         result[name] = {"miou": round(100 * acc.miou(), 2), "iou_per_class": per_class_table(acc.per_class()),
                         "train_samples": {"real": real.size, "synthetic": n_synthetic},
-                        "draws": draws(source.size, real.size, cfg),
+                        "draws": draws(source.size, real.size, cfg, model.training_record["steps"]),
+                        "training": model.training_record,
                         "heldout_pixels_per_class": pixels_per_class(acc.cm),
                         "seconds": round(time.time() - t0, 1)}
         log(f"{name}: held-out mIoU {result[name]['miou']:.2f}%")

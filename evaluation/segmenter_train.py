@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from evaluation.metrics import ConfusionAccumulator
+from evaluation.plateau import PlateauRule
 from evaluation.segmenter import Segmenter, SegmenterConfig
 from amgen_core.labels import IGNORE_TRAIN_ID, to_train_ids
 
@@ -95,7 +96,7 @@ class ConcatSource:
 
 @dataclass
 class SegmenterTrainConfig:
-    steps: int = 1200
+    steps: int = 1200  # fixed steps (unused with until_plateau, below)
     batch_size: int = 16
     lr: float = 2e-3
     weight_decay: float = 1e-4
@@ -108,6 +109,23 @@ class SegmenterTrainConfig:
     # on the first ``balance_samples`` training samples. Thin classes (poles, signs) need it.
     class_balance: float = 0.0
     balance_samples: int = 256
+    # Train until the loss plateaus (evaluation/plateau.py) instead of for ``steps``: warm-up, then
+    # a constant lr cut at each plateau; ``max_steps`` caps it.
+    until_plateau: bool = False
+    plateau_window: int = 100
+    plateau_min_improvement: float = 0.02
+    plateau_lr_drops: int = 2
+    max_steps: int = 3000
+
+    def plateau_rule(self) -> PlateauRule | None:
+        if not self.until_plateau:
+            return None
+        return PlateauRule(window=self.plateau_window, min_improvement=self.plateau_min_improvement,
+                           lr_drops=self.plateau_lr_drops, max_steps=self.max_steps)
+
+    @property
+    def step_cap(self) -> int:
+        return self.max_steps if self.until_plateau else self.steps
 
 
 def class_weights(source: SampleSource, cfg: SegmenterTrainConfig, num_classes: int) -> torch.Tensor | None:
@@ -147,9 +165,11 @@ def _batch(source: SampleSource, cfg: SegmenterTrainConfig, step: int) -> tuple[
     return images, labels
 
 
-def _lr_at(cfg: SegmenterTrainConfig, step: int) -> float:
+def _lr_at(cfg: SegmenterTrainConfig, step: int, plateau_scale: float = 1.0) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.until_plateau:  # no end is known in advance: constant, cut at each plateau
+        return cfg.lr * plateau_scale
     frac = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
     return cfg.lr * 0.5 * (1 + np.cos(np.pi * min(1.0, frac)))
 
@@ -181,6 +201,8 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
     weight = class_weights(source, cfg, model.config.num_classes)
     ckpt_path = run_dir / "checkpoint.pt"
     start = 0
+    rule = cfg.plateau_rule()
+    plateau = rule.start() if rule else None
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
         if state["train_config"] != asdict(cfg):
@@ -188,14 +210,18 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
+        plateau = state.get("plateau", plateau)
         log(f"resumed from {ckpt_path} at step {start}")
     model.train()
     t0 = time.time()
+    scale = lambda: plateau["lr_scale"] if plateau else 1.0  # noqa: E731
     with open(run_dir / "log.jsonl", "a") as logf:
-        for step in range(start, cfg.steps):
+        for step in range(start, cfg.step_cap):
+            if plateau and plateau["stopped"]:
+                break
             images, labels = _batch(source, cfg, step)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, step)
+                group["lr"] = _lr_at(cfg, step, scale())
             logits = model(model.to_input(images))
             loss = F.cross_entropy(logits, torch.from_numpy(labels.astype(np.int64)), weight=weight,
                                    ignore_index=IGNORE_TRAIN_ID)
@@ -203,15 +229,27 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
             loss.backward()
             opt.step()
             done = step + 1
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            lr = _lr_at(cfg, step, scale())
+            if plateau is not None:
+                rule.update(plateau, done, loss.item())
+            last = done == cfg.step_cap or bool(plateau and plateau["stopped"])
+            if done % cfg.checkpoint_every == 0 or last:
                 tmp = ckpt_path.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done, "train_config": asdict(cfg)}, tmp)
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                            "train_config": asdict(cfg), "plateau": plateau}, tmp)
                 tmp.replace(ckpt_path)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                rec = {"step": done, "loss": round(loss.item(), 5), "lr": _lr_at(cfg, step), "elapsed_s": round(time.time() - t0, 1)}
+            if done % cfg.log_every == 0 or last:
+                rec = {"step": done, "loss": round(loss.item(), 5), "lr": lr, "elapsed_s": round(time.time() - t0, 1)}
+                if plateau is not None:
+                    rec.update(ema_loss=round(plateau["ema"], 5), stopped=plateau["stopped"])
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
-                log(f"step {done}/{cfg.steps} loss {rec['loss']:.4f} ({rec['elapsed_s']} s)")
+                log(f"step {done}/{cfg.step_cap} loss {rec['loss']:.4f} ({rec['elapsed_s']} s)")
+            start = done
+    # What the run did, for the caller's record: steps taken and why it ended.
+    model.training_record = {"steps": start, "stopped": (plateau or {}).get("stopped") or "steps",
+                             "plateau_lr_drops_at": list((plateau or {}).get("drop_steps", [])),
+                             "final_ema_loss": round(plateau["ema"], 5) if plateau and plateau["ema"] is not None else None}
     return model.eval()
 
 

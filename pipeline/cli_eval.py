@@ -7,7 +7,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import typer
 
@@ -87,11 +87,33 @@ def quality_cmd(
     typer.echo(json_line(report))
 
 
+PLATEAU_HELP = ("segmenter steps, the same for every arm; without it each arm trains until its loss plateaus "
+                "(EMA of the loss, span --plateau-window, falls less than --plateau-min-improvement over a window: "
+                "lr x0.3, twice; the third plateau stops it), at most --max-steps")
+
+
+def downstream_train_config(steps: int | None, max_steps: int, window: int, min_improvement: float, batch_size: int,
+                            seed: int = 0, threads: int = 1):
+    """The downstream tests' segmenter recipe (the judge's: lr 3e-3, class balance 0.5): ``steps``
+    fixed steps, or (None) until the loss plateaus (evaluation/plateau.py)."""
+    from evaluation.segmenter_train import SegmenterTrainConfig
+
+    if steps is not None:
+        return SegmenterTrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, seed=seed, threads=threads,
+                                    class_balance=0.5, checkpoint_every=max(1, min(100, steps)))
+    return SegmenterTrainConfig(batch_size=batch_size, lr=3e-3, seed=seed, threads=threads, class_balance=0.5,
+                                until_plateau=True, max_steps=max_steps, plateau_window=window,
+                                plateau_min_improvement=min_improvement, checkpoint_every=100)
+
+
 @eval_app.command("segmenter")
 def segmenter_cmd(
     dataset: Path = typer.Option(..., "--dataset", help="an amgen output folder (or its data/ Parquet shards)"),
     real_n: int = typer.Option(200, "--real-n", min=1, help="real toy-town training scenes"),
-    steps: int = typer.Option(300, "--steps", min=1),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help=PLATEAU_HELP),
+    max_steps: int = typer.Option(3000, "--max-steps", min=1, help="cap of a plateau run"),
+    plateau_window: int = typer.Option(100, "--plateau-window", min=2),
+    plateau_min_improvement: float = typer.Option(0.02, "--plateau-min-improvement", min=0.0),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     heldout_n: int = typer.Option(300, "--heldout-n", min=1, help="held-out real scenes to score on"),
     seed: int = typer.Option(0, "--seed"),
@@ -100,17 +122,15 @@ def segmenter_cmd(
     threads: int = typer.Option(1, "--threads", min=1),
 ) -> None:
     """Downstream test: a segmenter trained on real toy-town only vs real + an amgen dataset, same
-    steps and seed, both scored (mIoU) on held-out real toy-town scenes."""
+    training rule and seed, both scored (mIoU) on held-out real toy-town scenes."""
     import json
 
     from connectors.parquet_source import ParquetSource
     from evaluation.downstream import LayoutSamples, run_downstream
-    from evaluation.segmenter_train import (SEGMENTER_HELDOUT_SEED_BASE, SEGMENTER_TRAIN_SEED_BASE,
-                                            SegmenterTrainConfig, ToyTownScenes)
+    from evaluation.segmenter_train import SEGMENTER_HELDOUT_SEED_BASE, SEGMENTER_TRAIN_SEED_BASE, ToyTownScenes
 
     height, width = 64, 128  # toy-town's frame, which the amgen dataset must match
-    cfg = SegmenterTrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, seed=seed, threads=threads,
-                               class_balance=0.5, checkpoint_every=max(1, min(100, steps)))
+    cfg = downstream_train_config(steps, max_steps, plateau_window, plateau_min_improvement, batch_size, seed, threads)
     about = {"dataset": str(dataset),
              "real_scenes": f"default_rng({SEGMENTER_TRAIN_SEED_BASE} + i), i < {real_n}",
              "heldout_scenes": f"default_rng({SEGMENTER_HELDOUT_SEED_BASE} + i), i < {heldout_n}"}
@@ -128,7 +148,8 @@ def segmenter_cmd(
         json_file.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(f"held-out mIoU on {heldout_n} real scenes: real only ({real_n}) {result['real_only']['miou']:.2f}% | "
                f"real + {result['n_synthetic']} amgen samples {result['real_plus_synthetic']['miou']:.2f}% "
-               f"(delta {result['delta_miou']:+.2f}); checkpoints in {run_dir}")
+               f"(delta {result['delta_miou']:+.2f}); steps {result['real_only']['training']['steps']} / "
+               f"{result['real_plus_synthetic']['training']['steps']}; checkpoints in {run_dir}")
     typer.echo(json.dumps({k: result[k] for k in ("n_real", "n_synthetic", "delta_miou")} |
                           {k: result[k]["miou"] for k in ("real_only", "real_plus_synthetic")}))
 
@@ -223,10 +244,49 @@ def read_amgen_output(out: Path):
     return SampleList(pairs, name="amgen night renderings of the day layouts", domain="night (amgen)"), targets, exemplars
 
 
+def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], None]) -> tuple[dict, dict]:
+    """The gated (c) arms' data: the quality gate's own stage (``stages.gate.GateScorer``, the
+    judge of ``score.segmenter``'s default) run over the (c) run's samples. A run with
+    ``gate.enabled`` renders the very same images (the gate changes no sample seed) and keeps
+    exactly these, so each threshold costs a judge pass, not a second rendering of every layout.
+    Returns ({threshold: SampleList}, what the gate did at each threshold)."""
+    import pyarrow.parquet as pq
+
+    from amgen_core.image_io import decode_png
+    from evaluation.adaptation import SampleList
+    from stages.gate import GateScorer, gate_reason
+
+    scorer = GateScorer(None, 1, threshold=min(thresholds))  # one judge pass; the score is the same at every threshold
+    kept: dict[float, list] = {t: [] for t in thresholds}
+    reasons: dict[float, dict[str, int]] = {t: {} for t in thresholds}
+    for p in sorted((out / "data").glob("train-*.parquet")):
+        rows = pq.read_table(p, columns=["sample_id", "image", "label"]).to_pylist()
+        for lo in range(0, len(rows), 32):
+            part = rows[lo:lo + 32]
+            batch = {"sample_id": [r["sample_id"] for r in part], "error": [""] * len(part),
+                     "image": [r["image"]["bytes"] for r in part], "label": [r["label"]["bytes"] for r in part]}
+            scores = scorer(batch)["gate_score"]
+            for t in thresholds:
+                for r, reason in zip(part, (gate_reason(v, t) for v in scores)):
+                    if reason:
+                        reasons[t][reason] = reasons[t].get(reason, 0) + 1
+                    else:
+                        where = f"{p} sample {r['sample_id']}"
+                        kept[t].append((decode_png(r["image"]["bytes"], f"{where} image", "rgb"),
+                                        decode_png(r["label"]["bytes"], f"{where} label", "label")))
+    sets, record = {}, {}
+    for t in sorted(thresholds):
+        sets[t] = SampleList(kept[t], name=f"amgen night renderings, judge mIoU >= {t:g}", domain="night (amgen, gated)")
+        record[f"{t:g}"] = {"kept": len(kept[t]), "filtered_by_reason": dict(sorted(reasons[t].items()))}
+        log(f"quality gate at judge mIoU {t:g}: {len(kept[t])} renderings kept, filtered {record[f'{t:g}']['filtered_by_reason']}")
+    return sets, record
+
+
 def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 3.0,
-                       ray_cpus: int = 2, log: Callable[[str], None] = print):
-    """Trees, the real amgen run of arm (c) (resumed if already done), and everything read back:
-    (AdaptationData, day ids, amgen target ids, run summary)."""
+                       ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None):
+    """Trees, the real amgen run of arm (c) (resumed if already done), what the quality gate keeps
+    of it at each of ``gate_thresholds``, and everything read back: (AdaptationData, day ids,
+    amgen target ids, run summary)."""
     from evaluation.adaptation import AdaptationData
     from pipeline.run import run_pipeline
 
@@ -248,8 +308,11 @@ def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_
         night_test=read_tree(roots["night_test"], "night test", "night")[0],
         day_test=read_tree(roots["day_test"], "day test", "day")[0],
         amgen_exemplar_ids=exemplars, bank_ids=bank_ids)
-    return data, {"day_ids": day_ids, "amgen_target_ids": targets, "run_summary": summary.to_dict(), "run_seconds": round(run_s, 1),
-                  "run_config": cfg.model_dump(mode="json")}
+    made = {"day_ids": day_ids, "amgen_target_ids": targets, "run_summary": summary.to_dict(), "run_seconds": round(run_s, 1),
+            "run_config": cfg.model_dump(mode="json")}
+    if gate_thresholds:
+        data.amgen_gated, made["gate"] = gated_amgen_sets(work / "amgen_night", list(gate_thresholds), log)
+    return data, made
 
 
 @eval_app.command("adapt")
@@ -259,9 +322,15 @@ def adapt_cmd(
     bank_n: int = typer.Option(AdaptSizes.bank_n, "--bank-n", min=1, help="labelled night scenes (exemplars, references)"),
     test_n: int = typer.Option(AdaptSizes.test_n, "--test-n", min=1, help="held-out night scenes, and as many day scenes"),
     night_real_n: int = typer.Option(AdaptSizes.night_real_n, "--night-real-n", min=1, help="real night scenes of arm (e)"),
-    steps: int = typer.Option(300, "--steps", min=1, help="segmenter steps, the same for every arm"),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help=PLATEAU_HELP),
+    max_steps: int = typer.Option(3000, "--max-steps", min=1, help="cap of a plateau run"),
+    plateau_window: int = typer.Option(100, "--plateau-window", min=2),
+    plateau_min_improvement: float = typer.Option(0.02, "--plateau-min-improvement", min=0.0),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seeds: int = typer.Option(3, "--seeds", min=1, help="segmenter seeds per arm (0..N-1)"),
+    arms: Optional[str] = typer.Option(None, "--arms", help="comma-separated arms to train (default: all)"),
+    gate: List[float] = typer.Option([], "--gate", min=0.0, max=1.0,
+                                     help="also arm (c) with the quality gate at this judge mIoU (repeatable)"),
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
     model_steps: int = typer.Option(4, "--model-steps", min=1, help="DDIM steps of the amgen run"),
@@ -271,9 +340,14 @@ def adapt_cmd(
 ) -> None:
     """Domain adaptation test, day -> night: segmenters trained on day data (a), + 10 night scenes (b),
     + amgen's night renderings of the day layouts (c), + classical baselines (d), + 500 real night (e)."""
-    result = run_adapt(work_dir, AdaptSizes(day_n, bank_n, test_n, night_real_n), steps=steps, batch_size=batch_size,
-                       seeds=seeds, workers=workers, model=model, model_steps=model_steps, picture=picture,
-                       log=typer.echo)
+    cfg = downstream_train_config(steps, max_steps, plateau_window, plateau_min_improvement, batch_size)
+    try:
+        result = run_adapt(work_dir, AdaptSizes(day_n, bank_n, test_n, night_real_n), train=cfg, seeds=seeds,
+                           workers=workers, model=model, model_steps=model_steps, picture=picture, log=typer.echo,
+                           arms=arms.split(",") if arms else None, gate_thresholds=list(gate))
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
     if json_file is not None:
         write_json(json_file, [{k: r[k] for k in ("arm", "seed", "night_miou", "day_miou")} for r in result["rows"]])
     if result_file is not None:
@@ -282,9 +356,14 @@ def adapt_cmd(
 
     s = result["summary"]
     typer.echo(table(s))
-    typer.echo(f"gain vs (b) {s['gain_vs_b']:+.2f} | vs best baseline ({s['best_baseline']}) "
-               f"{s['gain_vs_best_baseline']:+.2f} | day drop vs (a) {s['day_drop']:+.2f} | gap to (e) {s['gap_to_e']:+.2f}"
-               f" | wall {result['wall_seconds']:.0f} s")
+    for arm, f in [("c_amgen", s), *s.get("gated", {}).items()]:
+        names = {"gain_vs_b": "gain vs (b)", "gain_vs_best_baseline": "vs best baseline", "day_drop_vs_b": "day drop vs (b)",
+                 "day_drop": "day drop vs (a)", "gap_to_e": "gap to (e)"}
+        parts = [f"{label} {f[k]:+.2f}" + (f" ({f['best_baseline']})" if k == "gain_vs_best_baseline" else "")
+                 for k, label in names.items() if k in f]
+        if parts:
+            typer.echo(f"{arm}: " + " | ".join(parts))
+    typer.echo(f"wall {result['wall_seconds']:.0f} s")
 
 
 def write_json(path: Path, obj) -> None:
@@ -292,22 +371,24 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int = 300, batch_size: int = 16, seeds: int = 3,
+def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, batch_size: int = 16, seeds: int = 3,
               workers: int = 2, model: str = "toy", model_steps: int = 4, picture: Path | None = None,
-              log: Callable[[str], None] = print) -> dict:
-    """The whole experiment: data, the amgen run, every arm; the result of
-    ``evaluation.adaptation.run_adaptation`` plus how the data were made and the wall time."""
+              log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
+              gate_thresholds: list[float] | None = None) -> dict:
+    """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
+    the result of ``evaluation.adaptation.run_adaptation`` plus how the data were made and the
+    wall time. ``train``: the segmenter recipe (default: ``steps`` fixed steps, or None: until
+    the loss plateaus), the same for every arm."""
     from evaluation.adaptation import run_adaptation
-    from evaluation.segmenter_train import SegmenterTrainConfig
 
     t0 = time.time()
     work_dir = Path(work_dir)
     data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, ray_cpus=max(1, workers),
-                                    log=log)
-    # The judge's training settings (``amgen eval segmenter``), the same for every arm.
-    cfg = SegmenterTrainConfig(steps=steps, batch_size=batch_size, lr=3e-3, class_balance=0.5,
-                               checkpoint_every=max(1, min(100, steps)))
-    result = run_adaptation(data, cfg, list(range(seeds)), work_dir / "segmenters", workers=workers, log=log)
+                                    log=log, gate_thresholds=gate_thresholds)
+    cfg = train or downstream_train_config(steps, 3000, 100, 0.02, batch_size)
+    # A plateau run has its own folders: its checkpoints must not resume a fixed-step run's.
+    seg_dir = work_dir / ("segmenters-plateau" if cfg.until_plateau else "segmenters")
+    result = run_adaptation(data, cfg, list(range(seeds)), seg_dir, workers=workers, log=log, arms=arms)
     if picture is not None:
         from amgen_core.image_io import write_bytes_atomic, encode_png
         from evaluation.adaptation import comparison_picture
@@ -315,7 +396,7 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int = 300, batch_size
         write_bytes_atomic(picture, encode_png(comparison_picture(data, made["day_ids"], made["amgen_target_ids"])))
         log(f"picture: {picture}")
     result.update(sizes=asdict(sizes), amgen_run={k: made[k] for k in ("run_seconds", "run_summary", "run_config")},
-                  wall_seconds=round(time.time() - t0, 1))
+                  wall_seconds=round(time.time() - t0, 1), **({"gate": made["gate"]} if "gate" in made else {}))
     return result
 
 

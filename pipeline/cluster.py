@@ -130,7 +130,7 @@ class Workers:
     device: str
     torch_threads: int
     note: str = ""
-    score_actors: int = 1  # the scorer pool's largest size (score.enabled only)
+    score_actors: int = 1  # the scorer pool's largest size (score.enabled or gate.enabled only)
 
 
 def wait_for_gpus(cfg: RunConfig, say: Callable[[str], None] | None = None) -> dict[str, float]:
@@ -173,7 +173,7 @@ def _leave_room(cfg: RunConfig, cpus: float, actors: int, num_cpus: float, note:
     """The CPU request of each model actor, lowered where the actors would take every CPU slot: the
     loader tasks (and the first scorer) in front of and behind them could then never be scheduled,
     and the run would wait forever. Only Ray's bookkeeping changes; threads and outputs do not."""
-    reserve = LOADER_CPUS + (SCORE_CPUS if cfg.score.enabled else 0.0)
+    reserve = LOADER_CPUS + (SCORE_CPUS if cfg.score.enabled or cfg.gate.enabled else 0.0)
     if not cpus or actors * num_cpus + reserve <= cpus:
         return num_cpus, note
     lowered = round((cpus - reserve) / actors, 4)
@@ -218,7 +218,7 @@ def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> Workers:
 
 def _with_scorers(cfg: RunConfig, cpus: float, w: Workers) -> Workers:
     """The scorer pool grows into the CPU slots the model actors and the loader leave."""
-    if cfg.score.enabled:
+    if cfg.score.enabled or cfg.gate.enabled:
         w.score_actors = pool_size(cfg.score.actors, cpus - w.actors * w.num_cpus - LOADER_CPUS if cpus else None,
                                    SCORE_CPUS)
     return w

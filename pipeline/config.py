@@ -171,6 +171,18 @@ class ScoreConfig(_Strict):
     actors: int = Field(2, ge=1)  # scorer actor pool: 1 to this many (each holds the segmenter)
 
 
+class GateConfig(_Strict):
+    """The quality gate: samples whose rendering disagrees with their label leave the dataset for
+    ``filtered/`` (stages/gate.py). Off by default; off, it is left out of the config hash, so a
+    run without it writes the same bytes as before the key existed."""
+
+    enabled: bool = False
+    metric: Literal["judge_miou"] = "judge_miou"  # the judge's mIoU (score.segmenter) on the sample vs its label
+    # A sample scoring below this is filtered. Real toy-town night scenes score 0.33..0.71 (median
+    # 0.55), the bundled model's night renderings 0.08..0.30 (median 0.21): docs/adaptation.md.
+    threshold: float = Field(0.2, ge=0.0, le=1.0)
+
+
 class OutputConfig(_Strict):
     dir: str = "out"
     rows_per_shard: int = Field(64, ge=1)
@@ -196,6 +208,7 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     synthesis: SynthesisConfig = Field(default_factory=SynthesisConfig)
     score: ScoreConfig = Field(default_factory=ScoreConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
@@ -229,6 +242,8 @@ _HASH_NEUTRAL_DEFAULTS = {"model": {"channels_last": None, "compile": "off"}}
 
 def config_hash(cfg: RunConfig) -> str:
     data = cfg.model_dump(mode="json")
+    if not cfg.gate.enabled:
+        data.pop("gate")  # a gate that is off changes nothing: the hash of every older run holds
     for key, sub in _NOT_HASHED.items():
         if sub is None:
             data.pop(key, None)
@@ -347,5 +362,5 @@ def check_paths(cfg: RunConfig) -> None:
             raise cfg.error("model.adapter_dir", f"folder does not exist: {m.adapter_dir}")
     elif m.path != "toy" and not as_path(m.path).is_dir():
         raise cfg.error("model.path", f"model folder does not exist: {m.path}")
-    if cfg.score.enabled and cfg.score.segmenter is not None and not as_path(cfg.score.segmenter).exists():
+    if (cfg.score.enabled or cfg.gate.enabled) and cfg.score.segmenter is not None and not as_path(cfg.score.segmenter).exists():
         raise cfg.error("score.segmenter", f"path does not exist: {cfg.score.segmenter}")

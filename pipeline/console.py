@@ -60,6 +60,9 @@ def print_summary(summary: RunSummary, console, verify_ok: bool | None = None) -
         t.add_row("remade", "; ".join(f"{r['name']}: {r['reason']}" for r in summary.remade))
     by = ", ".join(f"{k}: {v}" for k, v in summary.quarantined_by_stage.items())
     t.add_row("quarantined", f"{summary.quarantined}" + (f" ({by}) -> errors/" if by else ""))
+    if summary.filtered or summary.filtered_by_reason:
+        by = ", ".join(f"{k}: {v}" for k, v in summary.filtered_by_reason.items())
+        t.add_row("filtered (gate)", f"{summary.filtered} ({by}) -> filtered/")
     t.add_row("targets / exemplars", f"{summary.targets} / {summary.exemplars} (banks encoded now: {summary.banks_encoded})")
     t.add_row("throughput", f"{summary.images_per_s:.2f} images/s")
     w = summary.workers

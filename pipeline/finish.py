@@ -39,6 +39,8 @@ class RunSummary:
     written: int                  # samples in the dataset (all shards)
     quarantined: int              # inputs and samples in errors/
     quarantined_by_stage: dict[str, int] = field(default_factory=dict)
+    filtered: int = 0             # samples the quality gate sent to filtered/ (all shards)
+    filtered_by_reason: dict[str, int] = field(default_factory=dict)
     banks_encoded: int = 0
     workers: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -77,13 +79,31 @@ def manifest(cfg: RunConfig, summary: RunSummary, stats: dict[int, ShardStats], 
         "config": cfg.model_dump(mode="json"), "config_hash": summary.config_hash, "model": summary.model,
         "counts": {"targets": summary.targets, "planned": summary.planned, "exemplars": summary.exemplars,
                    "written": sum(s.rows for s in stats.values()), "quarantined": summary.quarantined,
-                   "quarantined_by_stage": summary.quarantined_by_stage, "shards": summary.shards,
+                   "quarantined_by_stage": summary.quarantined_by_stage, **gate_counts(cfg, summary),
+                   "shards": summary.shards,
                    "shards_finished": len(stats)},
         "shards": [stats[i] for i in sorted(stats)],
         "increments": summary.increments,
         "runs": runs,
         "versions": versions(),
     }
+
+
+def gate_counts(cfg: RunConfig, summary: RunSummary) -> dict[str, Any]:
+    """The manifest's record of the quality gate (nothing when it is off: older manifests stay as they were)."""
+    if not cfg.gate.enabled:
+        return {}
+    return {"filtered": summary.filtered, "filtered_by_reason": summary.filtered_by_reason,
+            "gate": cfg.gate.model_dump(mode="json")}
+
+
+def gate_card_line(cfg: RunConfig, summary: RunSummary) -> dict[str, str]:
+    """The dataset card's line on the quality gate (none when it is off)."""
+    if not cfg.gate.enabled:
+        return {}
+    by = ", ".join(f"{k}: {v}" for k, v in summary.filtered_by_reason.items()) or "none"
+    return {"quality gate": f"{cfg.gate.metric} >= {cfg.gate.threshold:g} kept; {summary.filtered} sample(s) "
+                            f"filtered ({by}), kept with their scores in `filtered/`"}
 
 
 class ManifestLog:
@@ -139,6 +159,11 @@ def finish_run(cfg: RunConfig, plan: Plan, log: ManifestLog, writer, synth_s: fl
     errors = read_errors(out)
     summary.quarantined = len(errors)
     summary.quarantined_by_stage = count_stages(errors)
+    if cfg.gate.enabled:
+        from connectors.filtered_sink import filtered_counts
+
+        summary.filtered_by_reason = filtered_counts(out)
+        summary.filtered = sum(summary.filtered_by_reason.values())
     summary.written = sum(s.rows for s in stats.values())
     summary.images_per_s = round(writer.synthesized / synth_s, 3) if writer.synthesized and synth_s > 0 else 0.0
     t_fin = time.perf_counter()
@@ -186,7 +211,8 @@ def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSum
         config_hash=summary.config_hash, sources=sources,
         label_pixels=None if pixels is None else [int(x) for x in pixels], license=cfg.output.license,
         extra={"exemplars per target": cfg.exemplars.k, "sampling": f"{cfg.model.steps} steps, guidance "
-               f"{cfg.model.guidance_scale:g}, mode {cfg.model.mode}", **increments_line(summary.increments)}))
+               f"{cfg.model.guidance_scale:g}, mode {cfg.model.mode}", **increments_line(summary.increments),
+               **gate_card_line(cfg, summary)}))
     if cfg.output.preview:
         by_sid = {r["sample_id"]: r for r in plan.rows}
         ex_spec = source_spec(cfg.exemplars.source or cfg.source)

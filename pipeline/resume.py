@@ -18,6 +18,7 @@ from connectors.parquet_sink import (
     CARD_NAME, DATA_DIR, ERRORS_DIR, MANIFEST_NAME, SHARD_RE, ShardStats, file_sha256, shard_name,
     shard_stats_from_file,
 )
+from connectors.filtered_sink import FILTERED_DIR
 from connectors.storage import RemotePath, as_path, rmtree
 from pipeline.plan import PLAN_FILE, plan_config_hash
 
@@ -26,8 +27,8 @@ INDEX_DIR = "index"
 CITYSCAPES_DIR = "cityscapes"
 DAMAGED_DIR = "damaged"
 # Everything a run writes into OUT; --overwrite removes exactly these and nothing else.
-RUN_ARTIFACTS = (DATA_DIR, ERRORS_DIR, CARD_NAME, MANIFEST_NAME, PLAN_FILE, PREVIEW_NAME, INDEX_DIR, CITYSCAPES_DIR,
-                 DAMAGED_DIR)
+RUN_ARTIFACTS = (DATA_DIR, ERRORS_DIR, FILTERED_DIR, CARD_NAME, MANIFEST_NAME, PLAN_FILE, PREVIEW_NAME, INDEX_DIR,
+                 CITYSCAPES_DIR, DAMAGED_DIR)
 
 
 class OutputFolderError(ValueError):

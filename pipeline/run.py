@@ -53,7 +53,7 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
         rep.info(f"output.dir {out} is relative: on a cluster it lands in the driver's working folder; "
                  "give an absolute shared path or a URI (s3://...) that every node can reach")
     check_paths(cfg)
-    if cfg.score.enabled:
+    if cfg.score.enabled or cfg.gate.enabled:
         from stages.score import check_scorer
 
         check_scorer(cfg.score.segmenter)

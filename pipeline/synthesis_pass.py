@@ -45,11 +45,13 @@ def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers, acto
                                    "exemplar_spec": source_spec(cfg.exemplars.source or cfg.source), "actors": actors},
                         batch_size=1, batch_format="numpy", num_cpus=LOADER_CPUS,
                         compute=TaskPoolStrategy(size=in_flight))
-    if cfg.score.enabled:
+    if cfg.score.enabled or cfg.gate.enabled:
+        from stages.gate import GateScorer
         from stages.score import Scorer
 
-        ds = ds.map_batches(Scorer, fn_constructor_args=(cfg.score.segmenter, 1),
-                            fn_constructor_kwargs={"restart_on_device_error": True}, batch_size=16,
+        gate = {"metric": cfg.gate.metric, "threshold": cfg.gate.threshold} if cfg.gate.enabled else {}
+        ds = ds.map_batches(GateScorer if gate else Scorer, fn_constructor_args=(cfg.score.segmenter, 1),
+                            fn_constructor_kwargs={"restart_on_device_error": True, **gate}, batch_size=16,
                             batch_format="numpy", compute=actor_pool(workers.score_actors, autoscale=True),
                             num_cpus=SCORE_CPUS, **restart_policy(cfg))
     return ds

@@ -3,7 +3,8 @@
 ``ShardWriter`` buffers rows per shard and writes a shard the moment every sample planned for it
 has come back, synthesized or quarantined. Shards therefore hold a fixed, planned set of samples
 and finish in any order; each appears atomically, its quarantined samples first in
-``errors/shard-KKKKK.parquet`` (so a finished shard always has its errors on disk).
+``errors/shard-KKKKK.parquet`` (so a finished shard always has its errors on disk), and the rows
+the quality gate marked (stages/gate.py) in ``filtered/shard-KKKKK.parquet``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from PIL import Image
 
 from amgen_core.labels import colorize
 from amgen_core.image_io import decode_png, encode_png
+from connectors.filtered_sink import sync_filtered
 from connectors.parquet_sink import ShardStats, read_parquet, write_errors, write_shard
 from connectors.storage import RemotePath, as_path, write_bytes_atomic
 
@@ -49,6 +51,7 @@ class ShardWriter:
         self.on_shard = on_shard
         self.rows: dict[int, list[dict]] = defaultdict(list)
         self.errors: dict[int, list[dict]] = defaultdict(list)
+        self.filtered: dict[int, list[dict]] = defaultdict(list)  # rows the gate keeps out of the shard
         self.seen: dict[int, set[str]] = defaultdict(set)
         self.written: dict[int, ShardStats] = {}
         self.synthesized = self.quarantined = self.banks_new = 0
@@ -68,7 +71,12 @@ class ShardWriter:
             self.quarantined += 1
         else:
             self._check_model(str(row["model"]))
-            self.rows[shard].append(self._sink_row(row))
+            if row.get("gate_reason"):
+                self.filtered[shard].append({**self._sink_row(row, scores=False), "gate_score": row["gate_score"],
+                                             "gate_metric": row["gate_metric"], "gate_threshold": row["gate_threshold"],
+                                             "reason": row["gate_reason"]})
+            else:
+                self.rows[shard].append(self._sink_row(row))
             self.synthesized += 1
             self.banks_new += int(bool(row.get("bank_new", False)))
             self.model_seconds += float(row.get("seconds", 0.0))
@@ -85,13 +93,13 @@ class ShardWriter:
                 f"{self.out}: samples of model {model} would join a dataset made with {self.model}; "
                 "the model weights changed since this folder was started (use another --out or --overwrite)")
 
-    def _sink_row(self, row: dict[str, Any]) -> dict[str, Any]:
+    def _sink_row(self, row: dict[str, Any], scores: bool = True) -> dict[str, Any]:
         out = {"sample_id": str(row["sample_id"]), "target_id": str(row["target_id"]),
                "exemplar_id": str(row["exemplar_id"]), "image": bytes(row["image"]), "label": bytes(row["label"]),
                "instance": bytes(row["instance"]) if len(row["instance"]) else None,
                "seed": int(row["seed"]), "augment": str(row["augment"]), "model": str(row["model"]),
                "config_hash": self.config_hash}
-        for c in self.score_columns:
+        for c in self.score_columns if scores else ():
             v = row.get(c)
             out[c] = None if v is None or not np.isfinite(v) else float(v)
         return out
@@ -99,6 +107,7 @@ class ShardWriter:
     def _flush(self, shard: int) -> ShardStats:
         if self.errors[shard]:
             write_errors(self.errors.pop(shard), self.out, shard_errors_name(shard))
+        sync_filtered(self.filtered.pop(shard, []), self.out, shard)
         total = self.num_shards.get(shard) if isinstance(self.num_shards, dict) else self.num_shards
         stats = write_shard(self.rows.pop(shard, []), self.out, shard, total,
                             score_columns=self.score_columns)

@@ -25,7 +25,7 @@ def adapt_run(tmp_path_factory):
     args = ["eval", "adapt", "--work-dir", str(work), "--day-n", str(DAY), "--bank-n", str(BANK), "--test-n", str(TEST),
             "--night-real-n", str(NIGHT_REAL), "--steps", "2", "--batch-size", "4", "--seeds", "2", "--workers", "2",
             "--model", str(model), "--model-steps", "2", "--json", str(rows), "--result", str(result),
-            "--picture", str(picture)]
+            "--picture", str(picture), "--gate", "0.05"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     return {"work": work, "rows": json.loads(rows.read_text()), "result": json.loads(result.read_text()),
@@ -46,19 +46,54 @@ def test_arms_are_made_as_specified(adapt_run):
                                          "samples": DAY}]
     assert arms["e_night_real"] == [day, {"name": "real night scenes", "domain": "night", "samples": NIGHT_REAL}]
     assert adapt_run["result"]["test_n"] == {"night": TEST, "day": TEST}
+    # The gated (c): (b) plus what the quality gate kept of the same renderings; the rest it counted.
+    gate = adapt_run["result"]["gate"]["0.05"]
+    assert arms["c_amgen_gate0.05"] == [day, bank, {"name": "amgen night renderings, judge mIoU >= 0.05",
+                                                    "domain": "night (amgen, gated)", "samples": gate["kept"]}]
+    assert gate["kept"] + sum(gate["filtered_by_reason"].values()) == DAY
 
 
 def test_rows_json_and_summary(adapt_run):
     from evaluation.adaptation import ARMS
 
     rows = adapt_run["rows"]
-    assert [(r["arm"], r["seed"]) for r in rows] == [(a, s) for a in ARMS for s in (0, 1)]
+    arms = ARMS[:3] + ("c_amgen_gate0.05",) + ARMS[3:]
+    assert [(r["arm"], r["seed"]) for r in rows] == [(a, s) for a in arms for s in (0, 1)]
     assert all(set(r) == {"arm", "seed", "night_miou", "day_miou"} for r in rows)
     s = adapt_run["result"]["summary"]
-    night = {a: np.mean([r["night_miou"] for r in rows if r["arm"] == a]) for a in ARMS}
+    night = {a: np.mean([r["night_miou"] for r in rows if r["arm"] == a]) for a in arms}
     assert s["gain_vs_b"] == pytest.approx(night["c_amgen"] - night["b_day_bank"], abs=0.011)
     assert s["day_drop"] == pytest.approx(s["arms"]["a_day"]["day"]["mean"] - s["arms"]["c_amgen"]["day"]["mean"], abs=0.011)
-    assert "| c_amgen |" in adapt_run["output"] and "gain vs (b)" in adapt_run["output"]
+    assert s["gated"]["c_amgen_gate0.05"]["gain_vs_b"] == pytest.approx(night["c_amgen_gate0.05"] - night["b_day_bank"],
+                                                                         abs=0.011)
+    assert "| c_amgen |" in adapt_run["output"] and "c_amgen: gain vs (b)" in adapt_run["output"]
+    assert "| arm | night mIoU | day mIoU | night car | night truck | night bus | night person | night rider | night rest |" \
+        in adapt_run["output"]
+    assert all(r["training"] == {"steps": 2, "stopped": "steps", "plateau_lr_drops_at": [], "final_ema_loss": None}
+               for r in adapt_run["result"]["rows"])
+
+
+def test_objects_apart_and_the_rest_as_one_mean_and_bars_of_issue_21():
+    from evaluation.adaptation import object_classes, summarize, table
+
+    per_class = {"car": 60.0, "bus": 10.0, "road": 90.0, "sky": 70.0, "building": 80.0}
+    assert object_classes(per_class) == {"car": 60.0, "truck": None, "bus": 10.0, "person": None, "rider": None,
+                                         "rest": 80.0}
+
+    def row(arm, seed, night, day):
+        return {"arm": arm, "seed": seed, "night_miou": night, "day_miou": day, "night_iou_per_class": per_class,
+                "training": {"steps": 300 + seed}}
+
+    rows = [row("b_day_bank", 0, 40, 60), row("c_amgen", 0, 51, 59), row("c_amgen_gate0.2", 0, 45, 57.5),
+            row("d_histogram", 0, 47, 61)]
+    s = summarize(rows)
+    assert (s["gain_vs_b"], s["gain_vs_best_baseline"], s["day_drop_vs_b"]) == (11, 4, 1)
+    assert s["verdicts"] == {"c_ge_b_plus_10": True, "c_ge_best_d_plus_3": True, "c_day_within_2_of_b": True}
+    assert "day_drop" not in s and "gap_to_e" not in s  # (a) and (e) were not trained
+    assert s["gated"]["c_amgen_gate0.2"]["verdicts"] == {"c_ge_b_plus_10": False, "c_ge_best_d_plus_3": False,
+                                                         "c_day_within_2_of_b": False}
+    assert "| c_amgen_gate0.2 | 45.00 ± 0.00 (45.00..45.00) | 57.50 ± 0.00 (57.50..57.50) | 60.0 | - | 10.0 | - | - | 80.0 | 300 |" \
+        in table(s)
 
 
 def test_trees_have_the_right_domains_and_disjoint_seeds(adapt_run):

@@ -1,0 +1,180 @@
+"""The quality gate (``gate.enabled``): off, nothing changes; on, samples the judge scores under the
+threshold leave the shards for ``filtered/`` with their scores, the card and the manifest count them
+by reason, a crashed run resumes to the same bytes, and verify knows the table."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import config_from_dict, config_hash
+from test_pipeline_fixtures import file_digests, make_toytown, run_tree, tiny_model_dir
+
+N_TARGETS = 12
+
+
+def test_gate_off_keeps_the_config_hash_of_every_older_run():
+    """The hash is in every sample row: unchanged hash, unchanged bytes. The golden value is the
+    hash this config had before the gate existed (commit dea2fd9)."""
+    tree = {"source": {"kind": "toytown", "root": "/no/such/toy"}, "model": {"path": "/no/such/model", "steps": 2}}
+    golden = "5fb7189bc22d791fcc86aa88e0a5973c1e0ac40e1ae393c32cb56d78a33102f8"
+    assert config_hash(config_from_dict(tree)) == golden
+    assert config_hash(config_from_dict({**tree, "gate": {"enabled": False, "threshold": 0.9}})) == golden
+    assert config_hash(config_from_dict({**tree, "gate": {"enabled": True}})) != golden
+
+
+def test_gate_reason_and_config_errors():
+    from pipeline.config import ConfigError
+    from stages.gate import gate_reason
+
+    assert gate_reason(0.5, 0.3) == "" and gate_reason(0.3, 0.3) == ""
+    assert gate_reason(0.29, 0.3) == "below_threshold" and gate_reason(float("nan"), 0.3) == "unscored"
+    with pytest.raises(ConfigError, match="gate.threshold"):
+        config_from_dict({"source": {"root": "x"}, "gate": {"threshold": 1.5}})
+    with pytest.raises(ConfigError, match="gate.metric"):
+        config_from_dict({"source": {"root": "x"}, "gate": {"metric": "psnr"}})
+
+
+def test_writer_sends_marked_rows_to_filtered_and_clears_a_stale_table(tmp_path):
+    from connectors.filtered_sink import FILTERED_SCHEMA, filtered_counts
+    from stages.write import ShardWriter
+    from test_stages import _sample_row
+
+    rows = [_sample_row(i, 0) for i in range(4)]
+    for r, reason, score in zip(rows, ["", "below_threshold", "", "unscored"], [0.8, 0.1, 0.5, np.nan]):
+        r.update(gate_reason=reason, gate_score=score, gate_metric="judge_miou", gate_threshold=0.3)
+    w = ShardWriter(tmp_path, {0: [r["sample_id"] for r in rows]}, 1, "h" * 8)
+    for r in rows:
+        w.add(r)
+    kept = pq.read_table(tmp_path / "data" / "train-00000-of-00001.parquet")
+    assert sorted(kept["sample_id"].to_pylist()) == sorted(r["sample_id"] for r in rows if not r["gate_reason"])
+    table = pq.read_table(tmp_path / "filtered" / "shard-00000.parquet")
+    assert table.schema.names == FILTERED_SCHEMA.names
+    got = {r["sample_id"]: r for r in table.to_pylist()}
+    assert {sid: (g["reason"], g["gate_score"]) for sid, g in got.items()} == {
+        rows[1]["sample_id"]: ("below_threshold", 0.1), rows[3]["sample_id"]: ("unscored", None)}
+    assert all(g["image"]["bytes"] and g["label"]["bytes"] and g["gate_threshold"] == 0.3 for g in got.values())
+    assert filtered_counts(tmp_path) == {"below_threshold": 1, "unscored": 1}
+    # The same shard made again with nothing filtered leaves no table of the earlier attempt.
+    w = ShardWriter(tmp_path, {0: [r["sample_id"] for r in rows]}, 1, "h" * 8)
+    for r in rows:
+        w.add({**r, "gate_reason": ""})
+    assert not (tmp_path / "filtered" / "shard-00000.parquet").exists() and filtered_counts(tmp_path) == {}
+
+
+# ----------------------------------------------------------------------------- through Ray
+
+
+def road_judge(path):
+    """A tiny judge that sees road everywhere: a sample's score is its road IoU over its classes,
+    which differs from layout to layout (a random tiny judge scores every sample 0)."""
+    import torch
+
+    from evaluation.segmenter import Segmenter
+    from test_stages import tiny_segmenter
+
+    model = Segmenter.from_pretrained(tiny_segmenter(path))
+    with torch.no_grad():
+        model.head.bias[0] = 100.0  # trainId 0: road
+    return model.save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    import ray
+
+    base = tmp_path_factory.mktemp("gate")
+    ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield {"base": base, "tree": make_toytown(base / "toy", N_TARGETS), "model": tiny_model_dir(base / "model"),
+               "seg": str(road_judge(base / "seg"))}
+    finally:
+        ray.shutdown()
+
+
+def run(world, out, fail_after_shards=None, **sections):
+    from pipeline.run import run_pipeline
+
+    sections.setdefault("score", {}).update(segmenter=world["seg"])
+    cfg = config_from_dict(run_tree(world["tree"], world["model"], out, **sections))
+    return run_pipeline(cfg, fail_after_shards=fail_after_shards)
+
+
+@pytest.fixture(scope="module")
+def scored(world):
+    """Every sample's judge score, from a run that scores but does not gate."""
+    out = world["base"] / "scored"
+    run(world, out, score={"enabled": True})
+    return {r["sample_id"]: r["score_miou"] for p in sorted((out / "data").glob("*.parquet"))
+            for r in pq.read_table(p, columns=["sample_id", "score_miou"]).to_pylist()}
+
+
+def split_threshold(scores: dict) -> float:
+    """A threshold between two distinct scores near the middle: some samples fall under it, some not."""
+    values = np.unique(list(scores.values()))
+    assert len(values) > 1, f"the tiny judge gives every sample the same score {values}"
+    k = len(values) // 2
+    return float((values[k - 1] + values[k]) / 2)
+
+
+def test_gate_filters_exactly_the_low_scores_and_counts_them(world, scored):
+    from connectors.verify import verify_dataset
+
+    threshold = split_threshold(scored)
+    low = {sid for sid, v in scored.items() if v < threshold}
+    assert 0 < len(low) < N_TARGETS
+    out = world["base"] / "gated"
+    s = run(world, out, score={"enabled": True}, gate={"enabled": True, "threshold": threshold})
+    kept = {r["sample_id"]: r["score_miou"] for p in sorted((out / "data").glob("*.parquet"))
+            for r in pq.read_table(p, columns=["sample_id", "score_miou"]).to_pylist()}
+    filtered = [r for p in sorted((out / "filtered").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert {r["sample_id"] for r in filtered} == low and set(kept) == set(scored) - low
+    assert all(r["gate_score"] == pytest.approx(scored[r["sample_id"]]) and r["reason"] == "below_threshold"
+               for r in filtered)
+    assert all(v >= threshold for v in kept.values())
+    assert (s.written, s.filtered, s.filtered_by_reason) == (N_TARGETS - len(low), len(low), {"below_threshold": len(low)})
+    counts = json.loads((out / "manifest.json").read_text())["counts"]
+    assert counts["filtered"] == len(low) and counts["filtered_by_reason"] == {"below_threshold": len(low)}
+    assert counts["gate"]["threshold"] == threshold
+    assert f"{len(low)} sample(s) filtered (below_threshold: {len(low)})" in (out / "README.md").read_text()
+    report = verify_dataset(out)
+    assert report.ok, report.summary()
+    assert report.counts["filtered"] == len(low)
+    # verify notices a filtered table that disagrees with the manifest.
+    copy = world["base"] / "gated_copy"
+    shutil.copytree(out, copy)
+    victim = sorted((copy / "filtered").glob("*.parquet"))[0]
+    table = pq.read_table(victim)
+    pq.write_table(table.slice(0, table.num_rows - 1), victim)
+    assert any("counts.filtered" in p for p in verify_dataset(copy).problems)
+
+
+def test_gate_off_writes_no_filtered_table_and_no_gate_counts(world, scored):
+    out = world["base"] / "scored"
+    assert not (out / "filtered").exists()
+    assert "filtered" not in json.loads((out / "manifest.json").read_text())["counts"]
+    assert "quality gate" not in (out / "README.md").read_text()
+
+
+def test_gated_run_resumes_after_a_crash_to_the_same_bytes_and_counts(world, scored):
+    whole = world["base"] / "gated"  # made by the test above, with these same sections
+    if not (whole / "manifest.json").is_file():
+        pytest.skip("needs test_gate_filters_exactly_the_low_scores_and_counts_them")
+    sections = {"score": {"enabled": True}, "gate": {"enabled": True, "threshold": split_threshold(scored)}}
+    first = json.loads((whole / "manifest.json").read_text())["counts"]
+    crashed = world["base"] / "gated_crashed"
+    with pytest.raises(RuntimeError, match="injected failure after 1 shard"):
+        run(world, crashed, fail_after_shards=1, **json.loads(json.dumps(sections)))
+    resumed = run(world, crashed, **json.loads(json.dumps(sections)))
+    assert resumed.mode == "resume" and resumed.shards_skipped == 1
+    assert file_digests(crashed) == file_digests(whole)
+    assert sorted(p.name for p in (crashed / "filtered").iterdir()) == sorted(p.name for p in (whole / "filtered").iterdir())
+    for p in (whole / "filtered").glob("*.parquet"):
+        assert (crashed / "filtered" / p.name).read_bytes() == p.read_bytes()
+    again = run(world, crashed, **json.loads(json.dumps(sections)))  # nothing to do: the counts come from disk
+    assert again.synthesized == 0
+    assert (again.filtered, again.filtered_by_reason) == (first["filtered"], first["filtered_by_reason"])
+    assert json.loads((crashed / "manifest.json").read_text())["counts"]["filtered"] == first["filtered"]
