@@ -556,24 +556,10 @@ class ShardedIndex:
             raise IndexFormatError(f"{tpath}: id table has {table.num_rows} rows, manifest says {count}")
         ids = np.array(table.column("id").to_pylist(), dtype=object)
         metas = table.column("meta").to_pylist()
-        labels = None
-        if entry.get("labels"):
-            lpath = root / entry["labels"]
-            try:
-                labels = np.load(lpath, mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                raise IndexFormatError(f"{lpath}: unreadable label maps: {exc}") from exc
-            if labels.shape[0] != count or labels.dtype != np.uint8:
-                raise IndexFormatError(f"{lpath}: expected ({count}, h, w) uint8, got {labels.shape} {labels.dtype}")
-        vectors = None
-        if entry.get("vectors"):
-            vpath = root / entry["vectors"]
-            try:
-                vectors = np.load(vpath, mmap_mode="r")
-            except (ValueError, OSError) as exc:
-                raise IndexFormatError(f"{vpath}: unreadable vectors: {exc}") from exc
-            if vectors.shape != (count, dim) or vectors.dtype != np.float32:
-                raise IndexFormatError(f"{vpath}: expected ({count}, {dim}) float32, got {vectors.shape} {vectors.dtype}")
+        labels = _side_array(root, entry.get("labels"), "label maps", np.uint8, f"({count}, h, w)",
+                             lambda a: a.shape[0] == count)
+        vectors = _side_array(root, entry.get("vectors"), "vectors", np.float32, f"({count}, {dim})",
+                              lambda a: a.shape == (count, dim))
         return shard, ids, metas, labels, vectors
 
     @staticmethod
@@ -772,3 +758,18 @@ class ShardedIndex:
             fetch *= 4
         ids = [[str(self.ids[r]) for r in row if r >= 0] for row in rows]
         return SearchHits(scores=scores, rows=rows, ids=ids)
+
+
+def _side_array(root: Path, name: str | None, what: str, dtype, shape: str, fits) -> np.ndarray | None:
+    """A shard's memory-mapped .npy beside its index (label maps, rerank vectors), or None where
+    the manifest names none; a damaged or misshapen file is an IndexFormatError naming it."""
+    if not name:
+        return None
+    path = root / name
+    try:
+        array = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as exc:
+        raise IndexFormatError(f"{path}: unreadable {what}: {exc}") from exc
+    if not fits(array) or array.dtype != dtype:
+        raise IndexFormatError(f"{path}: expected {shape} {np.dtype(dtype).name}, got {array.shape} {array.dtype}")
+    return array
