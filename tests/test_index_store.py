@@ -122,6 +122,22 @@ def test_save_load_round_trip(tmp_path, data):
     assert len(ShardedIndex.load(tmp_path / "idx")) == 50
 
 
+def test_damaged_side_arrays_name_their_file(tmp_path, data):
+    x, ids, meta = data
+    labels = np.zeros((300, 8, 16), np.uint8)
+    ShardedIndex.build(x, ids, meta, tmp_path / "idx", 2, labels=labels)
+    (side,) = sorted((tmp_path / "idx").glob("*.npy"))[:1]
+    np.save(side, np.zeros((3, 8, 16), np.uint8))                     # a shard's label maps, wrong count
+    with pytest.raises(IndexFormatError, match=rf"{side.name}: corrupt shard \(checksum"):
+        ShardedIndex.load(tmp_path / "idx")
+    # without the checksums, the file's own shape and bytes are checked
+    with pytest.raises(IndexFormatError, match=rf"{side.name}: expected \(\d+, h, w\) uint8, got \(3, 8, 16\)"):
+        ShardedIndex.load(tmp_path / "idx", verify=False)
+    side.write_bytes(b"not an npy file")
+    with pytest.raises(IndexFormatError, match=rf"{side.name}: unreadable label maps"):
+        ShardedIndex.load(tmp_path / "idx", verify=False)
+
+
 def test_clear_errors_on_bad_index_dirs(tmp_path, data):
     x, ids, meta = data
     with pytest.raises(IndexNotFoundError, match="index folder not found"):
