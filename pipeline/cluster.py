@@ -130,7 +130,7 @@ class Workers:
     device: str
     torch_threads: int
     note: str = ""
-    score_actors: int = 1  # the scorer pool's largest size (score.enabled or gate.enabled only)
+    score_actors: int = 1  # scorer actors (score.enabled or gate.enabled only)
 
 
 def wait_for_gpus(cfg: RunConfig, say: Callable[[str], None] | None = None) -> dict[str, float]:
@@ -217,7 +217,7 @@ def plan_workers(cfg: RunConfig, cluster: dict[str, float]) -> Workers:
 
 
 def _with_scorers(cfg: RunConfig, cpus: float, w: Workers) -> Workers:
-    """The scorer pool grows into the CPU slots the model actors and the loader leave."""
+    """As many scorers as `score.actors` asks, within the CPU slots the model actors and the loader leave."""
     if cfg.score.enabled or cfg.gate.enabled:
         w.score_actors = pool_size(cfg.score.actors, cpus - w.actors * w.num_cpus - LOADER_CPUS if cpus else None,
                                    SCORE_CPUS)

@@ -168,7 +168,7 @@ class SynthesisConfig(_Strict):
 class ScoreConfig(_Strict):
     enabled: bool = False
     segmenter: str | None = None  # checkpoint of the scoring segmenter (evaluation)
-    actors: int = Field(2, ge=1)  # scorer actor pool: 1 to this many (each holds the segmenter)
+    actors: int = Field(2, ge=1)  # scorer actors (each holds the segmenter), cut to the CPUs left
 
 
 class GateConfig(_Strict):
@@ -197,6 +197,11 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(None, ge=1)  # local Ray only; None = all cores
     max_restarts: int = Field(3, ge=0)  # restarts of a model actor whose process died (e.g. a CUDA error)
     max_task_retries: int = Field(3, ge=0)  # retries of a model batch after a machine failure (OOM, lost actor)
+    # A plan of at most this many items (targets + exemplars to index) runs its stages in one Ray
+    # task, without Ray Data: at that size the datasets' start (worker processes, their imports,
+    # a retrieval actor pool) costs more than the work, and the model actors can load meanwhile.
+    # 0: always Ray Data.
+    inline_plan_max: int = Field(2048, ge=0)
 
 
 class RunConfig(_Strict):

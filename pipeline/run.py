@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from connectors.storage import RemotePath, as_path, location_str
-from pipeline.cluster import LOADER_CPUS, configure_ray_data, ensure_ray, plan_workers, wait_for_gpus
+from pipeline.cluster import LOADER_CPUS, Workers, configure_ray_data, ensure_ray, plan_workers, wait_for_gpus
 from pipeline.config import RunConfig, check_paths, config_hash
 from pipeline.console import Reporter
 from pipeline.demo_data import prepare_toytown
@@ -24,6 +24,7 @@ from pipeline.finish import RunSummary, count_stages
 from pipeline.plan import load_plan, plan_config_hash
 from pipeline.plan_pass import PlanTimings, plan_on_worker
 from pipeline.resume import INDEX_DIR, audit_shards, finished_shards, prepare_out
+from pipeline.synthesis_actors import start_synthesis_actors
 from pipeline.synthesis_pass import synthesize_and_write
 
 
@@ -38,6 +39,32 @@ def facts_on_workers(paths: list[str], recorded: set[str]) -> list:
     sha = ray.remote(num_cpus=LOADER_CPUS)(lambda p: (file_sha256(p), None, ""))
     full = ray.remote(num_cpus=LOADER_CPUS)(read_shard_facts)
     return ray.get([(sha if p in recorded else full).remote(p) for p in paths])
+
+
+class EarlyActors:
+    """The model actors of a new run, started while its plan runs inline (a small plan takes no
+    Ray slot), so that their start and model load overlap the plan instead of following it."""
+
+    def __init__(self, cfg: RunConfig, rep: Reporter):
+        self.cfg, self.rep = cfg, rep
+        self.workers: Workers | None = None
+        self.actors: list = []
+
+    def start(self) -> None:
+        self.workers = plan_workers(self.cfg, wait_for_gpus(self.cfg, self.rep.info))
+        self.actors = start_synthesis_actors(self.cfg, self.workers)
+
+    def take(self) -> list:
+        """The actors, now the synthesis pass's to use and end."""
+        actors, self.actors = self.actors, []
+        return actors
+
+    def kill(self) -> None:
+        """End actors nobody took (the run failed before pass 2)."""
+        import ray
+
+        for a in self.take():
+            ray.kill(a)
 
 
 def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwrite: bool = False,
@@ -67,10 +94,12 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
         mode = prepare_out(out, h, overwrite)
     prepare_toytown(cfg, rep.info)
     started_ray = ensure_ray(cfg)
+    early = None
     try:
         import ray
 
         configure_ray_data(False)
+        early = EarlyActors(cfg, rep)
         timings = PlanTimings()
         reuse_plan = existing == h and not overwrite
         if reuse_plan:
@@ -88,8 +117,9 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
             with tempfile.TemporaryDirectory(prefix="amgen-index-") as tmp:
                 plan = plan_on_worker(cfg, h, str(Path(tmp) / INDEX_DIR), None, timings, rep)
         else:
-            plan = plan_on_worker(cfg, h, location_str(out / INDEX_DIR), location_str(out), timings, rep)
-        workers = plan_workers(cfg, ray.cluster_resources() if dry_run else wait_for_gpus(cfg, rep.info))
+            plan = plan_on_worker(cfg, h, location_str(out / INDEX_DIR), location_str(out), timings, rep,
+                                  while_inline=early.start)
+        workers = early.workers or plan_workers(cfg, ray.cluster_resources() if dry_run else wait_for_gpus(cfg, rep.info))
         if workers.note:
             rep.info(workers.note)
         remade, done_stats = [], {}
@@ -115,8 +145,10 @@ def run_pipeline(cfg: RunConfig, *, out: str | os.PathLike | None = None, overwr
             summary.timings["total_s"] = round(time.perf_counter() - t_start, 3)
             return summary
         return synthesize_and_write(cfg, plan, out, pending, done, workers, summary, rep, t_start, fail_after_shards,
-                                    done_stats=done_stats)
+                                    done_stats=done_stats, actors=early.take())
     finally:
+        if early is not None:
+            early.kill()
         if started_ray:
             import ray
 

@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.cluster import LOADER_CPUS, SCORE_CPUS, Workers, actor_pool, restart_policy
+from pipeline.cluster import LOADER_CPUS, Workers
 from pipeline.config import RunConfig
 from pipeline.console import Reporter
 from pipeline.finish import ManifestLog, RunSummary, finish_run
 from pipeline.plan import Plan
 from pipeline.shard_writers import PassTally, deliver_batch, raise_problem, start_writers
+from pipeline.scoring_actors import start_scoring_actors
 from pipeline.synthesis_actors import start_synthesis_actors
 from connectors.parquet_sink import ShardStats
 from connectors.storage import location_str
@@ -28,9 +29,10 @@ from stages.read import source_spec
 
 
 
-def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers, actors: list):
+def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers, actors: list, scorers: list = ()):
     """The streaming part of pass 2 as a Ray dataset of sample rows; ``actors``: the model actors
-    (pipeline/synthesis_actors.py)."""
+    (pipeline/synthesis_actors.py); ``scorers``: the scorer actors (pipeline/scoring_actors.py),
+    when scoring or the gate is on."""
     import ray
     from ray.data import TaskPoolStrategy
 
@@ -45,15 +47,12 @@ def synthesis_dataset(cfg: RunConfig, groups: list[dict], workers: Workers, acto
                                    "exemplar_spec": source_spec(cfg.exemplars.source or cfg.source), "actors": actors},
                         batch_size=1, batch_format="numpy", num_cpus=LOADER_CPUS,
                         compute=TaskPoolStrategy(size=in_flight))
-    if cfg.score.enabled or cfg.gate.enabled:
-        from stages.gate import GateScorer
-        from stages.score import Scorer
+    if scorers:
+        from pipeline.scoring_actors import score_batch
 
-        gate = {"metric": cfg.gate.metric, "threshold": cfg.gate.threshold} if cfg.gate.enabled else {}
-        ds = ds.map_batches(GateScorer if gate else Scorer, fn_constructor_args=(cfg.score.segmenter, 1),
-                            fn_constructor_kwargs={"restart_on_device_error": True, **gate}, batch_size=16,
-                            batch_format="numpy", compute=actor_pool(workers.score_actors, autoscale=True),
-                            num_cpus=SCORE_CPUS, **restart_policy(cfg))
+        # One batch in each scorer and one queued behind it.
+        ds = ds.map_batches(score_batch, fn_kwargs={"actors": list(scorers)}, batch_size=16, batch_format="numpy",
+                            num_cpus=LOADER_CPUS, compute=TaskPoolStrategy(size=2 * len(scorers)))
     return ds
 
 
@@ -88,15 +87,18 @@ class ShardLedger:
 
 
 def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set[int], workers: Workers,
-                       ledger: ShardLedger, rep: Reporter) -> float:
+                       ledger: ShardLedger, rep: Reporter, actors: list | None = None) -> float:
     """Synthesize every sample of the ``pending`` shards; writer actors write them and ``ledger``
-    records their stats. Returns the seconds it took."""
+    records their stats. Returns the seconds it took. ``actors``: model actors already started
+    for ``workers`` (pipeline/run.py starts them during an inline plan); this pass ends them."""
     import ray
     from stages.score import SCORE_COLUMNS
 
     pending_rows = [r for s in pending for r in plan.shard_rows(s)]
     t_synth = time.perf_counter()
     if not pending_rows:
+        for a in actors or []:
+            ray.kill(a)
         rep.info("every shard is already written; nothing to synthesize")
         return time.perf_counter() - t_synth
     groups = group_samples(pending_rows, cfg.synthesis.batch_size)
@@ -110,9 +112,10 @@ def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set
     writers = start_writers(location_str(log.out), expected, plan.shard_totals(), log.summary.config_hash,
                             SCORE_COLUMNS if cfg.score.enabled else (), log.summary.model, count,
                             stop_after=ledger.fail_after_shards)
-    actors = start_synthesis_actors(cfg, workers)
+    actors = actors or start_synthesis_actors(cfg, workers)
+    scorers = start_scoring_actors(cfg, workers)
     try:
-        ds = synthesis_dataset(cfg, groups, workers, actors)
+        ds = synthesis_dataset(cfg, groups, workers, actors, scorers)
         ds = ds.map_batches(deliver_batch, fn_kwargs={"writers": writers}, batch_size=None,
                             batch_format="numpy", num_cpus=LOADER_CPUS)
         with rep.progress(len(pending_rows), "synthesize") as bar:
@@ -126,17 +129,19 @@ def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set
         if left:
             raise RuntimeError(f"shards {left} did not receive all their samples")
     finally:
-        for a in [*writers, *actors]:
+        for a in [*writers, *actors, *scorers]:
             ray.kill(a)
     return time.perf_counter() - t_synth
 
 
 def synthesize_and_write(cfg: RunConfig, plan: Plan, out: Path, pending: list[int], done: set[int],
                          workers: Workers, summary: RunSummary, rep: Reporter, t_start: float,
-                         fail_after_shards: int | None = None, done_stats: dict | None = None) -> RunSummary:
+                         fail_after_shards: int | None = None, done_stats: dict | None = None,
+                         actors: list | None = None) -> RunSummary:
     """Pass 2 and the finish: the shards, then the derived files and the complete manifest.
-    ``done_stats``: stats of the ``done`` shards, from resume's audit (none for a new run)."""
+    ``done_stats``: stats of the ``done`` shards, from resume's audit (none for a new run);
+    ``actors``: model actors already started (see ``synthesize_pending``)."""
     log = ManifestLog.open(cfg, out, summary, done_stats or {})
     ledger = ShardLedger(log, fail_after_shards)
-    synth_s = synthesize_pending(cfg, plan, pending, done, workers, ledger, rep)
+    synth_s = synthesize_pending(cfg, plan, pending, done, workers, ledger, rep, actors)
     return finish_run(cfg, plan, log, ledger.tally, synth_s, t_start)

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from ray.util.annotations import RayDeprecationWarning
 
 from pipeline.config import config_from_dict, config_hash
 from test_pipeline_fixtures import file_digests, make_toytown, run_tree, tiny_model_dir
@@ -127,7 +129,10 @@ def test_gate_filters_exactly_the_low_scores_and_counts_them(world, scored):
     low = {sid for sid, v in scored.items() if v < threshold}
     assert 0 < len(low) < N_TARGETS
     out = world["base"] / "gated"
-    s = run(world, out, score={"enabled": True}, gate={"enabled": True, "threshold": threshold})
+    with warnings.catch_warnings():
+        # The scorers are plain Ray actors (pipeline/scoring_actors.py): no deprecated Ray Data argument.
+        warnings.simplefilter("error", RayDeprecationWarning)
+        s = run(world, out, score={"enabled": True}, gate={"enabled": True, "threshold": threshold})
     kept = {r["sample_id"]: r["score_miou"] for p in sorted((out / "data").glob("*.parquet"))
             for r in pq.read_table(p, columns=["sample_id", "score_miou"]).to_pylist()}
     filtered = [r for p in sorted((out / "filtered").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]

@@ -210,13 +210,16 @@ def test_cli_run_reports_config_errors_and_dry_run(world, tmp_path):
     assert "samples planned" in res.output and "falling back to CPU" in res.output.replace("\n", " ")
 
 
-def test_two_actors_write_the_same_shards_as_one(world, first):
-    """The actor pool only changes speed: two CPU actors give the same shard bytes as one."""
+def test_two_actors_and_a_ray_data_plan_write_the_same_bytes_as_one_and_an_inline_plan(world, first):
+    """The actor pool and where the plan's stages run only change speed: two CPU actors, started
+    after a plan made by Ray datasets (ray.inline_plan_max 0), give the bytes of one actor started
+    during an inline plan (the default at this size)."""
     out, s1 = first
     out2 = world["base"] / "two_actors"
     # Half a CPU slot each, so the loader tasks still find a slot on the 2-CPU test cluster.
-    s2 = run(world, out2, synthesis={"actors": 2, "num_cpus": 0.5})
+    s2 = run(world, out2, synthesis={"actors": 2, "num_cpus": 0.5}, ray={"inline_plan_max": 0})
     assert s1.workers["actors"] == 1 and s2.workers["actors"] == 2
     assert (s2.synthesized, s2.shards_written) == (N_TARGETS, 3)
     assert s2.config_hash == s1.config_hash
+    assert (out2 / "plan.parquet").read_bytes() == (out / "plan.parquet").read_bytes()
     assert file_digests(out2) == file_digests(out)
