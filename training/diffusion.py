@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from training.data import PairData, pair_batch
 from training.history import continued_rows, write_history
 from training.loop import TrainConfig, TrainConfigError, read_loss_log
+from training.layout_weights import layout_cell_weights
 
 
 class DiffusionConfig(TrainConfig):
@@ -36,6 +37,10 @@ class DiffusionConfig(TrainConfig):
     # 0.6 t). Same-t noising (1, 1) hides that signal in training, so the generation net never
     # learns to read the exemplar's colours at the high-noise steps where they are decided.
     exemplar_t_fraction: tuple[float, float] = (1.0, 1.0)
+    # Extra loss weight on the target's thing pixels and class / instance edges
+    # (training/layout_weights.py): small objects cost what their labels claim.
+    thing_weight: float = Field(0.0, ge=0.0)
+    boundary_weight: float = Field(0.0, ge=0.0)
     # init_from is this stage's own export and its checkpoint is gone: carry on from the last step
     # its training log records (training/history.py), not from step 0.
     continue_from_init: bool = False
@@ -110,6 +115,7 @@ class NoisedPair:
     timesteps: torch.Tensor     # (B,); both nets run at these (the exemplar may be noised less)
     target_cond: torch.Tensor   # colourised maps (B, 3, H, W) for the structure net
     exemplar_cond: torch.Tensor
+    target_weights: torch.Tensor | None = None  # (B, 1, h, w) loss weights per latent cell, or None
 
 
 @torch.no_grad()
@@ -150,7 +156,8 @@ def _noise(z_t: torch.Tensor, z_e: torch.Tensor, generator: torch.Generator) -> 
 
 
 def noised_pair(pipe, batch, generator: torch.Generator, high_noise_bias: float = 0.0,
-                exemplar_t_fraction: tuple[float, float] = (1.0, 1.0)) -> NoisedPair:
+                exemplar_t_fraction: tuple[float, float] = (1.0, 1.0),
+                thing_weight: float = 0.0, boundary_weight: float = 0.0) -> NoisedPair:
     z_t = encode(pipe, batch["target_image"])
     z_e = encode(pipe, batch["exemplar_image"])
     B = z_t.shape[0]
@@ -166,6 +173,8 @@ def noised_pair(pipe, batch, generator: torch.Generator, high_noise_bias: float 
         noise_target=n_t, noise_exemplar=n_e, timesteps=t,
         target_cond=pipe.prepare_condition(batch["target_label"]),
         exemplar_cond=pipe.prepare_condition(batch["exemplar_label"]),
+        target_weights=layout_cell_weights(batch["target_label"], batch["target_instance"], tuple(z_t.shape[-2:]),
+                                           thing_weight, boundary_weight),
     )
 
 
@@ -194,15 +203,23 @@ class CheckpointSwitch:
         self.checkpoint_passes = True
 
 
+def _per_sample(err: torch.Tensor, cell_weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error per sample; ``cell_weights`` (B, 1, h, w) weigh the latent cells."""
+    sq = err.pow(2)
+    if cell_weights is not None:
+        sq = sq * cell_weights.to(sq.device, sq.dtype)
+    return sq.flatten(1).mean(1)
+
+
 def eps_loss(pred: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, scheduler,
-             snr_gamma: float | None) -> torch.Tensor:
+             snr_gamma: float | None, cell_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Epsilon MSE; with ``snr_gamma`` each sample is weighted min(SNR, gamma) / SNR (Min-SNR).
 
     Why: in epsilon space the high-noise steps have tiny losses, although their x0 errors are
     the largest; they are where the layout must come from the structure guidance. Down-weighting
     the easy low-noise steps gives them a larger share of the gradient (Hang et al., 2023).
     """
-    per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(1)
+    per_sample = _per_sample(pred.float() - noise.float(), cell_weights)
     if snr_gamma is None:
         return per_sample.mean()
     from diffusers.training_utils import compute_snr
@@ -215,21 +232,21 @@ def eps_loss(pred: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, s
 
 
 def prediction_loss(pred: torch.Tensor, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                    scheduler, snr_gamma: float | None) -> torch.Tensor:
+                    scheduler, snr_gamma: float | None, cell_weights: torch.Tensor | None = None) -> torch.Tensor:
     """The loss for the scheduler's ``prediction_type``: :func:`eps_loss` for "epsilon"; for
     "v_prediction" MSE against v = sqrt(a) eps - sqrt(1 - a) x0, with Min-SNR's v form
     min(SNR, gamma) / (SNR + 1) when ``snr_gamma`` is set; for "sample" MSE against x0 itself,
-    Min-SNR weight min(SNR, gamma)."""
+    Min-SNR weight min(SNR, gamma). ``cell_weights``: see training/layout_weights.py."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
-        return eps_loss(pred, noise, timesteps, scheduler, snr_gamma)
+        return eps_loss(pred, noise, timesteps, scheduler, snr_gamma, cell_weights)
     if kind == "v_prediction":
         target = scheduler.get_velocity(clean.float(), noise.float(), timesteps.to(clean.device))
     elif kind == "sample":
         target = clean.float()
     else:
         raise ValueError(f"prediction_type {kind!r} is not trained here (epsilon, v_prediction or sample)")
-    per_sample = (pred.float() - target).pow(2).flatten(1).mean(1)
+    per_sample = _per_sample(pred.float() - target, cell_weights)
     if snr_gamma is None:
         return per_sample.mean()
     from diffusers.training_utils import compute_snr

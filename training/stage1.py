@@ -51,14 +51,16 @@ class Stage1Step(CheckpointSwitch, torch.nn.Module):
 
     def forward(self, batch, generator: torch.Generator):
         pipe, c = self.pipe, self.config
-        x = noised_pair(pipe, batch, generator, c.high_noise_bias, c.exemplar_t_fraction)
+        x = noised_pair(pipe, batch, generator, c.high_noise_bias, c.exemplar_t_fraction, c.thing_weight,
+                        c.boundary_weight)
         drop = uniform(generator) < c.p_drop_exemplar
         out = {}
         ck = self.checkpoint_passes
         if drop:
             eps = checkpointed(ck, lambda z, t, cond: pipe.generation_eps(z, t, cond, mode="structure_only"),
                                x.target, x.timesteps, x.target_cond)
-            loss = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
+            loss = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma,
+                                   x.target_weights)
             out["loss_target"] = loss.detach()
         else:
             grad_ctx = torch.enable_grad() if c.appearance_grad else torch.no_grad()
@@ -68,7 +70,8 @@ class Stage1Step(CheckpointSwitch, torch.nn.Module):
                     x.exemplar, x.timesteps, x.exemplar_cond)
             eps = checkpointed(ck, lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="sa_aug"),
                                x.target, x.timesteps, x.target_cond)
-            loss_t = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
+            loss_t = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma,
+                                   x.target_weights)
             out["loss_target"] = loss_t.detach()
             loss = loss_t
             if c.appearance_grad and c.exemplar_loss_weight > 0:

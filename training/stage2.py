@@ -59,7 +59,8 @@ class Stage2Step(CheckpointSwitch, torch.nn.Module):
 
     def forward(self, batch, generator: torch.Generator):
         pipe, c = self.pipe, self.config
-        x = noised_pair(pipe, batch, generator, c.high_noise_bias, c.exemplar_t_fraction)
+        x = noised_pair(pipe, batch, generator, c.high_noise_bias, c.exemplar_t_fraction, c.thing_weight,
+                        c.boundary_weight)
         u = uniform(generator)
         kind = "instance" if u < c.p_instance else "mapping" if u < c.p_instance + c.p_mapping else "class"
         with torch.no_grad():
@@ -69,7 +70,8 @@ class Stage2Step(CheckpointSwitch, torch.nn.Module):
             self.checkpoint_passes,
             lambda z, t, cond: pipe.generation_eps(z, t, cond, tokens=tokens, mode="am_adapter", cost=cost_fn),
             x.target, x.timesteps, x.target_cond)
-        loss = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma)
+        loss = prediction_loss(eps, x.clean_target, x.noise_target, x.timesteps, pipe.scheduler, c.snr_gamma,
+                                   x.target_weights)
         return {"loss": loss, "granularity": float(GRANULARITIES.index(kind))}
 
 
