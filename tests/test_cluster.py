@@ -54,31 +54,51 @@ def _free_ports(n: int) -> list[int]:
 
 
 def _pids_of(marker: str) -> list[int]:
-    """Processes whose command line holds ``marker`` (our head's private temp dir)."""
-    out = []
+    """Processes whose command line holds ``marker`` (our head's private temp dir), and all their
+    descendants: the raylet's agents rename themselves (``ray::DashboardAgent``), and one left
+    behind spins a core after its GCS is gone."""
+    import psutil
+
+    out = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 if marker.encode() in (d / "cmdline").read_bytes():
-                    out.append(int(d.name))
-            except OSError:
+                    out.add(int(d.name))
+                    out.update(c.pid for c in psutil.Process(int(d.name)).children(recursive=True))
+            except (OSError, psutil.Error):
                 pass
-    return [p for p in out if p != os.getpid()]
+    return sorted(p for p in out if p != os.getpid())
 
 
-def _stop_head(temp_dir: str) -> None:
+def _alive(pids) -> list[int]:
+    import psutil
+
+    out = []
+    for p in pids:
+        try:
+            if psutil.Process(p).status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _stop_head(temp_dir: str) -> set[int]:
     """Stop exactly the processes of the head we started (never `ray stop`: that would also end
     other Ray instances on this machine)."""
+    family = set(_pids_of(temp_dir))  # taken before any dies: an orphaned agent loses its parent
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        pids = _pids_of(temp_dir)
-        for pid in pids:
+        family |= set(_pids_of(temp_dir))
+        for pid in family:
             try:
                 os.kill(pid, sig)
             except ProcessLookupError:
                 pass
         deadline = time.time() + 10
-        while _pids_of(temp_dir) and time.time() < deadline:
+        while _alive(family) and time.time() < deadline:
             time.sleep(0.5)
+    return family
 
 
 @pytest.mark.slow
@@ -113,9 +133,10 @@ def test_ray_job_submit_end_to_end(tmp_path):
         summary = json.loads(next(line for line in reversed(job.stdout.splitlines()) if line.startswith("{")))
         assert summary["written"] == 8 and summary["synthesized"] == 8 and summary["quarantined"] == 0
     finally:
-        _stop_head(temp_dir)
+        head_family = _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     assert not _pids_of(temp_dir), "the head's processes are gone"
+    assert not _alive(head_family), "the head's agents are gone too"
     from connectors.verify import verify_dataset
 
     report = verify_dataset(out)
