@@ -9,7 +9,7 @@ line is one JSON object: per-arm mean night/day mIoU, ``gain_vs_b`` ((c) - (b), 
 
 Usage: python bench/domain_adaptation.py [--work-dir runs/adapt] [--day-n 500] [--bank-n 10]
        [--test-n 300] [--night-real-n 500] [--steps S | --max-steps 3000 --plateau-window 100]
-       [--seeds 3] [--workers 2] [--arms b_day_bank,c_amgen,...] [--gate 0.2] [--model toy] [--tiny]
+       [--seeds 3] [--workers 2] [--arms b_day_bank,c_amgen,...] [--gate 0.2] [--model toy] [--guidance 3.0] [--tiny]
        [--json rows.json] [--result result.json] [--picture docs/adaptation.png]
 """
 from __future__ import annotations
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model-steps", type=int, default=4)
+    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance of the amgen run")
     ap.add_argument("--model", default="toy", help="the amgen model: toy (the bundled one) or a model folder")
     ap.add_argument("--tiny", action="store_true",
                     help="the smallest run that exercises every arm (a few scenes, 2 training steps, one seed, a tiny "
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = AdaptSizes(a.day_n, a.bank_n, a.test_n, a.night_real_n)
     train = downstream_train_config(a.steps, a.max_steps, a.plateau_window, a.plateau_min_improvement, a.batch_size)
     result = run_adapt(a.work_dir, sizes, train=train, seeds=a.seeds, workers=a.workers, model=a.model,
-                       model_steps=a.model_steps,
+                       model_steps=a.model_steps, guidance=a.guidance,
                        picture=a.picture, log=lambda m: print(m, file=sys.stderr, flush=True),
                        arms=a.arms.split(",") if a.arms else None, gate_thresholds=a.gate)
     if a.json is not None:

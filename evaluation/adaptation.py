@@ -180,7 +180,10 @@ def _train_one(job: tuple[str, int]) -> dict[str, Any]:
     parts, cfg, run_dir, test_n = _SHARED["parts"][arm], _SHARED["cfg"], _SHARED["run_dir"], _SHARED["test_n"]
     cfg = SegmenterTrainConfig(**{**asdict(cfg), "seed": seed})
     t0 = time.time()
-    model = train_segmenter(ConcatSource(*parts), Path(run_dir) / f"{arm}-seed{seed}", cfg, log=lambda _: None)
+    # An amgen arm's folder names its amgen run's setting: a work dir with runs of several
+    # settings never resumes one setting's segmenter on another's data.
+    tag = _SHARED.get("amgen_tag", "") if arm.startswith("c_") else ""
+    model = train_segmenter(ConcatSource(*parts), Path(run_dir) / f"{arm}{tag}-seed{seed}", cfg, log=lambda _: None)
     night = evaluate_segmenter(model, _SHARED["night_test"], test_n["night"])
     day = evaluate_segmenter(model, _SHARED["day_test"], test_n["day"])
     return {"arm": arm, "seed": seed, "night_miou": round(100 * night.miou(), 2), "day_miou": round(100 * day.miou(), 2),
@@ -256,10 +259,11 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Sequence[int], run_dir: str | Path,
                    test_n: dict[str, int] | None = None, workers: int = 1, baseline_seed: int = 0,
-                   log: Callable[[str], None] = print, arms: Sequence[str] | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, arms: Sequence[str] | None = None,
+                   amgen_tag: str = "") -> dict[str, Any]:
     """Train every arm (or those of ``arms``) with every seed (``workers`` processes) and score
     it. Returns the rows ({arm, seed, night_miou, day_miou, ...}), each arm's training parts and
-    the summary."""
+    the summary. ``amgen_tag``: added to the amgen arms' folder names (their run's setting)."""
     check_exemplars(data.amgen_exemplar_ids, data.bank_ids)
     test_n = test_n or {"night": data.night_test.size, "day": data.day_test.size}
     t0 = time.time()
@@ -267,7 +271,7 @@ def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Seque
     log(f"baselines: {data.day.size} day images restyled by {', '.join(BASELINES.values())} "
         f"({time.time() - t0:.1f} s)")
     parts = arm_parts(data, baselines, arms)
-    _SHARED.update(parts=parts, cfg=cfg, run_dir=str(run_dir), test_n=test_n, night_test=data.night_test,
+    _SHARED.update(parts=parts, cfg=cfg, run_dir=str(run_dir), amgen_tag=amgen_tag, test_n=test_n, night_test=data.night_test,
                    day_test=data.day_test)
     jobs = [(arm, seed) for arm in parts for seed in seeds]
     rows: list[dict[str, Any]] = []

@@ -282,6 +282,14 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
     return sets, record
 
 
+def amgen_run_dir(work: Path, model_steps: int, guidance: float) -> Path:
+    """Arm (c)'s amgen run folder: one per sampling setting, so a work dir holds the runs of
+    several settings side by side (a run folder refuses another config)."""
+    if (model_steps, guidance) == (4, 3.0):   # the first setting: older work dirs resume as they are
+        return work / "amgen_night"
+    return work / f"amgen_night_s{model_steps}_g{guidance:g}"
+
+
 def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 3.0,
                        ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None):
     """Trees, the real amgen run of arm (c) (resumed if already done), what the quality gate keeps
@@ -291,17 +299,16 @@ def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_
     from pipeline.run import run_pipeline
 
     roots = adapt_trees(work, sizes, log)
-    cfg = adapt_run_config(roots["day_train"], roots["night_bank"], work / "amgen_night", model, model_steps, guidance,
-                           ray_cpus)
-    log(f"amgen run: {sizes.day_n} day layouts rendered with the {sizes.bank_n} night scenes as exemplars "
-        f"-> {work / 'amgen_night'}")
+    out = amgen_run_dir(work, model_steps, guidance)
+    cfg = adapt_run_config(roots["day_train"], roots["night_bank"], out, model, model_steps, guidance, ray_cpus)
+    log(f"amgen run: {sizes.day_n} day layouts rendered with the {sizes.bank_n} night scenes as exemplars -> {out}")
     t0 = time.time()
     summary = run_pipeline(cfg)
     run_s = time.time() - t0
     log(f"amgen run: {summary.written} samples, {summary.quarantined} quarantined ({run_s:.0f} s)")
     day, day_ids = read_tree(roots["day_train"], "day scenes", "day")
     bank, bank_ids = read_tree(roots["night_bank"], "night bank", "night")
-    amgen, targets, exemplars = read_amgen_output(work / "amgen_night")
+    amgen, targets, exemplars = read_amgen_output(out)
     data = AdaptationData(
         day=day, bank=bank, amgen=amgen,
         night_real=read_tree(roots["night_real"], "real night scenes", "night")[0],
@@ -311,7 +318,7 @@ def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_
     made = {"day_ids": day_ids, "amgen_target_ids": targets, "run_summary": summary.to_dict(), "run_seconds": round(run_s, 1),
             "run_config": cfg.model_dump(mode="json")}
     if gate_thresholds:
-        data.amgen_gated, made["gate"] = gated_amgen_sets(work / "amgen_night", list(gate_thresholds), log)
+        data.amgen_gated, made["gate"] = gated_amgen_sets(out, list(gate_thresholds), log)
     return data, made
 
 
@@ -334,6 +341,7 @@ def adapt_cmd(
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
     model_steps: int = typer.Option(4, "--model-steps", min=1, help="DDIM steps of the amgen run"),
+    guidance: float = typer.Option(3.0, "--guidance", min=0.0, help="classifier-free guidance of the amgen run"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="write [{arm, seed, night_miou, day_miou}] here"),
     result_file: Optional[Path] = typer.Option(None, "--result", help="write the whole result (arms, per-class IoU) here"),
     picture: Optional[Path] = typer.Option(None, "--picture", help="write day | exemplar | amgen | FDA | HistogramMatching here"),
@@ -343,7 +351,8 @@ def adapt_cmd(
     cfg = downstream_train_config(steps, max_steps, plateau_window, plateau_min_improvement, batch_size)
     try:
         result = run_adapt(work_dir, AdaptSizes(day_n, bank_n, test_n, night_real_n), train=cfg, seeds=seeds,
-                           workers=workers, model=model, model_steps=model_steps, picture=picture, log=typer.echo,
+                           workers=workers, model=model, model_steps=model_steps, guidance=guidance, picture=picture,
+                           log=typer.echo,
                            arms=arms.split(",") if arms else None, gate_thresholds=list(gate))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -372,8 +381,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, batch_size: int = 16, seeds: int = 3,
-              workers: int = 2, model: str = "toy", model_steps: int = 4, picture: Path | None = None,
-              log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
+              workers: int = 2, model: str = "toy", model_steps: int = 4, guidance: float = 3.0,
+              picture: Path | None = None, log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
               gate_thresholds: list[float] | None = None) -> dict:
     """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
     the result of ``evaluation.adaptation.run_adaptation`` plus how the data were made and the
@@ -383,12 +392,15 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
 
     t0 = time.time()
     work_dir = Path(work_dir)
-    data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, ray_cpus=max(1, workers),
+    data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, guidance=guidance,
+                                    ray_cpus=max(1, workers),
                                     log=log, gate_thresholds=gate_thresholds)
     cfg = train or downstream_train_config(steps, 3000, 100, 0.02, batch_size)
     # A plateau run has its own folders: its checkpoints must not resume a fixed-step run's.
     seg_dir = work_dir / ("segmenters-plateau" if cfg.until_plateau else "segmenters")
-    result = run_adaptation(data, cfg, list(range(seeds)), seg_dir, workers=workers, log=log, arms=arms)
+    run_name = amgen_run_dir(work_dir, model_steps, guidance).name
+    result = run_adaptation(data, cfg, list(range(seeds)), seg_dir, workers=workers, log=log, arms=arms,
+                            amgen_tag=run_name.removeprefix("amgen_night"))
     if picture is not None:
         from amgen_core.image_io import write_bytes_atomic, encode_png
         from evaluation.adaptation import comparison_picture

@@ -51,6 +51,16 @@ def check_inversion_signal(r, _):
         assert -1 <= v["inverted"] <= 1 and 0 <= v["random_noise"] <= 1
 
 
+def check_guidance_sweep(r, _):
+    assert r["n"] == 2 and set(r["rows"]) == {"1", "3"} and r["best_miou_guidance"] in (1.0, 3.0)
+    for row in r["rows"].values():
+        assert all(0 <= row[m]["miou"] <= 100 and finite(row[m]["class_de2000"])
+                   for m in ("structure_only", "sa_aug", "am_adapter"))
+        assert positive(row["s_per_triple_all_modes"])
+    # structure_only takes no exemplar, so guidance cannot change it
+    assert r["rows"]["1"]["structure_only"] == r["rows"]["3"]["structure_only"]
+
+
 def check_quality(rows, _):
     by_mode = {row["mode"]: row for row in rows}
     assert {"sa_aug", "am_adapter", "ground_truth"} <= by_mode.keys()
@@ -149,6 +159,7 @@ CASES = [
     case("autoencoder.py", ["--n", "2"], check_autoencoder),
     case("inversion_signal.py", ["--n", "1", "--steps", "2"], check_inversion_signal),
     case("quality.py", ["--n", "2", "--steps", "1", "--docs", ""], check_quality),
+    case("guidance_sweep.py", ["--n", "2", "--steps", "1", "--guidance", "1,3"], check_guidance_sweep),
     case("routing_oracle.py", ["--n", "1", "--steps", "1"], check_routing_oracle),
     case("sampling_noise.py", ["--model", f"toy={TOY}", "--n", "1", "--fit", "4", "--steps", "1"], check_sampling_noise),
     case("train_throughput.py", ["--steps", "1", "--batch", "1", "--variants", "fp32"], check_train_throughput),

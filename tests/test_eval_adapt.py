@@ -4,6 +4,7 @@ exemplars come only from the night bank, and the classical baselines really rest
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -24,7 +25,7 @@ def adapt_run(tmp_path_factory):
     work, rows, result, picture = base / "work", base / "rows.json", base / "result.json", base / "pic.png"
     args = ["eval", "adapt", "--work-dir", str(work), "--day-n", str(DAY), "--bank-n", str(BANK), "--test-n", str(TEST),
             "--night-real-n", str(NIGHT_REAL), "--steps", "2", "--batch-size", "4", "--seeds", "2", "--workers", "2",
-            "--model", str(model), "--model-steps", "2", "--json", str(rows), "--result", str(result),
+            "--model", str(model), "--model-steps", "2", "--guidance", "1.5", "--json", str(rows), "--result", str(result),
             "--picture", str(picture), "--gate", "0.05"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
@@ -118,7 +119,9 @@ def test_amgen_exemplars_come_only_from_the_night_bank(adapt_run):
     work = adapt_run["work"]
     bank_ids = {it.layout_id for it in CityscapesSource(work / "trees" / "night_bank").list_items()}
     day_ids = {it.layout_id for it in CityscapesSource(work / "trees" / "day_train").list_items()}
-    files = sorted((work / "amgen_night" / "data").glob("*.parquet"))
+    run_dir = Path(adapt_run["result"]["amgen_run"]["run_config"]["output"]["dir"])
+    assert run_dir.parent == work
+    files = sorted((run_dir / "data").glob("*.parquet"))
     table = pq.read_table(files, columns=["target_id", "exemplar_id"]) if len(files) == 1 else None
     rows = [r for f in files for r in pq.read_table(f, columns=["target_id", "exemplar_id"]).to_pylist()]
     assert table is None or table.num_rows == len(rows)
@@ -126,6 +129,7 @@ def test_amgen_exemplars_come_only_from_the_night_bank(adapt_run):
     assert {r["exemplar_id"] for r in rows} <= bank_ids and len(bank_ids) == BANK
     assert sorted(r["target_id"] for r in rows) == sorted(day_ids)  # every day layout rendered once
     run_cfg = adapt_run["result"]["amgen_run"]["run_config"]
+    assert run_cfg["model"]["guidance_scale"] == 1.5 and run_dir.name == "amgen_night_s2_g1.5"
     assert run_cfg["exemplars"]["filters"] == {"domain": "night"}
     assert run_cfg["exemplars"]["source"]["root"] == str(work / "trees" / "night_bank")
 
