@@ -197,6 +197,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the model (both sides)")
     ap.add_argument("--ray-cpus", type=int, default=2, help="CPUs of the local Ray")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp dir)")
+    ap.add_argument("--marginal", action="store_true",
+                    help="also run the DAG on half the targets and again on all, both after the timed runs (warm "
+                         "workers): the CPU-ms per extra sample outside the model, with every fixed cost cancelled")
     args = ap.parse_args()
     h, w = (int(x) for x in args.size.lower().split("x"))
 
@@ -243,6 +246,9 @@ def main() -> None:
                     row = load_group(g, spec, spec)
                     loaded.append((json.loads(row["group"]), row["payload"]))
             bare_runs.append(bare_loop(loaded, model, args.threads))
+        if args.marginal:
+            half_cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"limit": args.n // 2})})
+            marginal_runs = [instrumented_run(half_cfg, work / "out_half", meter), instrumented_run(cfg, out, meter)]
     finally:
         meter.close()
         ray.shutdown()
@@ -289,6 +295,16 @@ def main() -> None:
         "steps": args.steps, "size": [h, w], "batch_size": args.batch, "torch_threads": args.threads,
         "model": dag_runs[0]["summary"].model, "load_avg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count(),
     }
+    if args.marginal:
+        half, full = marginal_runs
+        extra = full["n"] - half["n"]
+        per = {k: round(1000 * (full[k] - half[k]) / extra, 3) for k in ("worker_cpu_s", "dag_synth_cpu_s", "dag_run_cpu_s")}
+        result["marginal"] = {"samples": [half["n"], full["n"]], "worker_cpu_ms_per_sample": per["worker_cpu_s"],
+                              "dag_cpu_ms_per_sample_synthesis_pass": per["dag_synth_cpu_s"],
+                              "dag_cpu_ms_per_sample_end_to_end": per["dag_run_cpu_s"],
+                              "cores_per_gpu": round(GPU_IMAGES_PER_S * per["dag_synth_cpu_s"] / 1000, 2)}
+        print(f"marginal DAG CPU per extra sample outside the model: {per['dag_synth_cpu_s']:g} ms over pass 2 "
+              f"({per['worker_cpu_s']:g} on the workers), {per['dag_run_cpu_s']:g} end to end", file=sys.stderr)
     print(f"cores to keep one GPU actor fed at {GPU_IMAGES_PER_S:g} images/s: {result['cores_per_gpu']:g} "
           f"({GPU_IMAGES_PER_S:g} x {worker_ms:g} CPU-ms per sample on the workers outside the model + "
           f"{fixed_cores:g} cores of driver and Ray per second); {result['cores_per_gpu_as_if_all_per_sample']:g} if all "

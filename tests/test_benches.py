@@ -107,6 +107,8 @@ def check_pipeline_efficiency(r, _):
     assert positive(r["dag_cpu_ms_per_sample"]) and positive(r["model_cpu_ms_per_sample"])
     assert positive(r["cores_per_gpu"]) and finite(r["steady_state_efficiency"]) and finite(r["end_to_end_efficiency"])
     assert set(r["dag_cpu_ms_per_sample_parts"]) == {"driver", "ray_system", "workers"}
+    m = r["marginal"]
+    assert m["samples"] == [2, 4] and finite(m["dag_cpu_ms_per_sample_synthesis_pass"]) and finite(m["cores_per_gpu"])
 
 
 def check_dag_parts(r, _):
@@ -166,7 +168,7 @@ CASES = [
     case("driver_share.py", ["--writer-only", "--n", "4", "--size", "32", "64"], check_driver_writer,
          name="driver_share-writer"),
     case("driver_share.py", ["--n", "2"], check_driver_share),
-    case("pipeline_efficiency.py", ["--n", "4", "--reps", "1", "--steps", "1", "--batch", "4"],
+    case("pipeline_efficiency.py", ["--n", "4", "--reps", "1", "--steps", "1", "--batch", "4", "--marginal"],
          check_pipeline_efficiency),
     case("exemplar_reuse.py", ["--models", "toy,sd15", "--ks", "1,2", "--steps", "1", "--sd15-steps", "1",
                                "--per-target-cap", "1", "--reps", "1", "--sd15-width", "32,32,64,64",
