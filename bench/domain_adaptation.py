@@ -9,7 +9,7 @@ line is one JSON object: per-arm mean night/day mIoU, ``gain_vs_b`` ((c) - (b), 
 
 Usage: python bench/domain_adaptation.py [--work-dir runs/adapt] [--day-n 500] [--bank-n 10]
        [--test-n 300] [--night-real-n 500] [--steps S | --max-steps 3000 --plateau-window 100]
-       [--seeds 3] [--workers 2] [--arms b_day_bank,c_amgen,...] [--gate 0.2] [--model toy] [--guidance 3.0] [--tiny]
+       [--seeds 3] [--workers 2] [--arms b_day_bank,c_amgen,...] [--gate 0.2] [--model toy] [--guidance 1.0] [--tiny]
        [--json rows.json] [--result result.json] [--picture docs/adaptation.png]
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--model-steps", type=int, default=4)
-    ap.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance of the amgen run")
+    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the amgen run")
     ap.add_argument("--model", default="toy", help="the amgen model: toy (the bundled one) or a model folder")
     ap.add_argument("--tiny", action="store_true",
                     help="the smallest run that exercises every arm (a few scenes, 2 training steps, one seed, a tiny "

@@ -37,7 +37,7 @@ class QualitySettings:
     seed: int = QUALITY_SEED
     # What `amgen demo` samples with (configs/toytown_demo.yaml): the benchmark scores what users get.
     num_inference_steps: int = 4
-    guidance_scale: float = 3.0
+    guidance_scale: float = 1.0
     granularity: str = "instance"  # the triple's instance map is the user's mapping
     modes: tuple[str, ...] = MODES
     vae_ceiling: bool = True  # also score GROUND_TRUTH_VAE

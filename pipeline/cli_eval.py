@@ -191,7 +191,7 @@ def adapt_trees(work: Path, sizes: AdaptSizes, log: Callable[[str], None] = prin
 
 
 def adapt_run_config(day_root: Path, bank_root: Path, out: Path, model: str = "toy", model_steps: int = 4,
-                     guidance: float = 3.0, ray_cpus: int = 2):
+                     guidance: float = 1.0, ray_cpus: int = 2):
     """The amgen run of arm (c): the day tree as targets, the night bank as the exemplar index
     (filtered to night), no augmentation (the renderings keep the day layouts), one sample per layout."""
     from pipeline.config import config_from_dict
@@ -290,7 +290,7 @@ def amgen_run_dir(work: Path, model_steps: int, guidance: float) -> Path:
     return work / f"amgen_night_s{model_steps}_g{guidance:g}"
 
 
-def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 3.0,
+def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 1.0,
                        ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None):
     """Trees, the real amgen run of arm (c) (resumed if already done), what the quality gate keeps
     of it at each of ``gate_thresholds``, and everything read back: (AdaptationData, day ids,
@@ -341,7 +341,7 @@ def adapt_cmd(
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
     model_steps: int = typer.Option(4, "--model-steps", min=1, help="DDIM steps of the amgen run"),
-    guidance: float = typer.Option(3.0, "--guidance", min=0.0, help="classifier-free guidance of the amgen run"),
+    guidance: float = typer.Option(1.0, "--guidance", min=0.0, help="classifier-free guidance of the amgen run (the demo's)"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="write [{arm, seed, night_miou, day_miou}] here"),
     result_file: Optional[Path] = typer.Option(None, "--result", help="write the whole result (arms, per-class IoU) here"),
     picture: Optional[Path] = typer.Option(None, "--picture", help="write day | exemplar | amgen | FDA | HistogramMatching here"),
@@ -381,7 +381,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, batch_size: int = 16, seeds: int = 3,
-              workers: int = 2, model: str = "toy", model_steps: int = 4, guidance: float = 3.0,
+              workers: int = 2, model: str = "toy", model_steps: int = 4, guidance: float = 1.0,
               picture: Path | None = None, log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
               gate_thresholds: list[float] | None = None) -> dict:
     """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
