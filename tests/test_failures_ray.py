@@ -50,37 +50,21 @@ def test_a_killed_synthesis_actor_is_restarted_and_the_run_gives_the_clean_bytes
     assert verify_dataset(world["base"] / "killed").ok
 
 
-def test_retrieval_and_scoring_pools_of_two_give_the_bytes_of_one(world, monkeypatch):
-    import pipeline.plan_pass
-    import pipeline.synthesis_pass
-    from pipeline.cluster import actor_pool
+def test_retrieval_and_scoring_pools_of_two_give_the_bytes_of_one(world):
+    """Two scorer actors (plain actors: batches go to one by their first sample id) and a retrieval
+    pool of up to two (a plan through Ray datasets: ``ray.inline_plan_max`` 0; the pool is built
+    inside the plan task and autoscales from one actor) give the bytes of one of each."""
     from test_stages import tiny_segmenter
 
-    # Ray Data grows a pool only while its queue is long, which a run this small never makes: every
-    # autoscaling pool starts at its largest size here, so that two actors really share the batches.
-    asked = []
-
-    def full_pool(n, autoscale=False):
-        if autoscale:
-            asked.append(n)
-            from ray.data import ActorPoolStrategy
-
-            return ActorPoolStrategy(min_size=1, max_size=n, initial_size=n)
-        return actor_pool(n)
-
-    monkeypatch.setattr(pipeline.plan_pass, "actor_pool", full_pool)
-    monkeypatch.setattr(pipeline.synthesis_pass, "actor_pool", full_pool)
     seg = tiny_segmenter(world["base"] / "seg")
     outs = {}
     for n in (1, 2):
         out = world["base"] / f"pools_{n}"
-        s = run(world, out, exemplars={"retrieve_actors": n}, score={"enabled": True, "segmenter": str(seg), "actors": n})
+        s = run(world, out, exemplars={"retrieve_actors": n}, score={"enabled": True, "segmenter": str(seg), "actors": n},
+                ray={"inline_plan_max": 0})
         assert (s.synthesized, s.quarantined) == (N_TARGETS, 0)
         assert s.workers["score_actors"] == n  # fits next to one model actor and the loader on 2 CPUs
         outs[n] = out
-    # Scoring's pool is built by the driver; retrieval's inside the plan task on a worker, where this
-    # patch does not reach (there it autoscales from one actor).
-    assert asked == [1, 2], "scoring, for each run"
     assert file_digests(outs[1]) == file_digests(outs[2])
     assert (outs[1] / "plan.parquet").read_bytes() == (outs[2] / "plan.parquet").read_bytes()
 
