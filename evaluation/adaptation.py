@@ -271,8 +271,8 @@ def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Seque
     log(f"baselines: {data.day.size} day images restyled by {', '.join(BASELINES.values())} "
         f"({time.time() - t0:.1f} s)")
     parts = arm_parts(data, baselines, arms)
-    _SHARED.update(parts=parts, cfg=cfg, run_dir=str(run_dir), amgen_tag=amgen_tag, test_n=test_n, night_test=data.night_test,
-                   day_test=data.day_test)
+    _SHARED.update(parts=parts, cfg=cfg, run_dir=str(run_dir), amgen_tag=amgen_tag, test_n=test_n,
+                   night_test=data.night_test, day_test=data.day_test)
     jobs = [(arm, seed) for arm in parts for seed in seeds]
     rows: list[dict[str, Any]] = []
 

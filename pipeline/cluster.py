@@ -92,10 +92,11 @@ def actor_pool(n: int, autoscale: bool = False):
 
 def restart_policy(cfg: RunConfig) -> dict[str, int]:
     """Restart bounds of every actor: a dead actor is restarted (a CUDA error ends its process on
-    purpose), and a task that failed with the machine, not the sample, is retried. The model
-    actors take them in ``ray.remote`` (pipeline/synthesis_actors.py); the retrieval and scoring
-    pools (Ray Data) only through ``map_batches``' ``ray_remote_args``, which Ray 2.60 deprecates
-    without a named replacement (its own default would be unbounded restarts and retries)."""
+    purpose), and a task that failed with the machine, not the sample, is retried. The model and
+    scorer actors take them in ``ray.remote`` (pipeline/synthesis_actors.py,
+    pipeline/scoring_actors.py). Ray Data pools could take them only through ``map_batches``'
+    ``ray_remote_args``, which Ray 2.60 deprecates without a named replacement, so the retrieval
+    pool keeps Ray Data's own policy."""
     return {"max_restarts": cfg.ray.max_restarts, "max_task_retries": cfg.ray.max_task_retries}
 
 

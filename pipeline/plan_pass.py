@@ -98,7 +98,6 @@ def build_run_index(cfg: RunConfig, ex_items: list[dict], index_dir: str, ex_spe
 class PlanTimings:
     index_s: float = 0.0
     plan_s: float = 0.0
-    inline: bool = False  # the stages ran in the plan task (run_inline), not in Ray datasets
 
 
 def exemplar_set(ids: list[str]) -> dict[str, Any]:
@@ -148,7 +147,7 @@ def compute_plan(cfg: RunConfig, cfg_hash: str, index_dir: str, timings: PlanTim
     t_spec, e_spec = source_spec(cfg.source), source_spec(cfg.exemplars.source or cfg.source)
     if known is not None and not targets:
         return None
-    inline = timings.inline = items.inline(cfg)
+    inline = items.inline(cfg)
     extra_errors: list[dict] = []
     record: dict[str, Any] = {"index": cfg.exemplars.index} if cfg.exemplars.index else {}
     t0 = time.perf_counter()
@@ -254,5 +253,5 @@ def plan_on_worker(cfg: RunConfig, cfg_hash: str, index_dir: str, out: str | Non
     if ray.get(next(answers)) and while_inline is not None:
         while_inline()
     plan, t = ray.get(next(answers))
-    timings.index_s, timings.plan_s, timings.inline = t.index_s, t.plan_s, t.inline
+    timings.index_s, timings.plan_s = t.index_s, t.plan_s
     return plan

@@ -9,11 +9,11 @@ error (stages/failures.py) is restarted and its batch retried.
 """
 from __future__ import annotations
 
-import zlib
 from typing import Any
 
 from pipeline.cluster import SCORE_CPUS, Workers, restart_policy
 from pipeline.config import RunConfig
+from pipeline.synthesis_actors import actor_by_key
 
 
 class ScoringActor:
@@ -50,5 +50,5 @@ def score_batch(batch: dict[str, Any], actors: list) -> dict[str, Any]:
 
     if not len(batch["sample_id"]):
         return batch
-    actor = actors[zlib.crc32(str(batch["sample_id"][0]).encode()) % len(actors)]
+    actor = actor_by_key(batch["sample_id"][0], actors)
     return ray.get(actor.score.options(retry_exceptions=[InfrastructureError]).remote(batch))

@@ -56,7 +56,8 @@ class ShardWriterActor:
         completed = [w.written[s].to_dict() for s in sorted(set(w.written) - done_before)]
         return {"taken": taken, "synthesized": w.synthesized - before[0], "quarantined": w.quarantined - before[1],
                 "banks_new": w.banks_new - before[2], "model_seconds": w.model_seconds - before[3],
-                "model_cpu_seconds": w.model_cpu_seconds - before[4], "model": w.model or "", "completed": json.dumps(completed), "problem": problem}
+                "model_cpu_seconds": w.model_cpu_seconds - before[4], "model": w.model or "",
+                "completed": json.dumps(completed), "problem": problem}
 
     def pending(self) -> list[int]:
         return self.writer.pending()

@@ -55,10 +55,15 @@ def start_synthesis_actors(cfg: RunConfig, workers: Workers) -> list:
             for _ in range(workers.actors)]
 
 
+def actor_by_key(key: str, actors: list):
+    """One of ``actors`` picked by a key's checksum: the same key always goes to the same actor,
+    whatever the timing."""
+    return actors[zlib.crc32(str(key).encode()) % len(actors)]
+
+
 def actor_for(group_json: str, actors: list):
     """The actor a group goes to: by its exemplar, so that the exemplar's bank is cached there."""
-    exemplar = json.loads(group_json)["exemplar_id"]
-    return actors[zlib.crc32(str(exemplar).encode()) % len(actors)]
+    return actor_by_key(json.loads(group_json)["exemplar_id"], actors)
 
 
 def queue_batch(actor, batch: dict[str, list]):

@@ -14,8 +14,8 @@ then mapped to 0 ("unlabeled"), in the label and in the instance map.
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 import math
+from functools import lru_cache
 from typing import Any
 
 import albumentations as A

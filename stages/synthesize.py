@@ -22,7 +22,7 @@ from amgen_core.quarantine import is_sample_error, sample_error_row
 from connectors.storage import local_dir
 from stages.failures import CrashPoint, leave_stage, split_once_on_oom
 from stages.group import unpack_arrays
-from stages.sample_rows import SAMPLE_COLUMNS, encode_pngs, png_or_empty  # noqa: F401  (re-exported)
+from stages.sample_rows import SAMPLE_COLUMNS, png_or_empty
 
 # Failures of one sample that must not stop the run (shape/size problems surface as these in torch);
 # a RuntimeError only when amgen_core.quarantine.failure_kind does not blame the machine.
@@ -83,7 +83,7 @@ class Synthesizer:
     """Ray Data batch function over loaded groups (see stages/group.py) -> one row per sample.
 
     ``encode_pngs``: False leaves image, label and instance as arrays (None where absent), for
-    ``encode_pngs`` to encode in another process: a model actor then spends its time in the model
+    ``stages.sample_rows.encode_pngs`` to encode in another process: a model actor then spends its time in the model
     and not in zlib (pipeline/synthesis_actors.py). The bytes are the same either way.
 
     ``restart_on_device_error``: a CUDA error ends the process (for Ray to restart the actor); only
