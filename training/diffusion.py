@@ -14,8 +14,8 @@ from pydantic import Field, model_validator
 
 from training.data import PairData, pair_batch
 from training.history import continued_rows, write_history
-from training.loop import TrainConfig, TrainConfigError, read_loss_log
 from training.layout_weights import layout_cell_weights
+from training.loop import TrainConfig, TrainConfigError, read_loss_log
 
 
 class DiffusionConfig(TrainConfig):
