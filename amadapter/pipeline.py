@@ -557,6 +557,7 @@ class AMAdapterPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         guidance_scale: float = 7.5,
         mode: str = "am_adapter",
+        exemplar_guidance_end: float = 1.0,
         callback: Callable[[int, int], None] | None = None,
         exemplar_key=None,
         label_sampling: str = "majority",
@@ -567,7 +568,11 @@ class AMAdapterPipeline(DiffusionPipeline):
 
         ``callback_on_step_end(pipe, i, t, callback_kwargs)`` runs after each step with the
         tensors named in ``callback_on_step_end_tensor_inputs`` (``"latents"``); a dict it
-        returns may replace them. ``callback(i, n)`` is the older progress hook (deprecated)."""
+        returns may replace them. ``callback(i, n)`` is the older progress hook (deprecated).
+
+        ``exemplar_guidance_end`` is the fraction of steps that read the exemplar, counted from the
+        noisiest, as diffusers' ``control_guidance_end``: colour is settled at the noisy steps,
+        and the rest then draw the layout with plain self-attention (structure_only)."""
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -576,6 +581,8 @@ class AMAdapterPipeline(DiffusionPipeline):
         callback = _deprecated_callback(callback)
         if mode not in MODES:
             raise InputError(f"unknown mode {mode!r}; choose one of {MODES}")
+        if not 0.0 <= exemplar_guidance_end <= 1.0:
+            raise InputError(f"exemplar_guidance_end: {exemplar_guidance_end} is not within [0, 1]")
         targets = [check_label_ids(t, f"target_labels[{i}]") for i, t in enumerate(_as_maps(target_labels, "target_labels"))]
         hw = targets[0].shape
         for i, t in enumerate(targets):
@@ -618,10 +625,11 @@ class AMAdapterPipeline(DiffusionPipeline):
         steps = len(sched.timesteps)
         for i, t in enumerate(self.progress_bar(sched.timesteps)):
             latents = torch.cat([z, z]) if cfg else z
+            reads = bank is not None and (i + 1) / steps <= exemplar_guidance_end
             eps = self.generation_eps(
-                latents, t, cond_map, tokens=None if bank is None else bank.tokens[i],
-                exemplar_hw=None if bank is None else bank.latent_hw, mode=mode, cost=cost,
-                encoder_hidden_states=states, cond_start=cond_start,
+                latents, t, cond_map, tokens=bank.tokens[i] if reads else None,
+                exemplar_hw=bank.latent_hw if reads else None, mode=mode if reads else "structure_only",
+                cost=cost if reads else None, encoder_hidden_states=states, cond_start=cond_start,
             )
             if cfg:
                 eps_u, eps_c = eps.chunk(2)

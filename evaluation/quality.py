@@ -38,6 +38,7 @@ class QualitySettings:
     # What `amgen demo` samples with (configs/toytown_demo.yaml): the benchmark scores what users get.
     num_inference_steps: int = 4
     guidance_scale: float = 1.0
+    exemplar_guidance_end: float = 1.0  # fraction of steps that read the exemplar (model.exemplar_guidance_end)
     granularity: str = "instance"  # the triple's instance map is the user's mapping
     modes: tuple[str, ...] = MODES
     vae_ceiling: bool = True  # also score GROUND_TRUTH_VAE
@@ -169,6 +170,7 @@ def generate(pipe, triple, modes: Iterable[str], seed: int, settings: QualitySet
             num_inference_steps=settings.num_inference_steps,
             guidance_scale=settings.guidance_scale,
             mode=mode,
+            exemplar_guidance_end=settings.exemplar_guidance_end,
         )
         out[mode] = result.images[0]
         seconds[mode] = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 the domain adaptation test (``amgen eval adapt``, whose data and amgen run are made here)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -282,12 +283,27 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
     return sets, record
 
 
-def amgen_run_dir(work: Path, model_steps: int, guidance: float) -> Path:
-    """Arm (c)'s amgen run folder: one per sampling setting, so a work dir holds the runs of
-    several settings side by side (a run folder refuses another config)."""
-    if (model_steps, guidance) == (4, 3.0):   # the first setting: older work dirs resume as they are
+def model_tag(model: str) -> str:
+    """"" for the bundled model, else "_m" and 8 hex digits of the model folder's files (names
+    and bytes): runs of two models never share a folder, and a retrained model in the same
+    path gets a new one."""
+    if model == "toy":
+        return ""
+    h = hashlib.sha256()
+    root = Path(model)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode())
+        h.update(f.read_bytes())
+    return f"_m{h.hexdigest()[:8]}"
+
+
+def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "toy") -> Path:
+    """Arm (c)'s amgen run folder: one per model and sampling setting, so a work dir holds the
+    runs of several side by side (a run folder refuses another config)."""
+    tag = model_tag(model)
+    if (model_steps, guidance, tag) == (4, 3.0, ""):   # the first setting: older work dirs resume as they are
         return work / "amgen_night"
-    return work / f"amgen_night_s{model_steps}_g{guidance:g}"
+    return work / f"amgen_night_s{model_steps}_g{guidance:g}{tag}"
 
 
 def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 1.0,
@@ -299,7 +315,7 @@ def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_
     from pipeline.run import run_pipeline
 
     roots = adapt_trees(work, sizes, log)
-    out = amgen_run_dir(work, model_steps, guidance)
+    out = amgen_run_dir(work, model_steps, guidance, model)
     cfg = adapt_run_config(roots["day_train"], roots["night_bank"], out, model, model_steps, guidance, ray_cpus)
     log(f"amgen run: {sizes.day_n} day layouts rendered with the {sizes.bank_n} night scenes as exemplars -> {out}")
     t0 = time.time()
@@ -398,7 +414,7 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
     cfg = train or downstream_train_config(steps, 3000, 100, 0.02, batch_size)
     # A plateau run has its own folders: its checkpoints must not resume a fixed-step run's.
     seg_dir = work_dir / ("segmenters-plateau" if cfg.until_plateau else "segmenters")
-    run_name = amgen_run_dir(work_dir, model_steps, guidance).name
+    run_name = amgen_run_dir(work_dir, model_steps, guidance, model).name
     result = run_adaptation(data, cfg, list(range(seeds)), seg_dir, workers=workers, log=log, arms=arms,
                             amgen_tag=run_name.removeprefix("amgen_night"))
     if picture is not None:

@@ -133,6 +133,8 @@ class ModelConfig(_Strict):
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(7.5, ge=0.0)
     mode: Literal["am_adapter", "sa_aug", "structure_only"] = "am_adapter"
+    # fraction of the steps, noisiest first, that read the exemplar; the rest draw the layout alone
+    exemplar_guidance_end: float = Field(1.0, ge=0.0, le=1.0)
     granularity: Literal["class", "instance"] = "class"
     # speed options (amadapter/speed.py): channels-last weights, None = on for CUDA and off on CPU;
     # torch.compile of the UNet ("reduce-overhead" adds CUDA graphs), off until a GPU measures it
@@ -242,7 +244,7 @@ _NOT_HASHED = {
 
 
 # Keys added after runs were made, left out of the hash at their default so those runs still resume.
-_HASH_NEUTRAL_DEFAULTS = {"model": {"channels_last": None, "compile": "off"}}
+_HASH_NEUTRAL_DEFAULTS = {"model": {"channels_last": None, "compile": "off", "exemplar_guidance_end": 1.0}}
 
 
 def config_hash(cfg: RunConfig) -> str:

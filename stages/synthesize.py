@@ -125,7 +125,8 @@ class Synthesizer:
         with self.clock:
             out = self.pipe(np.stack(labels), bank=bank, seeds=[int(s) for s in seeds],
                             num_inference_steps=m["steps"], guidance_scale=m["guidance_scale"], mode=m["mode"],
-                            exemplar_key=exemplar_key, **kwargs)
+                            exemplar_guidance_end=m.get("exemplar_guidance_end", 1.0), exemplar_key=exemplar_key,
+                            **kwargs)
             images = np.asarray(out.images)
         if images.shape[:3] != (len(labels), *labels[0].shape):
             raise ValueError(f"model returned images of shape {images.shape} for {len(labels)} targets "

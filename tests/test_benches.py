@@ -51,6 +51,14 @@ def check_inversion_signal(r, _):
         assert -1 <= v["inverted"] <= 1 and 0 <= v["random_noise"] <= 1
 
 
+def check_sampling_schedule(r, _):
+    assert r["n"] == 2 and set(r["rows"]) == {"s1_e1", "s1_e0.5", "s2_e1", "s2_e0.5"} and r["best_miou"] in r["rows"]
+    for key, row in r["rows"].items():
+        modes = ("am_adapter",) if key.endswith("e0.5") else ("structure_only", "sa_aug", "am_adapter")
+        assert set(modes) <= set(row) and row["s_per_triple"] > 0
+        assert all(0 <= row[m]["miou"] <= 100 and finite(row[m]["class_de2000"]) for m in modes)
+
+
 def check_guidance_sweep(r, _):
     assert r["n"] == 2 and set(r["rows"]) == {"1", "3"} and r["best_miou_guidance"] in (1.0, 3.0)
     for row in r["rows"].values():
@@ -162,6 +170,7 @@ CASES = [
     case("inversion_signal.py", ["--n", "1", "--steps", "2"], check_inversion_signal),
     case("quality.py", ["--n", "2", "--steps", "1", "--docs", ""], check_quality),
     case("guidance_sweep.py", ["--n", "2", "--steps", "1", "--guidance", "1,3"], check_guidance_sweep),
+    case("sampling_schedule.py", ["--n", "2", "--steps", "1,2", "--ends", "0.5"], check_sampling_schedule),
     case("routing_oracle.py", ["--n", "1", "--steps", "1"], check_routing_oracle),
     case("sampling_noise.py", ["--model", f"toy={TOY}", "--n", "1", "--fit", "4", "--steps", "1"], check_sampling_noise),
     case("train_throughput.py", ["--steps", "1", "--batch", "1", "--variants", "fp32"], check_train_throughput),

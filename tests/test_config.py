@@ -41,6 +41,7 @@ def test_loads_yaml_with_defaults_and_overrides(tmp_path):
     (lambda t: None, "model.stepz=3", "model.stepz", "unknown key"),
     (lambda t: None, "model.steps=lots", "model.steps", "integer"),
     (lambda t: None, "model.mode=magic", "model.mode", "am_adapter"),
+    (lambda t: None, "model.exemplar_guidance_end=1.5", "model.exemplar_guidance_end", "less than or equal to 1"),
 ])
 def test_errors_name_key_and_file(tmp_path, tree_edit, override, key, words):
     tree = base(tmp_path)
@@ -110,11 +111,11 @@ def test_config_hash_covers_what_changes_bytes_only(tmp_path):
     assert h == config_hash(config_from_dict(tree)) and len(h) == 64
     # Where the output goes and how many workers make it do not change a byte.
     same = ["output.dir=/elsewhere", "synthesis.actors=4", "synthesis.num_gpus=1", "ray.num_cpus=8",
-            "output.preview=false", "name=other"]
+            "output.preview=false", "name=other", "model.exemplar_guidance_end=1.0"]
     for ov in same:
         assert config_hash(config_from_dict(tree, overrides=[ov])) == h, ov
     for ov in ["model.steps=4", "seed=1", "output.rows_per_shard=7", "augment.seed=3", "exemplars.k=2",
-               "synthesis.batch_size=3", "source.limit=5"]:
+               "synthesis.batch_size=3", "source.limit=5", "model.exemplar_guidance_end=0.5"]:
         assert config_hash(config_from_dict(tree, overrides=[ov])) != h, ov
 
 

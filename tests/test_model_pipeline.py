@@ -266,3 +266,27 @@ def test_inversion_reads_x0_and_v_models_at_the_timestep_they_ran_at(scene, kind
     # random weights: the inverted latent stays at the scale of noise (the lower-level conversion
     # gave the x0 model a standard deviation of 13 here)
     assert float(inverted.std()) < 3.0
+
+
+def test_exemplar_guidance_end_hands_the_last_steps_to_the_layout(pipe, scene):
+    """end=1 is the default, end=0 is structure_only, and end=0.5 (of 2 steps) reads the
+    exemplar at the first step only: it follows am_adapter there and structure_only after."""
+    image, label, _ = scene
+    _, target, _ = tiny_scene(1)
+    bank = pipe.encode_exemplar(image, label, num_inference_steps=2, guidance_scale=1.0)
+
+    def run(mode="am_adapter", **kw):
+        first = []
+        out = pipe([target], bank=bank, seeds=[3], num_inference_steps=2, guidance_scale=1.0, mode=mode,
+                   callback_on_step_end=lambda p, i, t, x: first.append(x["latents"].clone()) or {}, **kw)
+        return first[0], out.latents
+
+    am_first, am = run()
+    so_first, so = run("structure_only")
+    half_first, half = run(exemplar_guidance_end=0.5)
+    torch.testing.assert_close(run(exemplar_guidance_end=1.0)[1], am, rtol=0, atol=0)
+    torch.testing.assert_close(run(exemplar_guidance_end=0.0)[1], so, rtol=0, atol=0)
+    torch.testing.assert_close(half_first, am_first, rtol=0, atol=0)
+    assert (half - am).abs().max() > 1e-4 and (half - so).abs().max() > 1e-4
+    with pytest.raises(InputError, match="exemplar_guidance_end"):
+        pipe([target], bank=bank, seeds=[3], num_inference_steps=2, exemplar_guidance_end=1.5)
