@@ -192,16 +192,17 @@ def adapt_trees(work: Path, sizes: AdaptSizes, log: Callable[[str], None] = prin
 
 
 def adapt_run_config(day_root: Path, bank_root: Path, out: Path, model: str = "toy", model_steps: int = 4,
-                     guidance: float = 1.0, ray_cpus: int = 2):
+                     guidance: float = 1.0, ray_cpus: int = 2, per_layout: int = 1):
     """The amgen run of arm (c): the day tree as targets, the night bank as the exemplar index
-    (filtered to night), no augmentation (the renderings keep the day layouts), one sample per layout."""
+    (filtered to night), no augmentation (the renderings keep the day layouts), ``per_layout``
+    samples per layout (each with its own exemplar)."""
     from pipeline.config import config_from_dict
 
     tree = {
         "name": "eval-adapt-night", "seed": 0,
         "source": {"kind": "toytown", "root": str(day_root)},
         "exemplars": {"source": {"kind": "toytown", "root": str(bank_root)}, "filters": {"domain": "night"},
-                      "k": 1, "diversity": 0.3},
+                      "k": per_layout, "diversity": 0.3},
         "augment": {"enabled": False},
         "model": {"path": model, "device": "cpu", "steps": model_steps, "guidance_scale": guidance},
         "synthesis": {"actors": 1, "num_cpus": 1, "torch_threads": 1, "batch_size": 8, "allow_cpu_fallback": True},
@@ -297,17 +298,18 @@ def model_tag(model: str) -> str:
     return f"_m{h.hexdigest()[:8]}"
 
 
-def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "toy") -> Path:
+def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "toy", per_layout: int = 1) -> Path:
     """Arm (c)'s amgen run folder: one per model and sampling setting, so a work dir holds the
     runs of several side by side (a run folder refuses another config)."""
-    tag = model_tag(model)
+    tag = model_tag(model) + (f"_k{per_layout}" if per_layout > 1 else "")
     if (model_steps, guidance, tag) == (4, 3.0, ""):   # the first setting: older work dirs resume as they are
         return work / "amgen_night"
     return work / f"amgen_night_s{model_steps}_g{guidance:g}{tag}"
 
 
 def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 1.0,
-                       ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None):
+                       ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None,
+                       per_layout: int = 1):
     """Trees, the real amgen run of arm (c) (resumed if already done), what the quality gate keeps
     of it at each of ``gate_thresholds``, and everything read back: (AdaptationData, day ids,
     amgen target ids, run summary)."""
@@ -315,9 +317,11 @@ def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_
     from pipeline.run import run_pipeline
 
     roots = adapt_trees(work, sizes, log)
-    out = amgen_run_dir(work, model_steps, guidance, model)
-    cfg = adapt_run_config(roots["day_train"], roots["night_bank"], out, model, model_steps, guidance, ray_cpus)
-    log(f"amgen run: {sizes.day_n} day layouts rendered with the {sizes.bank_n} night scenes as exemplars -> {out}")
+    out = amgen_run_dir(work, model_steps, guidance, model, per_layout)
+    cfg = adapt_run_config(roots["day_train"], roots["night_bank"], out, model, model_steps, guidance, ray_cpus,
+                           per_layout)
+    log(f"amgen run: {sizes.day_n} day layouts rendered {per_layout} time(s) each with the {sizes.bank_n} night "
+        f"scenes as exemplars -> {out}")
     t0 = time.time()
     summary = run_pipeline(cfg)
     run_s = time.time() - t0
@@ -358,6 +362,8 @@ def adapt_cmd(
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
     model_steps: int = typer.Option(4, "--model-steps", min=1, help="DDIM steps of the amgen run"),
     guidance: float = typer.Option(1.0, "--guidance", min=0.0, help="classifier-free guidance of the amgen run (the demo's)"),
+    per_layout: int = typer.Option(1, "--per-layout", min=1,
+                                   help="amgen renderings per day layout, each with its own exemplar (exemplars.k)"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="write [{arm, seed, night_miou, day_miou}] here"),
     result_file: Optional[Path] = typer.Option(None, "--result", help="write the whole result (arms, per-class IoU) here"),
     picture: Optional[Path] = typer.Option(None, "--picture", help="write day | exemplar | amgen | FDA | HistogramMatching here"),
@@ -368,7 +374,7 @@ def adapt_cmd(
     try:
         result = run_adapt(work_dir, AdaptSizes(day_n, bank_n, test_n, night_real_n), train=cfg, seeds=seeds,
                            workers=workers, model=model, model_steps=model_steps, guidance=guidance, picture=picture,
-                           log=typer.echo,
+                           log=typer.echo, per_layout=per_layout,
                            arms=arms.split(",") if arms else None, gate_thresholds=list(gate))
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -397,7 +403,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, batch_size: int = 16, seeds: int = 3,
-              workers: int = 2, model: str = "toy", model_steps: int = 4, guidance: float = 1.0,
+              workers: int = 2, model: str = "toy", model_steps: int = 4, guidance: float = 1.0, per_layout: int = 1,
               picture: Path | None = None, log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
               gate_thresholds: list[float] | None = None) -> dict:
     """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
@@ -409,12 +415,12 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
     t0 = time.time()
     work_dir = Path(work_dir)
     data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, guidance=guidance,
-                                    ray_cpus=max(1, workers),
+                                    ray_cpus=max(1, workers), per_layout=per_layout,
                                     log=log, gate_thresholds=gate_thresholds)
     cfg = train or downstream_train_config(steps, 3000, 100, 0.02, batch_size)
     # A plateau run has its own folders: its checkpoints must not resume a fixed-step run's.
     seg_dir = work_dir / ("segmenters-plateau" if cfg.until_plateau else "segmenters")
-    run_name = amgen_run_dir(work_dir, model_steps, guidance, model).name
+    run_name = amgen_run_dir(work_dir, model_steps, guidance, model, per_layout).name
     result = run_adaptation(data, cfg, list(range(seeds)), seg_dir, workers=workers, log=log, arms=arms,
                             amgen_tag=run_name.removeprefix("amgen_night"))
     if picture is not None:

@@ -4,6 +4,7 @@ exemplars come only from the night bank, and the classical baselines really rest
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ def adapt_run(tmp_path_factory):
     args = ["eval", "adapt", "--work-dir", str(work), "--day-n", str(DAY), "--bank-n", str(BANK), "--test-n", str(TEST),
             "--night-real-n", str(NIGHT_REAL), "--steps", "2", "--batch-size", "4", "--seeds", "2", "--workers", "2",
             "--model", str(model), "--model-steps", "2", "--guidance", "1.5", "--json", str(rows), "--result", str(result),
-            "--picture", str(picture), "--gate", "0.05"]
+            "--picture", str(picture), "--gate", "0.05", "--per-layout", "2"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     return {"work": work, "rows": json.loads(rows.read_text()), "result": json.loads(result.read_text()),
@@ -41,7 +42,7 @@ def test_arms_are_made_as_specified(adapt_run):
     assert arms["b_day_bank"] == [day, bank]  # the bank oversampled to the day set's weight
     assert arms["c_amgen"][:2] == [day, bank]
     assert arms["c_amgen"][2] == {"name": "amgen night renderings of the day layouts", "domain": "night (amgen)",
-                                  "samples": DAY}
+                                  "samples": 2 * DAY}  # --per-layout 2
     for arm, name in (("d_fda", "FDA"), ("d_histogram", "HistogramMatching"), ("d_pda", "PixelDistributionAdaptation")):
         assert arms[arm] == [day, bank, {"name": f"day restyled by {name}", "domain": "night (restyled day)",
                                          "samples": DAY}]
@@ -51,7 +52,7 @@ def test_arms_are_made_as_specified(adapt_run):
     gate = adapt_run["result"]["gate"]["0.05"]
     assert arms["c_amgen_gate0.05"] == [day, bank, {"name": "amgen night renderings, judge mIoU >= 0.05",
                                                     "domain": "night (amgen, gated)", "samples": gate["kept"]}]
-    assert gate["kept"] + sum(gate["filtered_by_reason"].values()) == DAY
+    assert gate["kept"] + sum(gate["filtered_by_reason"].values()) == 2 * DAY
 
 
 def test_rows_json_and_summary(adapt_run):
@@ -125,11 +126,15 @@ def test_amgen_exemplars_come_only_from_the_night_bank(adapt_run):
     table = pq.read_table(files, columns=["target_id", "exemplar_id"]) if len(files) == 1 else None
     rows = [r for f in files for r in pq.read_table(f, columns=["target_id", "exemplar_id"]).to_pylist()]
     assert table is None or table.num_rows == len(rows)
-    assert len(rows) == DAY
+    assert len(rows) == 2 * DAY
     assert {r["exemplar_id"] for r in rows} <= bank_ids and len(bank_ids) == BANK
-    assert sorted(r["target_id"] for r in rows) == sorted(day_ids)  # every day layout rendered once
+    assert sorted(r["target_id"] for r in rows) == sorted(2 * list(day_ids))  # every day layout rendered twice
+    for day_id in day_ids:  # ... each time with its own exemplar
+        assert len({r["exemplar_id"] for r in rows if r["target_id"] == day_id}) == 2
     run_cfg = adapt_run["result"]["amgen_run"]["run_config"]
-    assert run_cfg["model"]["guidance_scale"] == 1.5 and run_dir.name == "amgen_night_s2_g1.5"
+    assert run_cfg["model"]["guidance_scale"] == 1.5 and run_cfg["exemplars"]["k"] == 2
+    # the folder names the setting, the model's content and the renderings per layout
+    assert re.fullmatch(r"amgen_night_s2_g1\.5_m[0-9a-f]{8}_k2", run_dir.name), run_dir.name
     assert run_cfg["exemplars"]["filters"] == {"domain": "night"}
     assert run_cfg["exemplars"]["source"]["root"] == str(work / "trees" / "night_bank")
 
