@@ -193,6 +193,13 @@ def train_segmenter(
         torch.set_num_threads(threads_before)
 
 
+def _raises_the_cap(old: dict, new: dict, step: int) -> bool:
+    """A plateau run asked to go on under a higher cap: its lr never depended on the cap and its
+    batches are a function of (seed, step), so going on gives the bytes of one run at the new cap."""
+    return (old.get("until_plateau") and new.get("until_plateau") and new["max_steps"] > step
+            and {k: v for k, v in old.items() if k != "max_steps"} == {k: v for k, v in new.items() if k != "max_steps"})
+
+
 def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) -> Segmenter:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -205,12 +212,15 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
     plateau = rule.start() if rule else None
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["train_config"] != asdict(cfg):
+        raised = _raises_the_cap(state["train_config"], asdict(cfg), int(state["step"]))
+        if state["train_config"] != asdict(cfg) and not raised:
             raise ValueError(f"{ckpt_path}: checkpoint was made with a different training config; use a new run dir")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
         plateau = state.get("plateau", plateau)
+        if raised and plateau["stopped"] == "max_steps":
+            plateau["stopped"] = ""  # the old cap ended it, the new one lets it go on
         log(f"resumed from {ckpt_path} at step {start}")
     model.train()
     t0 = time.time()

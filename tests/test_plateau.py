@@ -51,6 +51,25 @@ def test_training_until_the_plateau_resumes_to_the_same_decision(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()))
 
 
+def test_a_higher_cap_continues_a_capped_run_to_the_bytes_of_one_run(tmp_path):
+    import torch
+
+    cfg = SegmenterTrainConfig(batch_size=4, warmup_steps=2, until_plateau=True, plateau_window=4,
+                               plateau_min_improvement=0.0, plateau_lr_drops=1, max_steps=12, checkpoint_every=5)
+    whole = train_segmenter(StripesSource(), tmp_path / "whole", cfg, model_config=TINY, log=lambda _: None)
+    low = SegmenterTrainConfig(**{**cfg.__dict__, "max_steps": 7})
+    capped = train_segmenter(StripesSource(), tmp_path / "run", low, model_config=TINY, log=lambda _: None)
+    assert capped.training_record["stopped"] == "max_steps" and capped.training_record["steps"] == 7
+    raised = train_segmenter(StripesSource(), tmp_path / "run", cfg, model_config=TINY, log=lambda _: None)
+    assert raised.training_record == whole.training_record
+    assert all(torch.equal(a, b) for a, b in zip(raised.state_dict().values(), whole.state_dict().values()))
+    # anything else that differs, or a cap below the steps done, still refuses the checkpoint
+    for other in ({"max_steps": 5}, {"lr": 1.0}):
+        with pytest.raises(ValueError, match="different training config"):
+            train_segmenter(StripesSource(), tmp_path / "run", SegmenterTrainConfig(**{**cfg.__dict__, **other}),
+                            model_config=TINY, log=lambda _: None)
+
+
 def test_fixed_steps_still_run_exactly_their_steps(tmp_path):
     cfg = SegmenterTrainConfig(steps=5, batch_size=4, warmup_steps=2, checkpoint_every=2)
     model = train_segmenter(StripesSource(), tmp_path, cfg, model_config=TINY, log=lambda _: None)
