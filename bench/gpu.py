@@ -11,7 +11,7 @@ Sections (each reported in the JSON; ``seconds`` per section):
 - ``am_adapter_step_top_ops``: torch.profiler's key_averages of one am_adapter generation step at
   batch 1 (CFG pair, first timestep, first dtype), the 10 ops with the most self device time
   (self CPU time where there is no GPU).
-- ``toy``: the bundled toy model's images/s at the demo's sampling (4 DDIM steps, CFG 3.0,
+- ``toy``: the bundled toy model's images/s at the demo's sampling (TOY_STEPS DDIM steps, CFG TOY_CFG,
   am_adapter, class granularity), fp32 and bf16, batch 64.
 - ``train``: toy stage 1 (configs/train_toy_stage1_gpu.yaml, started from the bundled model) run
   by the training loop itself (``training.loop.train_worker``): samples/s from two runs of W and
@@ -54,6 +54,8 @@ sys.path.insert(0, str(BENCH))
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("structure_only", "sa_aug", "am_adapter")
+# the demo's sampling (configs/toytown_demo.yaml; tests/test_bench_gpu.py checks they agree)
+TOY_STEPS, TOY_CFG = 2, 1.0
 
 
 def build_pipeline(model, device: torch.device, dtype: torch.dtype, speed: dict | None = None):
@@ -217,14 +219,16 @@ def _tiny_model() -> dict:
 def toy_section(args, device) -> dict:
     from amadapter.bundled import toy_model_dir
 
-    out = {"model": "toy", "folder": str(toy_model_dir()), "batch": args.toy_batch, "steps": 4, "guidance_scale": 3.0,
+    out = {"model": "toy", "folder": str(toy_model_dir()), "batch": args.toy_batch, "steps": TOY_STEPS,
+           "guidance_scale": TOY_CFG,
            "mode": "am_adapter", "rows": []}
     for dtype_name in ("fp32", "bf16"):
         pipe = build_pipeline("toy", device, DTYPES[dtype_name], args.speed)
         sample = pipe.unet.config.sample_size
         size = args.toy_size or tuple(int(s) * pipe.vae_scale_factor
                                       for s in (sample if isinstance(sample, (list, tuple)) else (sample, sample)))
-        row = time_sampling(pipe, device, size, "am_adapter", args.toy_batch, 4, 3.0, exemplar_banks(pipe, size, 4, 3.0))
+        row = time_sampling(pipe, device, size, "am_adapter", args.toy_batch, TOY_STEPS, TOY_CFG,
+                            exemplar_banks(pipe, size, TOY_STEPS, TOY_CFG))
         out["rows"].append({"dtype": dtype_name, "size": list(size), **row})
         print(json.dumps(out["rows"][-1]), flush=True)
     return out

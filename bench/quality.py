@@ -2,7 +2,7 @@
 
 Runs the bundled toy model on held-out toy-town triples, writes docs/quality.{md,png,json}
 and prints the rows as JSON on its last line. Options: --n, --steps, --guidance, --model, --threads.
-Defaults are the demo's sampling (4 DDIM steps, guidance 1.0).
+Defaults are the demo's sampling (2 DDIM steps, guidance 1.0).
 """
 from __future__ import annotations
 

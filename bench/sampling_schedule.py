@@ -5,7 +5,8 @@ The toy models predict x0 and were trained with the noisy steps oversampled, so 
 draw the layout better; the exemplar's colour is settled at the noisy steps, so handing the last
 ones to plain self-attention (exemplar_guidance_end < 1) may keep colour and sharpen the layout.
 This says what each costs in judge mIoU and class colour error (ΔE00), and the seconds per
-triple. At each step count, all three modes run at end 1 and am_adapter at every other end.
+triple. At each step count, all three modes run at end 1 and am_adapter at every other end that
+leaves the exemplar at least one step.
 Last line: one JSON object.
 
     python bench/sampling_schedule.py [--n 200] [--steps 1,2,4] [--ends 1,0.5] [--model DIR]
@@ -53,6 +54,8 @@ def main() -> None:
     rows: dict[str, dict] = {}
     for steps in step_counts:
         for end in ends:
+            if end < 1.0 and end * steps < 1:  # no step reads the exemplar: that is structure_only's row
+                continue
             modes = MODES if end == 1.0 else ("am_adapter",)
             settings = QualitySettings(n=args.n, seed=QUALITY_SEED, num_inference_steps=steps,
                                        guidance_scale=args.guidance, exemplar_guidance_end=end,

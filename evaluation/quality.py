@@ -36,7 +36,7 @@ class QualitySettings:
     n: int = 200
     seed: int = QUALITY_SEED
     # What `amgen demo` samples with (configs/toytown_demo.yaml): the benchmark scores what users get.
-    num_inference_steps: int = 4
+    num_inference_steps: int = 2
     guidance_scale: float = 1.0
     exemplar_guidance_end: float = 1.0  # fraction of steps that read the exemplar (model.exemplar_guidance_end)
     granularity: str = "instance"  # the triple's instance map is the user's mapping

@@ -285,14 +285,14 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
 
 
 def model_tag(model: str) -> str:
-    """"" for the bundled model, else "_m" and 8 hex digits of the model folder's files (names
-    and bytes): runs of two models never share a folder, and a retrained model in the same
-    path gets a new one."""
-    if model == "toy":
-        return ""
+    """"_m" and 8 hex digits of the model's weights and configs (names and bytes): runs of two
+    models never share a folder, and a retrained model in the same path (the bundled one
+    included) gets a new one. Model cards and previews do not count."""
+    from amadapter.bundled import toy_model_dir
+
+    root = toy_model_dir() if model == "toy" else Path(model)
     h = hashlib.sha256()
-    root = Path(model)
-    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
     return f"_m{h.hexdigest()[:8]}"
@@ -302,8 +302,6 @@ def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "t
     """Arm (c)'s amgen run folder: one per model and sampling setting, so a work dir holds the
     runs of several side by side (a run folder refuses another config)."""
     tag = model_tag(model) + (f"_k{per_layout}" if per_layout > 1 else "")
-    if (model_steps, guidance, tag) == (4, 3.0, ""):   # the first setting: older work dirs resume as they are
-        return work / "amgen_night"
     return work / f"amgen_night_s{model_steps}_g{guidance:g}{tag}"
 
 
@@ -360,8 +358,10 @@ def adapt_cmd(
                                      help="also arm (c) with the quality gate at this judge mIoU (repeatable)"),
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
-    model_steps: int = typer.Option(4, "--model-steps", min=1, help="DDIM steps of the amgen run"),
-    guidance: float = typer.Option(1.0, "--guidance", min=0.0, help="classifier-free guidance of the amgen run (the demo's)"),
+    model_steps: int = typer.Option(QualitySettings.num_inference_steps, "--model-steps", min=1,
+                                    help="DDIM steps of the amgen run (the demo's)"),
+    guidance: float = typer.Option(QualitySettings.guidance_scale, "--guidance", min=0.0,
+                                   help="classifier-free guidance of the amgen run (the demo's)"),
     per_layout: int = typer.Option(1, "--per-layout", min=1,
                                    help="amgen renderings per day layout, each with its own exemplar (exemplars.k)"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="write [{arm, seed, night_miou, day_miou}] here"),

@@ -45,3 +45,16 @@ def test_gpu_bench_runs_tiny_on_cpu_without_ray_faiss_datasets():
     train = result["train"]
     assert train["samples_per_s"] > 0 and train["loss_finite"] and train["mixed_precision"] == "bf16"
     assert train["gpu_busy_share"] is None  # no GPU here
+
+
+def test_gpu_bench_times_the_demo_sampling():
+    import ast
+
+    from pipeline.config import load_config
+
+    tree = ast.parse((REPO / "bench" / "gpu.py").read_text())
+    consts = next(ast.literal_eval(n.value) for n in tree.body
+                  if isinstance(n, ast.Assign) and getattr(n.targets[0], "elts", None)
+                  and [e.id for e in n.targets[0].elts] == ["TOY_STEPS", "TOY_CFG"])
+    model = load_config(REPO / "configs" / "toytown_demo.yaml").model
+    assert consts == (model.steps, model.guidance_scale)

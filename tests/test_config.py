@@ -154,3 +154,13 @@ def test_workers_are_checked_against_the_cluster_before_any_actor_starts(tmp_pat
     assert (w.actors, w.num_cpus, w.note) == (1, 1.0, "")
     w = plan_workers(cfg("synthesis.num_gpus=1", "synthesis.num_cpus=4"), {"CPU": 4.0, "GPU": 1.0})
     assert (w.actors, w.num_gpus, w.num_cpus) == (1, 1.0, 3.75)
+
+
+def test_the_demo_samples_as_the_benchmarks_and_eval_adapt_assume():
+    """bench/quality.py, the regression floors and `amgen eval adapt` score "what the demo samples
+    with": QualitySettings' defaults are the demo config's model settings."""
+    from evaluation.quality import QualitySettings
+
+    model, q = load_config(REPO / "configs" / "toytown_demo.yaml").model, QualitySettings()
+    assert (model.steps, model.guidance_scale, model.exemplar_guidance_end) == \
+        (q.num_inference_steps, q.guidance_scale, q.exemplar_guidance_end)
