@@ -46,15 +46,16 @@ BASELINES = {"d_fda": "FDA", "d_histogram": "HistogramMatching", "d_pda": "Pixel
 OBJECT_CLASSES = ("car", "truck", "bus", "person", "rider")
 
 
-def gated_arm(threshold: float) -> str:
-    """The name of arm (c) with the quality gate at ``threshold`` (judge mIoU, 0..1)."""
-    return f"c_amgen_gate{threshold:g}"
+def gated_arm(threshold: float, metric: str = "judge_miou") -> str:
+    """The name of arm (c) with the quality gate at ``threshold`` (0..1) of ``metric``
+    (stages.gate.METRICS): c_amgen_gate0.3, c_amgen_gate_thing0.3."""
+    return f"c_amgen_gate{'_thing' if metric == 'judge_thing_miou' else ''}{threshold:g}"
 
 
-def arm_order(gate_thresholds: Sequence[float] = ()) -> tuple[str, ...]:
+def arm_order(gated_arms: Sequence[str] = ()) -> tuple[str, ...]:
     """Every arm in report order: the gated (c) arms right after (c)."""
     at = ARMS.index("c_amgen") + 1
-    return ARMS[:at] + tuple(gated_arm(t) for t in gate_thresholds) + ARMS[at:]
+    return ARMS[:at] + tuple(gated_arms) + ARMS[at:]
 
 
 class SampleList:
@@ -93,8 +94,8 @@ class AdaptationData:
     day_test: SampleList
     amgen_exemplar_ids: Sequence[str] = ()  # exemplar id of every amgen sample
     bank_ids: Sequence[str] = ()            # layout ids of the bank
-    # threshold -> what the quality gate kept of amgen's renderings at it (a gated amgen run each)
-    amgen_gated: dict[float, SampleList] = field(default_factory=dict)
+    # gated arm (gated_arm) -> what the quality gate kept of amgen's renderings there
+    amgen_gated: dict[str, SampleList] = field(default_factory=dict)
 
 
 class ExemplarOriginError(ValueError):
@@ -147,8 +148,8 @@ def arm_parts(data: AdaptationData, baselines: dict[str, SampleList], only: Sequ
     bank = Repeated(data.bank, times)
     b = [data.day, bank]
     parts = {"a_day": [data.day], "b_day_bank": b, "c_amgen": b + [data.amgen]}
-    for t, kept in data.amgen_gated.items():
-        parts[gated_arm(t)] = b + [kept]
+    for arm, kept in data.amgen_gated.items():
+        parts[arm] = b + [kept]
     for arm in BASELINES:
         parts[arm] = b + [baselines[arm]]
     parts["e_night_real"] = [data.day, data.night_real]

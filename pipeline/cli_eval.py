@@ -246,19 +246,20 @@ def read_amgen_output(out: Path):
     return SampleList(pairs, name="amgen night renderings of the day layouts", domain="night (amgen)"), targets, exemplars
 
 
-def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], None]) -> tuple[dict, dict]:
+def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], None],
+                     metric: str = "judge_miou") -> tuple[dict, dict]:
     """The gated (c) arms' data: the quality gate's own stage (``stages.gate.GateScorer``, the
     judge of ``score.segmenter``'s default) run over the (c) run's samples. A run with
     ``gate.enabled`` renders the very same images (the gate changes no sample seed) and keeps
     exactly these, so each threshold costs a judge pass, not a second rendering of every layout.
-    Returns ({threshold: SampleList}, what the gate did at each threshold)."""
+    Returns ({gated arm: SampleList}, what the gate did at each threshold, keyed as the arm)."""
     import pyarrow.parquet as pq
 
     from amgen_core.image_io import decode_png
-    from evaluation.adaptation import SampleList
+    from evaluation.adaptation import SampleList, gated_arm
     from stages.gate import GateScorer, gate_reason
 
-    scorer = GateScorer(None, 1, threshold=min(thresholds))  # one judge pass; the score is the same at every threshold
+    scorer = GateScorer(None, 1, metric=metric, threshold=min(thresholds))  # one judge pass; the score is the same at every threshold
     kept: dict[float, list] = {t: [] for t in thresholds}
     reasons: dict[float, dict[str, int]] = {t: {} for t in thresholds}
     for p in sorted((out / "data").glob("train-*.parquet")):
@@ -278,9 +279,12 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
                                         decode_png(r["label"]["bytes"], f"{where} label", "label")))
     sets, record = {}, {}
     for t in sorted(thresholds):
-        sets[t] = SampleList(kept[t], name=f"amgen night renderings, judge mIoU >= {t:g}", domain="night (amgen, gated)")
-        record[f"{t:g}"] = {"kept": len(kept[t]), "filtered_by_reason": dict(sorted(reasons[t].items()))}
-        log(f"quality gate at judge mIoU {t:g}: {len(kept[t])} renderings kept, filtered {record[f'{t:g}']['filtered_by_reason']}")
+        what = "judge mIoU" if metric == "judge_miou" else "judge thing-class mIoU"
+        arm = gated_arm(t, metric)
+        sets[arm] = SampleList(kept[t], name=f"amgen night renderings, {what} >= {t:g}", domain="night (amgen, gated)")
+        record[arm.removeprefix("c_amgen_gate")] = {"metric": metric, "threshold": t, "kept": len(kept[t]),
+                                                   "filtered_by_reason": dict(sorted(reasons[t].items()))}
+        log(f"quality gate at {what} {t:g}: {len(kept[t])} renderings kept, filtered {dict(sorted(reasons[t].items()))}")
     return sets, record
 
 
@@ -307,7 +311,7 @@ def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "t
 
 def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 1.0,
                        ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None,
-                       per_layout: int = 1):
+                       per_layout: int = 1, gate_metric: str = "judge_miou"):
     """Trees, the real amgen run of arm (c) (resumed if already done), what the quality gate keeps
     of it at each of ``gate_thresholds``, and everything read back: (AdaptationData, day ids,
     amgen target ids, run summary)."""
@@ -336,7 +340,7 @@ def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_
     made = {"day_ids": day_ids, "amgen_target_ids": targets, "run_summary": summary.to_dict(), "run_seconds": round(run_s, 1),
             "run_config": cfg.model_dump(mode="json")}
     if gate_thresholds:
-        data.amgen_gated, made["gate"] = gated_amgen_sets(out, list(gate_thresholds), log)
+        data.amgen_gated, made["gate"] = gated_amgen_sets(out, list(gate_thresholds), log, gate_metric)
     return data, made
 
 
@@ -356,6 +360,8 @@ def adapt_cmd(
     arms: Optional[str] = typer.Option(None, "--arms", help="comma-separated arms to train (default: all)"),
     gate: List[float] = typer.Option([], "--gate", min=0.0, max=1.0,
                                      help="also arm (c) with the quality gate at this judge mIoU (repeatable)"),
+    gate_metric: str = typer.Option("judge_miou", "--gate-metric",
+                                    help="what --gate thresholds: judge_miou or judge_thing_miou (gate.metric)"),
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
     model_steps: int = typer.Option(QualitySettings.num_inference_steps, "--model-steps", min=1,
@@ -375,7 +381,7 @@ def adapt_cmd(
         result = run_adapt(work_dir, AdaptSizes(day_n, bank_n, test_n, night_real_n), train=cfg, seeds=seeds,
                            workers=workers, model=model, model_steps=model_steps, guidance=guidance, picture=picture,
                            log=typer.echo, per_layout=per_layout,
-                           arms=arms.split(",") if arms else None, gate_thresholds=list(gate))
+                           arms=arms.split(",") if arms else None, gate_thresholds=list(gate), gate_metric=gate_metric)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -405,7 +411,7 @@ def write_json(path: Path, obj) -> None:
 def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, batch_size: int = 16, seeds: int = 3,
               workers: int = 2, model: str = "toy", model_steps: int = 4, guidance: float = 1.0, per_layout: int = 1,
               picture: Path | None = None, log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
-              gate_thresholds: list[float] | None = None) -> dict:
+              gate_thresholds: list[float] | None = None, gate_metric: str = "judge_miou") -> dict:
     """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
     the result of ``evaluation.adaptation.run_adaptation`` plus how the data were made and the
     wall time. ``train``: the segmenter recipe (default: ``steps`` fixed steps, or None: until
@@ -416,7 +422,7 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
     work_dir = Path(work_dir)
     data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, guidance=guidance,
                                     ray_cpus=max(1, workers), per_layout=per_layout,
-                                    log=log, gate_thresholds=gate_thresholds)
+                                    log=log, gate_thresholds=gate_thresholds, gate_metric=gate_metric)
     cfg = train or downstream_train_config(steps, 3000, 100, 0.02, batch_size)
     # A plateau run has its own folders: its checkpoints must not resume a fixed-step run's.
     seg_dir = work_dir / ("segmenters-plateau" if cfg.until_plateau else "segmenters")

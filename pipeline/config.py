@@ -179,7 +179,9 @@ class GateConfig(_Strict):
     run without it writes the same bytes as before the key existed."""
 
     enabled: bool = False
-    metric: Literal["judge_miou"] = "judge_miou"  # the judge's mIoU (score.segmenter) on the sample vs its label
+    # judge_miou: the judge's mIoU (score.segmenter) on the sample vs its label; judge_thing_miou:
+    # the same over the thing classes present (person, rider, vehicles), all classes if none
+    metric: Literal["judge_miou", "judge_thing_miou"] = "judge_miou"
     # A sample scoring below this is filtered. Real toy-town night scenes score 0.33..0.71 (median
     # 0.55), the bundled model's night renderings 0.08..0.30 (median 0.21): docs/adaptation.md.
     threshold: float = Field(0.2, ge=0.0, le=1.0)

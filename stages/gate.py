@@ -7,6 +7,11 @@ mean over classes present gives a car or a bus the label says is there the same 
 road: a rendering that leaves the layout's objects out loses those classes whole and scores low,
 which a pixel accuracy (dominated by road, building and sky) would hardly notice.
 
+``judge_thing_miou`` is the same mean over the thing classes only (person, rider and the
+vehicles: cityscapesscripts' ``hasInstances``) present in the label or the prediction, the whole
+mIoU for a scene without any: the failure it targets is a rendering that draws the road and the
+buildings but not the layout's objects, which the all-class mean dilutes with the easy classes.
+
 A sample under ``gate.threshold``, or one the judge cannot score, is marked with its reason; the
 shard writer (stages/write.py) sends marked rows to ``filtered/`` instead of the shard. The stage
 replaces the score stage when both are on (it adds ``score_miou`` too), so the judge runs once.
@@ -20,6 +25,18 @@ import numpy as np
 from stages.score import Scorer
 
 GATE_ROW_COLUMNS = ("gate_score", "gate_metric", "gate_threshold", "gate_reason")
+METRICS = ("judge_miou", "judge_thing_miou")
+
+
+def thing_miou(cm: np.ndarray) -> float:
+    """Mean IoU over the thing classes that occur; the all-class mean where none does."""
+    from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, THING_IDS
+    from evaluation.metrics import iou_per_class, mean_iou
+
+    iou = iou_per_class(cm)
+    things = [int(ID_TO_TRAIN_ID[i]) for i in sorted(THING_IDS) if ID_TO_TRAIN_ID[i] != IGNORE_TRAIN_ID]
+    present = iou[things][np.isfinite(iou[things])]
+    return float(present.mean()) if present.size else mean_iou(cm)
 
 
 def gate_reason(score: float, threshold: float) -> str:
@@ -36,17 +53,26 @@ class GateScorer(Scorer):
     def __init__(self, segmenter: str | None = None, torch_threads: int | None = None,
                  restart_on_device_error: bool = False, metric: str = "judge_miou", threshold: float = 0.3):
         super().__init__(segmenter, torch_threads, restart_on_device_error)
-        if metric != "judge_miou":
-            raise ValueError(f"gate.metric: unknown metric {metric!r}; expected judge_miou")
+        if metric not in METRICS:
+            raise ValueError(f"gate.metric: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
         self.metric, self.threshold = metric, float(threshold)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = super().__call__(batch)
-        scores = np.asarray(out["score_miou"], np.float64)
+        scores = np.asarray(out["gate_score"], np.float64)
         n = len(scores)
-        out["gate_score"] = scores
         out["gate_metric"] = np.array([self.metric] * n, dtype=object)
         out["gate_threshold"] = np.full(n, self.threshold, np.float64)
         out["gate_reason"] = np.array(["" if batch["error"][i] else gate_reason(scores[i], self.threshold)
                                        for i in range(n)], dtype=object)
+        return out
+
+    def _columns(self, cms: dict[int, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        out = super()._columns(cms, n)
+        if self.metric == "judge_miou":
+            out["gate_score"] = out["score_miou"]
+        else:
+            out["gate_score"] = np.full(n, np.nan, np.float64)
+            for i, cm in cms.items():
+                out["gate_score"][i] = thing_miou(cm)
         return out

@@ -48,11 +48,17 @@ def check_scorer(configured: str | None, where: str = "score.segmenter") -> Path
     return path
 
 
-def sample_miou(pred_train_ids: np.ndarray, label_ids: np.ndarray) -> float:
-    from evaluation.metrics import confusion_matrix, mean_iou
+def sample_confusion(pred_train_ids: np.ndarray, label_ids: np.ndarray) -> np.ndarray:
+    from evaluation.metrics import confusion_matrix
     from amgen_core.labels import to_train_ids
 
-    return mean_iou(confusion_matrix(pred_train_ids, to_train_ids(label_ids)))
+    return confusion_matrix(pred_train_ids, to_train_ids(label_ids))
+
+
+def sample_miou(pred_train_ids: np.ndarray, label_ids: np.ndarray) -> float:
+    from evaluation.metrics import mean_iou
+
+    return mean_iou(sample_confusion(pred_train_ids, label_ids))
 
 
 class Scorer:
@@ -77,7 +83,7 @@ class Scorer:
 
     def _scored(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["sample_id"])
-        scores = np.full(n, np.nan, np.float64)
+        cms: dict[int, np.ndarray] = {}
         ok = [i for i in range(n) if not batch["error"][i]]
         by_shape: dict[tuple, list[int]] = {}
         images, labels = {}, {}
@@ -91,7 +97,16 @@ class Scorer:
             except ValueError:  # a size the segmenter cannot take: leave those unscored
                 continue
             for j, i in enumerate(idx):
-                scores[i] = sample_miou(preds[j], labels[i])
+                cms[i] = sample_confusion(preds[j], labels[i])
         out = dict(batch)
-        out["score_miou"] = scores
+        out.update(self._columns(cms, n))
         return out
+
+    def _columns(self, cms: dict[int, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """The columns this stage adds, from each scored row's confusion matrix (NaN if unscored)."""
+        from evaluation.metrics import mean_iou
+
+        scores = np.full(n, np.nan, np.float64)
+        for i, cm in cms.items():
+            scores[i] = mean_iou(cm)
+        return {"score_miou": scores}

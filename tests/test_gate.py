@@ -40,6 +40,32 @@ def test_gate_reason_and_config_errors():
         config_from_dict({"source": {"root": "x"}, "gate": {"metric": "psnr"}})
 
 
+def test_thing_metric_scores_the_objects_and_falls_back_to_all_classes():
+    """judge_thing_miou: a rendering that draws the road but not the layout's car scores 0, where
+    the all-class mean gives it half; a scene without things scores as judge_miou."""
+    from amgen_core.labels import NAME_TO_ID
+    from evaluation.metrics import mean_iou
+    from stages.gate import GateScorer, thing_miou
+    from stages.score import sample_confusion
+
+    label = np.full((4, 8), NAME_TO_ID["road"], np.uint8)
+    label[1:3, 2:5] = NAME_TO_ID["car"]
+    no_car = np.zeros((4, 8), np.uint8)  # trainId 0 = road everywhere
+    cm = sample_confusion(no_car, label)
+    assert thing_miou(cm) == 0.0 and 0.4 < mean_iou(cm) < 0.6
+    drawn = sample_confusion(np.where(label == NAME_TO_ID["car"], 13, 0).astype(np.uint8), label)
+    assert thing_miou(drawn) == 1.0
+    road_only = sample_confusion(no_car, np.full((4, 8), NAME_TO_ID["road"], np.uint8))
+    assert thing_miou(road_only) == mean_iou(road_only) == 1.0
+    gate = object.__new__(GateScorer)  # the columns only: no judge loaded
+    gate.metric = "judge_thing_miou"
+    cols = gate._columns({0: cm, 2: drawn}, 3)
+    assert cols["gate_score"][0] == 0.0 and cols["gate_score"][2] == 1.0 and np.isnan(cols["gate_score"][1])
+    assert cols["score_miou"][0] == mean_iou(cm)  # the score stage's column is unchanged
+    with pytest.raises(ValueError, match="judge_thing_miou"):
+        GateScorer(None, 1, metric="psnr")
+
+
 def test_writer_sends_marked_rows_to_filtered_and_clears_a_stale_table(tmp_path):
     from connectors.filtered_sink import FILTERED_SCHEMA, filtered_counts
     from stages.write import ShardWriter
