@@ -10,7 +10,7 @@ import amadapter
 from amadapter.bundled import toy_model_dir
 from amadapter.pipeline import AMAdapterPipeline
 
-TOY_HASH = "e603c73dc3ad7a5aca548ede5fe8be8c37a8f6c8e6939060be8702cd1ff0e6f9"  # run manifests record it
+TOY_HASH = "3bb92c86f4f6e23c91117a6898d11e84fec67d47989feabc04a4038bbdf11f9c"  # run manifests record it
 COMPONENTS = ("unet", "vae", "scheduler", "structure_net", "matcher", "text_embeds")
 
 
