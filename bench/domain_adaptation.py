@@ -23,6 +23,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from evaluation.adaptation import table  # noqa: E402
+from evaluation.quality import QualitySettings  # noqa: E402
 from pipeline.cli_eval import AdaptSizes, downstream_train_config, run_adapt, write_json  # noqa: E402
 
 
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--model-steps", type=int, default=4)
-    ap.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance of the amgen run")
+    ap.add_argument("--model-steps", type=int, default=QualitySettings.num_inference_steps, help="the demo's")
+    ap.add_argument("--guidance", type=float, default=QualitySettings.guidance_scale,
+                    help="classifier-free guidance of the amgen run (the demo's)")
     ap.add_argument("--model", default="toy", help="the amgen model: toy (the bundled one) or a model folder")
     ap.add_argument("--tiny", action="store_true",
                     help="the smallest run that exercises every arm (a few scenes, 2 training steps, one seed, a tiny "

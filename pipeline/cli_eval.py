@@ -13,6 +13,9 @@ from typing import Callable, List, Optional
 import typer
 
 from evaluation.quality import QUALITY_SEED, QualitySettings
+
+# the amgen run of `eval adapt` samples as the demo does (configs/toytown_demo.yaml)
+DEMO_STEPS, DEMO_GUIDANCE = QualitySettings.num_inference_steps, QualitySettings.guidance_scale
 from evaluation.runner import DEFAULT_MODEL_DIR, RANDOM_TOY
 from evaluation.segmenter import DEFAULT_DIR as SEGMENTER_DIR
 
@@ -191,8 +194,8 @@ def adapt_trees(work: Path, sizes: AdaptSizes, log: Callable[[str], None] = prin
     return roots
 
 
-def adapt_run_config(day_root: Path, bank_root: Path, out: Path, model: str = "toy", model_steps: int = 4,
-                     guidance: float = 1.0, ray_cpus: int = 2, per_layout: int = 1):
+def adapt_run_config(day_root: Path, bank_root: Path, out: Path, model: str = "toy", model_steps: int = DEMO_STEPS,
+                     guidance: float = DEMO_GUIDANCE, ray_cpus: int = 2, per_layout: int = 1):
     """The amgen run of arm (c): the day tree as targets, the night bank as the exemplar index
     (filtered to night), no augmentation (the renderings keep the day layouts), ``per_layout``
     samples per layout (each with its own exemplar)."""
@@ -259,7 +262,8 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
     from evaluation.adaptation import SampleList, gated_arm
     from stages.gate import GateScorer, gate_reason
 
-    scorer = GateScorer(None, 1, metric=metric, threshold=min(thresholds))  # one judge pass; the score is the same at every threshold
+    # one judge pass: the score is the same at every threshold
+    scorer = GateScorer(None, 1, metric=metric, threshold=min(thresholds))
     kept: dict[float, list] = {t: [] for t in thresholds}
     reasons: dict[float, dict[str, int]] = {t: {} for t in thresholds}
     for p in sorted((out / "data").glob("train-*.parquet")):
@@ -278,13 +282,14 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
                         kept[t].append((decode_png(r["image"]["bytes"], f"{where} image", "rgb"),
                                         decode_png(r["label"]["bytes"], f"{where} label", "label")))
     sets, record = {}, {}
+    what = "judge mIoU" if metric == "judge_miou" else "judge thing-class mIoU"
     for t in sorted(thresholds):
-        what = "judge mIoU" if metric == "judge_miou" else "judge thing-class mIoU"
         arm = gated_arm(t, metric)
         sets[arm] = SampleList(kept[t], name=f"amgen night renderings, {what} >= {t:g}", domain="night (amgen, gated)")
         record[arm.removeprefix("c_amgen_gate")] = {"metric": metric, "threshold": t, "kept": len(kept[t]),
                                                    "filtered_by_reason": dict(sorted(reasons[t].items()))}
-        log(f"quality gate at {what} {t:g}: {len(kept[t])} renderings kept, filtered {dict(sorted(reasons[t].items()))}")
+        log(f"quality gate at {what} {t:g}: {len(kept[t])} renderings kept, "
+            f"filtered {dict(sorted(reasons[t].items()))}")
     return sets, record
 
 
@@ -309,7 +314,8 @@ def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "t
     return work / f"amgen_night_s{model_steps}_g{guidance:g}{tag}"
 
 
-def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = 4, guidance: float = 1.0,
+def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = DEMO_STEPS,
+                       guidance: float = DEMO_GUIDANCE,
                        ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None,
                        per_layout: int = 1, gate_metric: str = "judge_miou"):
     """Trees, the real amgen run of arm (c) (resumed if already done), what the quality gate keeps
@@ -364,9 +370,9 @@ def adapt_cmd(
                                     help="what --gate thresholds: judge_miou or judge_thing_miou (gate.metric)"),
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
-    model_steps: int = typer.Option(QualitySettings.num_inference_steps, "--model-steps", min=1,
+    model_steps: int = typer.Option(DEMO_STEPS, "--model-steps", min=1,
                                     help="DDIM steps of the amgen run (the demo's)"),
-    guidance: float = typer.Option(QualitySettings.guidance_scale, "--guidance", min=0.0,
+    guidance: float = typer.Option(DEMO_GUIDANCE, "--guidance", min=0.0,
                                    help="classifier-free guidance of the amgen run (the demo's)"),
     per_layout: int = typer.Option(1, "--per-layout", min=1,
                                    help="amgen renderings per day layout, each with its own exemplar (exemplars.k)"),
@@ -409,7 +415,8 @@ def write_json(path: Path, obj) -> None:
 
 
 def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, batch_size: int = 16, seeds: int = 3,
-              workers: int = 2, model: str = "toy", model_steps: int = 4, guidance: float = 1.0, per_layout: int = 1,
+              workers: int = 2, model: str = "toy", model_steps: int = DEMO_STEPS, guidance: float = DEMO_GUIDANCE,
+              per_layout: int = 1,
               picture: Path | None = None, log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
               gate_thresholds: list[float] | None = None, gate_metric: str = "judge_miou") -> dict:
     """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
@@ -426,7 +433,7 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
     cfg = train or downstream_train_config(steps, 3000, 100, 0.02, batch_size)
     # A plateau run has its own folders: its checkpoints must not resume a fixed-step run's.
     seg_dir = work_dir / ("segmenters-plateau" if cfg.until_plateau else "segmenters")
-    run_name = amgen_run_dir(work_dir, model_steps, guidance, model, per_layout).name
+    run_name = Path(made["run_config"]["output"]["dir"]).name  # amgen_run_dir's: the model hashed once
     result = run_adaptation(data, cfg, list(range(seeds)), seg_dir, workers=workers, log=log, arms=arms,
                             amgen_tag=run_name.removeprefix("amgen_night"))
     if picture is not None:

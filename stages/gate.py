@@ -22,20 +22,22 @@ from typing import Any
 
 import numpy as np
 
+from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, THING_IDS
 from stages.score import Scorer
 
 GATE_ROW_COLUMNS = ("gate_score", "gate_metric", "gate_threshold", "gate_reason")
 METRICS = ("judge_miou", "judge_thing_miou")
 
 
+THING_TRAIN_IDS = np.array(sorted({int(ID_TO_TRAIN_ID[i]) for i in THING_IDS} - {IGNORE_TRAIN_ID}))
+
+
 def thing_miou(cm: np.ndarray) -> float:
     """Mean IoU over the thing classes that occur; the all-class mean where none does."""
-    from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, THING_IDS
     from evaluation.metrics import iou_per_class, mean_iou
 
-    iou = iou_per_class(cm)
-    things = [int(ID_TO_TRAIN_ID[i]) for i in sorted(THING_IDS) if ID_TO_TRAIN_ID[i] != IGNORE_TRAIN_ID]
-    present = iou[things][np.isfinite(iou[things])]
+    iou = iou_per_class(cm)[THING_TRAIN_IDS]
+    present = iou[np.isfinite(iou)]
     return float(present.mean()) if present.size else mean_iou(cm)
 
 
