@@ -10,7 +10,10 @@ of the judge's architecture, the same steps and settings for every arm, are trai
 - ``c_amgen``: (b) plus the amgen renderings;
 - ``d_fda`` / ``d_histogram`` / ``d_pda``: (b) plus the day images restyled by albumentations'
   FDA, HistogramMatching or PixelDistributionAdaptation, the bank images as references;
-- ``e_night_real``: the day scenes plus as many real labelled night scenes (an upper bound),
+- ``e_night_real``: the day scenes plus as many real labelled night scenes (an upper bound);
+- ``<amgen arm>+<d arm>`` (asked for by name, e.g. ``c_amgen_gate0.35+d_pda``): an amgen arm with
+  a baseline's restyled day images on top, the classical trick and amgen stacked as a user would,
+
 
 and scored (mIoU) on held-out night and day scenes. The caller passes every set in
 (:class:`AdaptationData`); this module only composes the arms, trains and scores.
@@ -52,10 +55,15 @@ def gated_arm(threshold: float, metric: str = "judge_miou") -> str:
     return f"c_amgen_gate{'_thing' if metric == 'judge_thing_miou' else ''}{threshold:g}"
 
 
-def arm_order(gated_arms: Sequence[str] = ()) -> tuple[str, ...]:
-    """Every arm in report order: the gated (c) arms right after (c)."""
-    at = ARMS.index("c_amgen") + 1
-    return ARMS[:at] + tuple(gated_arms) + ARMS[at:]
+def stacked_arm(amgen_arm: str, baseline_arm: str) -> str:
+    """The name of an amgen arm with a baseline's restyled day images added: c_amgen_gate0.35+d_pda."""
+    return f"{amgen_arm}+{baseline_arm}"
+
+
+def arm_order(gated_arms: Sequence[str] = (), stacked_arms: Sequence[str] = ()) -> tuple[str, ...]:
+    """Every arm in report order: the gated (c) arms right after (c), the stacked ones after the baselines."""
+    at, after_d = ARMS.index("c_amgen") + 1, ARMS.index("d_pda") + 1
+    return ARMS[:at] + tuple(gated_arms) + ARMS[at:after_d] + tuple(stacked_arms) + ARMS[after_d:]
 
 
 class SampleList:
@@ -153,7 +161,17 @@ def arm_parts(data: AdaptationData, baselines: dict[str, SampleList], only: Sequ
     for arm in BASELINES:
         parts[arm] = b + [baselines[arm]]
     parts["e_night_real"] = [data.day, data.night_real]
-    order = arm_order(list(data.amgen_gated))
+    stacked = [a for a in dict.fromkeys(only or ()) if "+" in a]
+    for arm in stacked:
+        amgen, _, baseline = arm.partition("+")
+        if not amgen.startswith("c_amgen") or amgen not in parts or baseline not in BASELINES:
+            raise ValueError(f"unknown stacked arm {arm!r}: expected <amgen arm>+<baseline arm>, such as "
+                             f"c_amgen+d_pda (amgen arms: {', '.join(['c_amgen', *data.amgen_gated])}; "
+                             f"baselines: {', '.join(BASELINES)})")
+        parts[arm] = parts[amgen] + [baselines[baseline]]
+    amgen_order, d_order = arm_order(list(data.amgen_gated)), list(BASELINES)
+    stacked.sort(key=lambda a: (amgen_order.index(a.partition("+")[0]), d_order.index(a.partition("+")[2])))
+    order = arm_order(list(data.amgen_gated), stacked)
     unknown = sorted(set(only or ()) - set(order))
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; the arms are {', '.join(order)}")
@@ -218,6 +236,10 @@ def _figures(night: dict[str, float], day: dict[str, float], arm: str) -> dict[s
         best_d = max(present, key=lambda a: night[a])
         out["best_baseline"] = best_d
         out["gain_vs_best_baseline"] = round(night[arm] - night[best_d], 2)
+    _, _, stacked_on = arm.partition("+")
+    if stacked_on in night:  # what amgen adds on top of the classical trick it is stacked on
+        out["gain_vs_own_baseline"] = round(night[arm] - night[stacked_on], 2)
+        out["day_drop_vs_own_baseline"] = round(day[stacked_on] - day[arm], 2)
     if "a_day" in night:
         out["day_drop"] = round(day["a_day"] - day[arm], 2)
     if "e_night_real" in night:
@@ -252,9 +274,10 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     if "c_amgen" in arms:
         figures = _figures(night, day, "c_amgen")
         out.update(figures, verdicts=_verdicts(figures))
-    gated = [a for a in arms if a.startswith("c_amgen_gate")]
-    if gated:
-        out["gated"] = {a: {**_figures(night, day, a), "verdicts": _verdicts(_figures(night, day, a))} for a in gated}
+    for key, mine in (("gated", [a for a in arms if a.startswith("c_amgen_gate") and "+" not in a]),
+                      ("stacked", [a for a in arms if "+" in a])):
+        if mine:
+            out[key] = {a: {**_figures(night, day, a), "verdicts": _verdicts(_figures(night, day, a))} for a in mine}
     return out
 
 

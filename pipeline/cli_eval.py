@@ -363,7 +363,8 @@ def adapt_cmd(
     plateau_min_improvement: float = typer.Option(0.02, "--plateau-min-improvement", min=0.0),
     batch_size: int = typer.Option(16, "--batch-size", min=1),
     seeds: int = typer.Option(3, "--seeds", min=1, help="segmenter seeds per arm (0..N-1)"),
-    arms: Optional[str] = typer.Option(None, "--arms", help="comma-separated arms to train (default: all)"),
+    arms: Optional[str] = typer.Option(None, "--arms", help="comma-separated arms to train (default: all); "
+                                       "<amgen arm>+<d arm>, such as c_amgen_gate0.35+d_pda, stacks a baseline on an amgen arm"),
     gate: List[float] = typer.Option([], "--gate", min=0.0, max=1.0,
                                      help="also arm (c) with the quality gate at this judge mIoU (repeatable)"),
     gate_metric: str = typer.Option("judge_miou", "--gate-metric",
@@ -399,8 +400,9 @@ def adapt_cmd(
 
     s = result["summary"]
     typer.echo(table(s))
-    for arm, f in [("c_amgen", s), *s.get("gated", {}).items()]:
+    for arm, f in [("c_amgen", s), *s.get("gated", {}).items(), *s.get("stacked", {}).items()]:
         names = {"gain_vs_b": "gain vs (b)", "gain_vs_best_baseline": "vs best baseline", "day_drop_vs_b": "day drop vs (b)",
+                 "gain_vs_own_baseline": "vs its own baseline", "day_drop_vs_own_baseline": "day drop vs it",
                  "day_drop": "day drop vs (a)", "gap_to_e": "gap to (e)"}
         parts = [f"{label} {f[k]:+.2f}" + (f" ({f['best_baseline']})" if k == "gain_vs_best_baseline" else "")
                  for k, label in names.items() if k in f]

@@ -83,6 +83,37 @@ def register(app: typer.Typer) -> None:
     for stage in STAGE_NAMES:
         train_app.command(stage)(make(stage))
 
+    @train_app.command("export-checkpoint")
+    def export_checkpoint_command(
+        stage: str = typer.Argument(..., help=f"the run's stage: {', '.join(STAGE_NAMES)}"),
+        config: Optional[str] = typer.Option(None, "--config", "-c", help="the run's training YAML (a path or a preset name)"),
+        overrides: List[str] = typer.Option([], "--set", help="the run's --set overrides"),
+        step: Optional[int] = typer.Option(None, "--step", min=1, help="checkpoint step (default: the latest)"),
+        out: Path = typer.Option(..., "--out", help="folder to write; the pipeline goes to OUT/pipeline"),
+    ) -> None:
+        """Export a checkpoint of a training run (finished, stopped or still going) as a pipeline folder,
+        the loss log up to it included: evaluate a run before it ends."""
+        from rich.console import Console
+
+        from pipeline.presets import resolve_config
+        from training.loop import checkpoint_at, export_checkpoint, make_task
+        from training.registry import load_train_config
+        from training.sources import training_data
+
+        console = Console()
+        _quiet_diffusers()
+        if stage not in STAGE_NAMES:
+            console.print(f"[red]error:[/red] unknown stage {stage!r}; expected one of {', '.join(STAGE_NAMES)}")
+            raise typer.Exit(2)
+        try:
+            cfg = load_train_config(stage, resolve_config(config) if config else None, overrides)
+            checkpoint = checkpoint_at(cfg.out_dir, step)
+            path = export_checkpoint(make_task(cfg, training_data(cfg.data)), checkpoint, out)
+        except (ValueError, FileNotFoundError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            raise typer.Exit(2)
+        console.print(f"exported {checkpoint} to {path}")
+
     @train_app.command("export")
     def export(
         pipeline_dir: Path = typer.Option(..., "--pipeline", help="stage-2 output (runs/toy_stage2/pipeline)"),

@@ -171,3 +171,30 @@ def test_picture_has_five_columns(adapt_run):
 
     pic = read_image(adapt_run["picture"])
     assert pic.shape[1] == 2 * (5 * 128 + 4 * 2)
+
+
+def test_a_baseline_stacks_on_an_amgen_arm():
+    from evaluation.adaptation import AdaptationData, SampleList, arm_parts, describe, summarize
+
+    pair = (np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8))
+    sets = {n: SampleList([pair] * k, name=n, domain=n) for n, k in
+            (("day", 4), ("bank", 2), ("amgen", 3), ("kept", 1), ("night_real", 1), ("test", 1))}
+    data = AdaptationData(day=sets["day"], bank=sets["bank"], amgen=sets["amgen"], night_real=sets["night_real"],
+                          night_test=sets["test"], day_test=sets["test"], amgen_gated={"c_amgen_gate0.3": sets["kept"]})
+    pda = SampleList([pair] * 4, name="pda", domain="restyled")
+    baselines = {"d_fda": pda, "d_histogram": pda, "d_pda": pda}
+    parts = arm_parts(data, baselines, ["d_pda", "c_amgen_gate0.3+d_pda", "c_amgen+d_pda"])
+    assert list(parts) == ["d_pda", "c_amgen+d_pda", "c_amgen_gate0.3+d_pda"]
+    assert [p["name"] for p in describe(parts["c_amgen_gate0.3+d_pda"])] == ["day", "bank", "kept", "pda"]
+    assert [p["name"] for p in describe(parts["c_amgen+d_pda"])] == ["day", "bank", "amgen", "pda"]
+    for bad in ("c_amgen_gate0.5+d_pda", "b_day_bank+d_pda", "c_amgen+d_nope"):
+        with pytest.raises(ValueError, match="unknown stacked arm"):
+            arm_parts(data, baselines, [bad])
+
+    def row(arm, night, day):
+        return {"arm": arm, "seed": 0, "night_miou": night, "day_miou": day, "night_iou_per_class": {}, "training": {}}
+
+    s = summarize([row("b_day_bank", 50, 70), row("d_pda", 55, 66), row("c_amgen_gate0.3+d_pda", 59, 65)])
+    f = s["stacked"]["c_amgen_gate0.3+d_pda"]
+    assert (f["gain_vs_own_baseline"], f["day_drop_vs_own_baseline"], f["gain_vs_best_baseline"]) == (4, 1, 4)
+    assert "gated" not in s

@@ -405,3 +405,29 @@ def test_restart_from_exported_weights_continues_the_curve(tmp_path):
                    "allow_random_vae=false", name="done")
     with pytest.raises(Exception, match="already logged 6 steps"):
         train_worker(_task(done))
+
+
+def test_a_checkpoint_exports_as_the_run_would_at_that_step(tmp_path):
+    from typer.testing import CliRunner
+
+    from amadapter.pipeline import AMAdapterPipeline
+    from pipeline.cli import app
+
+    sets = [*TINY, "allow_random_vae=true", "steps=4", "checkpoint_every=2", "lr=1e-3", f"out_dir={tmp_path / 'run'}"]
+    summary = train_worker(_task(load_train_config("stage1", None, sets)))
+
+    def export(step, out):
+        args = ["train", "export-checkpoint", "stage1", *sum((["--set", a] for a in sets), []), "--step", str(step), "--out", str(out)]
+        return CliRunner(env={"COLUMNS": "250"}).invoke(app, args)
+
+    hashes = {}
+    for step in (2, 4):
+        res = export(step, tmp_path / f"ck{step}")
+        assert res.exit_code == 0, res.output
+        pipe = AMAdapterPipeline.from_pretrained(tmp_path / f"ck{step}" / "pipeline")
+        hashes[step] = pipe.model_hash()
+        assert [r["step"] for r in read_loss_log(tmp_path / f"ck{step}" / "loss.jsonl")] == list(range(step))
+    assert hashes[4] == AMAdapterPipeline.from_pretrained(summary.export).model_hash()
+    assert hashes[2] != hashes[4]
+    res = export(3, tmp_path / "ck3")
+    assert res.exit_code == 2 and "no checkpoint of step 3" in res.output and "step-0000002" in res.output

@@ -297,6 +297,41 @@ def load_checkpoint(path: Path, module, optimizer, scheduler, scaler) -> int:
     return int(state["step"])
 
 
+def checkpoint_at(out_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint of ``step`` in ``out_dir`` (the latest if None); FileNotFoundError names what there is."""
+    root = _checkpoint_root(Path(out_dir))
+    path = latest_checkpoint(out_dir) if step is None else root / f"step-{step:07d}"
+    if path is None or not (path / "state.pt").is_file():
+        have = sorted(p.name for p in root.glob("step-???????")) if root.is_dir() else []
+        raise FileNotFoundError(f"{out_dir}: no checkpoint {'at all' if step is None else f'of step {step}'}"
+                                f" (checkpoints there: {', '.join(have) or 'none'})")
+    return path
+
+
+def export_checkpoint(task: Task, checkpoint: Path, out_dir: Path) -> Path:
+    """Export ``checkpoint`` (of ``task``'s run, which may still be going) as a finished run exports
+    its weights: ``task.export`` into ``out_dir``, with the run's loss log up to that step."""
+    module = task.build(torch.device("cpu"))
+    state = torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)
+    missing = _unwrap(module).load_state_dict(state["model"], strict=False)
+    if missing.unexpected_keys:
+        raise ValueError(f"{checkpoint}: checkpoint holds weights this model does not have: {missing.unexpected_keys[:5]}")
+    rows = []
+    for line in (Path(task.config.out_dir) / "loss.jsonl").read_text().splitlines() if \
+            (Path(task.config.out_dir) / "loss.jsonl").is_file() else []:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # the line a running job is writing right now
+            continue
+        if row["step"] < state["step"]:
+            rows.append(row)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "loss.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return task.export(module.eval(), out_dir)
+
+
 # ---------------------------------------------------------------------------------------------
 # loss log (JSONL, CSV) and plot
 
