@@ -9,6 +9,7 @@ an uninterrupted one would.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -193,6 +194,22 @@ def train_segmenter(
         torch.set_num_threads(threads_before)
 
 
+# An endless source is fingerprinted by its first samples.
+ENDLESS_PROBE = 64
+
+
+def data_fingerprint(source) -> str:
+    """sha256 of every sample's image and label (shape, dtype, bytes) in order, and the size: a
+    checkpoint remembers what it was trained on, so a rerun never resumes it on other data."""
+    h = hashlib.sha256(f"size={source.size}".encode())
+    for i in range(source.size if source.size is not None else ENDLESS_PROBE):
+        for a in source[i][:2]:
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.shape}{a.dtype}".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
 def _raises_the_cap(old: dict, new: dict, step: int) -> bool:
     """A plateau run asked to go on under a higher cap: its lr never depended on the cap and its
     batches are a function of (seed, step), so going on gives the bytes of one run at the new cap."""
@@ -207,6 +224,7 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     weight = class_weights(source, cfg, model.config.num_classes)
     ckpt_path = run_dir / "checkpoint.pt"
+    fingerprint = data_fingerprint(source)
     start = 0
     rule = cfg.plateau_rule()
     plateau = rule.start() if rule else None
@@ -215,6 +233,12 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
         raised = _raises_the_cap(state["train_config"], asdict(cfg), int(state["step"]))
         if state["train_config"] != asdict(cfg) and not raised:
             raise ValueError(f"{ckpt_path}: checkpoint was made with a different training config; use a new run dir")
+        made_on = state.get("data_fingerprint")
+        if made_on is None:
+            log(f"{ckpt_path}: made before checkpoints recorded their data; resumed unchecked")
+        elif made_on != fingerprint:
+            raise ValueError(f"{ckpt_path}: checkpoint was trained on other data (fingerprint {made_on[:12]}, "
+                             f"these data {fingerprint[:12]}); use a new run dir")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start = int(state["step"])
@@ -246,7 +270,7 @@ def _train(source, run_dir: Path, cfg: SegmenterTrainConfig, model_config, log) 
             if done % cfg.checkpoint_every == 0 or last:
                 tmp = ckpt_path.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                            "train_config": asdict(cfg), "plateau": plateau}, tmp)
+                            "train_config": asdict(cfg), "plateau": plateau, "data_fingerprint": fingerprint}, tmp)
                 tmp.replace(ckpt_path)
             if done % cfg.log_every == 0 or last:
                 rec = {"step": done, "loss": round(loss.item(), 5), "lr": lr, "elapsed_s": round(time.time() - t0, 1)}

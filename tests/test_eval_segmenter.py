@@ -183,12 +183,13 @@ def test_downstream_runs_both_arms(tmp_path):
     assert (tmp_path / "a" / "real_plus_synthetic" / "checkpoint.pt").exists()
 
     # The synthetic arm trained on the synthetic samples, the real arm never touched them; the
-    # reported draws are the reads the runs made (6 steps x 4 samples each).
+    # reported draws are the reads the runs made (6 steps x 4 samples each), besides one read of
+    # each sample per arm that trains on it for the checkpoint's data fingerprint.
     assert only["train_samples"] == {"real": 3, "synthetic": 0} and plus["train_samples"] == {"real": 3, "synthetic": 2}
     assert only["draws"] == {"real": 24, "synthetic": 0}
     assert plus["draws"]["synthetic"] > 0 and sum(plus["draws"].values()) == 24
-    assert synthetic.reads == plus["draws"]["synthetic"]
-    assert real.reads == only["draws"]["real"] + plus["draws"]["real"]
+    assert synthetic.reads == plus["draws"]["synthetic"] + synthetic.size
+    assert real.reads == only["draws"]["real"] + plus["draws"]["real"] + 2 * real.size
 
     # Both arms were scored on the same held-out pixels: those of the held-out labels.
     truth = sum(confusion_matrix(to_train_ids(lab), to_train_ids(lab)) for _, lab in heldout)

@@ -10,7 +10,7 @@ import amadapter
 from amadapter.bundled import toy_model_dir
 from amadapter.pipeline import AMAdapterPipeline
 
-TOY_HASH = "3bb92c86f4f6e23c91117a6898d11e84fec67d47989feabc04a4038bbdf11f9c"  # run manifests record it
+TOY_HASH = "4222a4013e711cbbce1a46f3fe96b8a0dface17ca5d64c1769f89170c0dfb6f6"  # run manifests record it
 COMPONENTS = ("unet", "vae", "scheduler", "structure_net", "matcher", "text_embeds")
 
 

@@ -74,3 +74,31 @@ def test_fixed_steps_still_run_exactly_their_steps(tmp_path):
     cfg = SegmenterTrainConfig(steps=5, batch_size=4, warmup_steps=2, checkpoint_every=2)
     model = train_segmenter(StripesSource(), tmp_path, cfg, model_config=TINY, log=lambda _: None)
     assert model.training_record == {"steps": 5, "stopped": "steps", "plateau_lr_drops_at": [], "final_ema_loss": None}
+
+
+class _Repainted:
+    """StripesSource with another road colour: same size, same labels, other images."""
+
+    size = StripesSource.size
+
+    def __getitem__(self, i):
+        img, label = StripesSource()[i]
+        return img.copy() + 1, label
+
+
+def test_a_checkpoint_is_never_resumed_on_other_data(tmp_path):
+    import torch
+
+    cfg = SegmenterTrainConfig(batch_size=4, warmup_steps=2, until_plateau=True, plateau_window=4,
+                               plateau_min_improvement=0.0, plateau_lr_drops=1, max_steps=12, checkpoint_every=5)
+    low = SegmenterTrainConfig(**{**cfg.__dict__, "max_steps": 5})
+    train_segmenter(StripesSource(), tmp_path / "run", low, model_config=TINY, log=lambda _: None)
+    with pytest.raises(ValueError, match="trained on other data"):
+        train_segmenter(_Repainted(), tmp_path / "run", cfg, model_config=TINY, log=lambda _: None)
+    # the same data go on; a checkpoint from before fingerprints goes on unchecked, and says so
+    said = []
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    del state["data_fingerprint"]
+    torch.save(state, tmp_path / "run" / "checkpoint.pt")
+    model = train_segmenter(_Repainted(), tmp_path / "run", cfg, model_config=TINY, log=said.append)
+    assert model.training_record["steps"] > 5 and any("resumed unchecked" in line for line in said)
