@@ -14,7 +14,6 @@ of the judge's architecture, the same steps and settings for every arm, are trai
 - ``<amgen arm>+<d arm>`` (asked for by name, e.g. ``c_amgen_gate0.35+d_pda``): an amgen arm with
   a baseline's restyled day images on top, the classical trick and amgen stacked as a user would,
 
-
 and scored (mIoU) on held-out night and day scenes. The caller passes every set in
 (:class:`AdaptationData`); this module only composes the arms, trains and scores.
 """
@@ -53,11 +52,6 @@ def gated_arm(threshold: float, metric: str = "judge_miou") -> str:
     """The name of arm (c) with the quality gate at ``threshold`` (0..1) of ``metric``
     (stages.gate.METRICS): c_amgen_gate0.3, c_amgen_gate_thing0.3."""
     return f"c_amgen_gate{'_thing' if metric == 'judge_thing_miou' else ''}{threshold:g}"
-
-
-def stacked_arm(amgen_arm: str, baseline_arm: str) -> str:
-    """The name of an amgen arm with a baseline's restyled day images added: c_amgen_gate0.35+d_pda."""
-    return f"{amgen_arm}+{baseline_arm}"
 
 
 def arm_order(gated_arms: Sequence[str] = (), stacked_arms: Sequence[str] = ()) -> tuple[str, ...]:
@@ -161,17 +155,16 @@ def arm_parts(data: AdaptationData, baselines: dict[str, SampleList], only: Sequ
     for arm in BASELINES:
         parts[arm] = b + [baselines[arm]]
     parts["e_night_real"] = [data.day, data.night_real]
-    stacked = [a for a in dict.fromkeys(only or ()) if "+" in a]
-    for arm in stacked:
-        amgen, _, baseline = arm.partition("+")
+    stacked = {arm: arm.partition("+")[::2] for arm in dict.fromkeys(only or ()) if "+" in arm}
+    for arm, (amgen, baseline) in stacked.items():
         if not amgen.startswith("c_amgen") or amgen not in parts or baseline not in BASELINES:
             raise ValueError(f"unknown stacked arm {arm!r}: expected <amgen arm>+<baseline arm>, such as "
                              f"c_amgen+d_pda (amgen arms: {', '.join(['c_amgen', *data.amgen_gated])}; "
                              f"baselines: {', '.join(BASELINES)})")
         parts[arm] = parts[amgen] + [baselines[baseline]]
     amgen_order, d_order = arm_order(list(data.amgen_gated)), list(BASELINES)
-    stacked.sort(key=lambda a: (amgen_order.index(a.partition("+")[0]), d_order.index(a.partition("+")[2])))
-    order = arm_order(list(data.amgen_gated), stacked)
+    order = arm_order(list(data.amgen_gated), sorted(
+        stacked, key=lambda a: (amgen_order.index(stacked[a][0]), d_order.index(stacked[a][1]))))
     unknown = sorted(set(only or ()) - set(order))
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; the arms are {', '.join(order)}")

@@ -13,11 +13,11 @@ from typing import Callable, List, Optional
 import typer
 
 from evaluation.quality import QUALITY_SEED, QualitySettings
+from evaluation.runner import DEFAULT_MODEL_DIR, RANDOM_TOY
+from evaluation.segmenter import DEFAULT_DIR as SEGMENTER_DIR
 
 # the amgen run of `eval adapt` samples as the demo does (configs/toytown_demo.yaml)
 DEMO_STEPS, DEMO_GUIDANCE = QualitySettings.num_inference_steps, QualitySettings.guidance_scale
-from evaluation.runner import DEFAULT_MODEL_DIR, RANDOM_TOY
-from evaluation.segmenter import DEFAULT_DIR as SEGMENTER_DIR
 
 eval_app = typer.Typer(no_args_is_help=True, help="Quality benchmark and downstream tests on toy-town ground truth.")
 

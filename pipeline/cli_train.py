@@ -15,24 +15,28 @@ def _quiet_diffusers() -> None:
     dlog.set_verbosity_error()
 
 
+def _config_and_data(stage: str, config: Optional[str], overrides: List[str], workers: Optional[int] = None):
+    """The run's validated config (``config``: a path or a preset name) and the data it names."""
+    from pipeline.presets import resolve_config
+    from training.registry import load_train_config
+    from training.sources import training_data
+
+    cfg = load_train_config(stage, resolve_config(config) if config is not None else None, overrides,
+                            num_workers=workers)
+    return cfg, training_data(cfg.data)
+
+
 def _train(stage: str, config: Optional[str], overrides: List[str], resume: bool, workers: Optional[int]) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
     from rich.table import Table
 
     from training.loop import run_training
-    from training.registry import load_train_config
-    from training.sources import training_data
 
     console = Console()
     _quiet_diffusers()
     try:
-        if config is not None:
-            from pipeline.presets import resolve_config
-
-            config = resolve_config(config)
-        cfg = load_train_config(stage, config, overrides, num_workers=workers)
-        data = training_data(cfg.data)
+        cfg, data = _config_and_data(stage, config, overrides, workers)
     except (ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2)
@@ -95,10 +99,7 @@ def register(app: typer.Typer) -> None:
         the loss log up to it included: evaluate a run before it ends."""
         from rich.console import Console
 
-        from pipeline.presets import resolve_config
         from training.loop import checkpoint_at, export_checkpoint, make_task
-        from training.registry import load_train_config
-        from training.sources import training_data
 
         console = Console()
         _quiet_diffusers()
@@ -106,9 +107,9 @@ def register(app: typer.Typer) -> None:
             console.print(f"[red]error:[/red] unknown stage {stage!r}; expected one of {', '.join(STAGE_NAMES)}")
             raise typer.Exit(2)
         try:
-            cfg = load_train_config(stage, resolve_config(config) if config else None, overrides)
+            cfg, data = _config_and_data(stage, config, overrides)
             checkpoint = checkpoint_at(cfg.out_dir, step)
-            path = export_checkpoint(make_task(cfg, training_data(cfg.data)), checkpoint, out)
+            path = export_checkpoint(make_task(cfg, data), checkpoint, out)
         except (ValueError, FileNotFoundError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(2)

@@ -431,3 +431,12 @@ def test_a_checkpoint_exports_as_the_run_would_at_that_step(tmp_path):
     assert hashes[2] != hashes[4]
     res = export(3, tmp_path / "ck3")
     assert res.exit_code == 2 and "no checkpoint of step 3" in res.output and "step-0000002" in res.output
+
+
+def test_a_torn_last_loss_line_is_left_out(tmp_path):
+    log = tmp_path / "loss.jsonl"
+    log.write_text('{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 0.9}\n{"step": 2, "lo')
+    assert [r["step"] for r in read_loss_log(log)] == [0, 1]
+    log.write_text('{"step": 0, "lo\n{"step": 1, "loss": 0.9}\n')  # torn anywhere else: the log is damaged
+    with pytest.raises(json.JSONDecodeError):
+        read_loss_log(log)

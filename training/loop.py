@@ -284,11 +284,17 @@ def save_checkpoint(out_dir: Path, step: int, module, prefixes, optimizer, sched
     return final
 
 
-def load_checkpoint(path: Path, module, optimizer, scheduler, scaler) -> int:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+def _load_trained_weights(path: Path, module) -> dict[str, Any]:
+    """The checkpoint's state, its trained weights loaded into ``module`` (frozen parts are rebuilt)."""
+    state = torch.load(Path(path) / "state.pt", map_location="cpu", weights_only=False)
     missing = _unwrap(module).load_state_dict(state["model"], strict=False)
     if missing.unexpected_keys:
         raise ValueError(f"{path}: checkpoint holds weights this model does not have: {missing.unexpected_keys[:5]}")
+    return state
+
+
+def load_checkpoint(path: Path, module, optimizer, scheduler, scaler) -> int:
+    state = _load_trained_weights(path, module)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
@@ -312,19 +318,8 @@ def export_checkpoint(task: Task, checkpoint: Path, out_dir: Path) -> Path:
     """Export ``checkpoint`` (of ``task``'s run, which may still be going) as a finished run exports
     its weights: ``task.export`` into ``out_dir``, with the run's loss log up to that step."""
     module = task.build(torch.device("cpu"))
-    state = torch.load(Path(checkpoint) / "state.pt", map_location="cpu", weights_only=False)
-    missing = _unwrap(module).load_state_dict(state["model"], strict=False)
-    if missing.unexpected_keys:
-        raise ValueError(f"{checkpoint}: checkpoint holds weights this model does not have: {missing.unexpected_keys[:5]}")
-    rows = []
-    for line in (Path(task.config.out_dir) / "loss.jsonl").read_text().splitlines() if \
-            (Path(task.config.out_dir) / "loss.jsonl").is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # the line a running job is writing right now
-            continue
-        if row["step"] < state["step"]:
-            rows.append(row)
+    state = _load_trained_weights(checkpoint, module)
+    rows = [r for r in read_loss_log(Path(task.config.out_dir) / "loss.jsonl") if r["step"] < state["step"]]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "loss.jsonl", "w") as f:
@@ -362,10 +357,17 @@ class LossLog:
 
 
 def read_loss_log(path: str | Path) -> list[dict[str, Any]]:
+    """The logged rows; a torn last line (a run writing it now, or killed while it did) is left out."""
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in lines[:-1]]
+    try:
+        rows += [json.loads(line) for line in lines[-1:]]
+    except json.JSONDecodeError:
+        pass
+    return rows
 
 
 _NOT_CURVES = ("step", "lr", "dropped", "granularity")
