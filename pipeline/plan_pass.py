@@ -28,9 +28,11 @@ from pipeline.cluster import RETRIEVE_CPUS, actor_pool, retrieve_pool_size
 from pipeline.config import RunConfig
 from pipeline.console import NullProgress, Reporter
 from pipeline.plan import Plan, first_increment, make_plan
+from stages.failures import PLAN_CRASH_ENV, CrashPoint
 from stages.read import batch_rows, item_json, list_items, source_from_config, source_spec
 
 PLAN_BATCH = 32
+PLAN_RETRIES = 2
 
 
 def collect(ds, total: int, label: str, rep: Reporter | None) -> list[dict[str, Any]]:
@@ -214,6 +216,7 @@ def _plan_task(cfg: RunConfig, cfg_hash: str, index_dir: str, out: str | None, b
     known = None if base is None else planned_target_ids(base)
     items = plan_items(cfg, known)
     yield items.inline(cfg)
+    CrashPoint(env=PLAN_CRASH_ENV).batch()  # test hook (stages/failures.py); a no-op unless set
     plan = compute_plan(cfg, cfg_hash, index_dir, timings, known=known, items=items)
     if plan is None:
         yield None, timings
@@ -248,7 +251,9 @@ def plan_on_worker(cfg: RunConfig, cfg_hash: str, index_dir: str, out: str | Non
     if rep:
         rep.info("looking for new targets (an increment)" if base is not None else
                  "planning on a worker: exemplar index, then read, augment, embed, retrieve")
-    task = ray.remote(num_cpus=0, max_retries=0, num_returns="streaming")(_plan_task)
+    # A worker that dies (a system failure, not an error of the pass) is replaced and the pass
+    # rerun: it is deterministic and writes its files whole, and Ray replays the two values.
+    task = ray.remote(num_cpus=0, max_retries=PLAN_RETRIES, num_returns="streaming")(_plan_task)
     answers = task.remote(cfg, cfg_hash, index_dir, out, base)
     if ray.get(next(answers)) and while_inline is not None:
         while_inline()

@@ -20,6 +20,9 @@ from amgen_core.quarantine import DEVICE, OOM, SAMPLE, InfrastructureError, fail
 # Test hook: "N:MARKER" makes a model actor's process exit on its Nth batch, once per MARKER file
 # (the restarted actor finds the marker and goes on). tests/test_failures.py kills an actor with it.
 CRASH_ENV = "AMGEN_CRASH_ACTOR_AT_BATCH"
+# The same for the plan task (pipeline/plan_pass.py): "1:MARKER" ends its process once, after it
+# has yielded its first value, so the retry replays a generator the driver has begun to read.
+PLAN_CRASH_ENV = "AMGEN_CRASH_PLAN_TASK"
 EXIT_CODE = 75  # what a killed actor's worker log shows
 
 
@@ -67,13 +70,14 @@ def exit_actor(why: str) -> None:
 class CrashPoint:
     """The ``CRASH_ENV`` test hook of one actor: counts its batches and exits on the Nth."""
 
-    def __init__(self, spec: str | None = None):
-        spec = os.environ.get(CRASH_ENV, "") if spec is None else spec
+    def __init__(self, spec: str | None = None, env: str = CRASH_ENV):
+        spec = os.environ.get(env, "") if spec is None else spec
+        self.env = env
         self.at, self.marker = 0, ""
         if spec:
             n, _, marker = spec.partition(":")
             if not n.isdigit() or not marker:
-                raise ValueError(f"{CRASH_ENV}={spec!r}: expected N:MARKER_FILE")
+                raise ValueError(f"{env}={spec!r}: expected N:MARKER_FILE")
             self.at, self.marker = int(n), marker
         self.batches = 0
 
@@ -84,4 +88,4 @@ class CrashPoint:
                 os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
             except FileExistsError:
                 return  # this crash already happened (we are the restarted actor)
-            exit_actor(f"{CRASH_ENV}: batch {self.batches}")
+            exit_actor(f"{self.env}: batch {self.batches}")

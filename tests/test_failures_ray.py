@@ -1,5 +1,5 @@
 """Through a local Ray: a synthesis actor whose process dies mid-run is restarted and its batch
-retried, and the run ends with every sample and the bytes of a clean run; retrieval and scoring
+retried, a plan task whose process dies is rerun, and the run ends with every sample and the bytes of a clean run; retrieval and scoring
 pools of up to two actors give the bytes of one; a local Ray gets the GPUs a config asks for."""
 from __future__ import annotations
 
@@ -16,16 +16,17 @@ N_TARGETS = 8
 def world(tmp_path_factory):
     import ray
 
-    from stages.failures import CRASH_ENV
+    from stages.failures import CRASH_ENV, PLAN_CRASH_ENV
 
     base = tmp_path_factory.mktemp("failures")
-    marker = base / "synthesizer-crashed"
-    # Every worker of this Ray sees the hook: the model actor's process exits on its 2nd batch, once.
+    marker, plan_marker = base / "synthesizer-crashed", base / "plan-task-crashed"
+    # Every worker of this Ray sees the hooks: the model actor's process exits on its 2nd batch,
+    # and the first plan task's process midway, each once.
     ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             runtime_env={"env_vars": {CRASH_ENV: f"2:{marker}"}})
+             runtime_env={"env_vars": {CRASH_ENV: f"2:{marker}", PLAN_CRASH_ENV: f"1:{plan_marker}"}})
     try:
         yield {"base": base, "tree": make_toytown(base / "toy", N_TARGETS), "model": tiny_model_dir(base / "model"),
-               "marker": marker}
+               "marker": marker, "plan_marker": plan_marker}
     finally:
         ray.shutdown()
 
@@ -37,9 +38,10 @@ def run(world, out, **sections):
     return run_pipeline(config_from_dict(tree, where=str(world["base"] / "cfg.yaml")))
 
 
-def test_a_killed_synthesis_actor_is_restarted_and_the_run_gives_the_clean_bytes(world):
+def test_a_killed_synthesis_actor_and_plan_task_are_restarted_and_the_run_gives_the_clean_bytes(world):
     killed = run(world, world["base"] / "killed")
     assert world["marker"].exists(), "the actor's process was ended on its 2nd batch"
+    assert world["plan_marker"].exists(), "the plan task's process was ended, and the task rerun"
     assert (killed.synthesized, killed.written, killed.quarantined) == (N_TARGETS, N_TARGETS, 0)
     assert killed.shards_written == killed.shards == 2
     clean = run(world, world["base"] / "clean")  # the marker exists: no actor dies this time
