@@ -18,10 +18,11 @@ TOY_MODEL = toy_model_dir()
 
 # The judge: 70.6% on 500 held-out scenes, 71.4% on the first 32 of them.
 JUDGE_FLOOR = 65.0
-# The bundled toy model (hash 4222a401), am_adapter mode, on the first 32 held-out benchmark triples
+# The bundled toy model (hash d3282827), am_adapter mode, on the first 32 held-out benchmark triples
 # at the demo's sampling (2 DDIM steps, guidance 1.0), with the triples' vehicle mapping. Measured:
-# mIoU 43.90%, class ΔE00 8.55, controllability 0.321; 3bb92c86 gave 43.21%, 8.91, 0.321,
-# e603c73d (4 steps) 39.49%, 9.29, 0.286, and 012020a7 about 20% and 14-18 ΔE00.
+# mIoU 44.80%, class ΔE00 8.64, controllability 0.357; 4222a401 gave 43.90%, 8.55, 0.321,
+# 3bb92c86 43.21%, 8.91, 0.321, e603c73d (4 steps) 39.49%, 9.29, 0.286, and 012020a7 about 20%
+# and 14-18 ΔE00.
 # The floors leave a margin for the small sample. Controllability here is near chance (most
 # exemplars offer 2-3 vehicles), so its floor only catches a collapse below it.
 # docs/quality.md has the full benchmark (200 triples).

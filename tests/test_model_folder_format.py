@@ -10,7 +10,7 @@ import amadapter
 from amadapter.bundled import toy_model_dir
 from amadapter.pipeline import AMAdapterPipeline
 
-TOY_HASH = "4222a4013e711cbbce1a46f3fe96b8a0dface17ca5d64c1769f89170c0dfb6f6"  # run manifests record it
+TOY_HASH = "d3282827261a45ba04c6edbfbabfe0adf7c39108167356e0790c29a8d36233b7"  # run manifests record it
 COMPONENTS = ("unet", "vae", "scheduler", "structure_net", "matcher", "text_embeds")
 
 

@@ -1,6 +1,6 @@
 """The pipeline replays tests/fixtures/pipeline_reference.npz: outputs recorded before the
 DiffusionPipeline port (tiny model seed 0; four modes, 3 steps) and of the bundled toy model
-(re-recorded when its weights changed, last to hash 4222a401, with `--toy-only`).
+(re-recorded when its weights changed, last to hash d3282827, with `--toy-only`).
 Exemplar reuse, batching, the new loaders and the inversion must not move a single bit.
 
 The am_adapter cases are replayed to float tolerance: the adapter's fast path (channels-last
