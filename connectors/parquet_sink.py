@@ -47,6 +47,9 @@ SHARD_RE = re.compile(r"^train-(\d{5})(?:-of-(\d{5}))?\.parquet$")  # [1] index,
 SCORE_PREFIX = "score_"
 MAX_ROW_GROUP = 100  # HF guidance for image datasets: small row groups keep random access cheap
 IMAGE_COLUMNS = ("image", "label", "instance")
+# Optional: ``label`` with the pixels the quality gate's judge reads as another class set to 0
+# (unlabeled, trainId 255: ignored in training); written with gate.label_trusted (stages/gate.py).
+TRUSTED_LABEL = "label_trusted"
 REQUIRED_COLUMNS = ("sample_id", "target_id", "exemplar_id", "image", "label", "seed", "augment",
                     "model", "config_hash")
 _PARQUET_OPTIONS = dict(compression="zstd", compression_level=3, version="2.6",
@@ -59,24 +62,28 @@ class SinkError(ValueError):
 
 # ---------------------------------------------------------------- schema
 
-def sample_features(score_columns: Sequence[str] = ()) -> Features:
-    """The HF features of a sample row; score columns are float64 and must start with ``score_``."""
+def sample_features(optional_columns: Sequence[str] = ()) -> Features:
+    """The HF features of a sample row. Optional columns: scores (float64, named ``score_*``) and
+    ``label_trusted`` (an Image, after the required columns)."""
     feats = {
         "sample_id": Value("string"), "target_id": Value("string"), "exemplar_id": Value("string"),
         "image": Image(), "label": Image(), "instance": Image(),
         "seed": Value("int64"), "augment": Value("string"), "model": Value("string"),
         "config_hash": Value("string"),
     }
-    for name in score_columns:
-        if not name.startswith(SCORE_PREFIX) or name in feats:
-            raise SinkError(f"score column {name!r} must start with {SCORE_PREFIX!r}")
-        feats[name] = Value("float64")
+    for name in optional_columns:
+        if name == TRUSTED_LABEL:
+            feats[name] = Image()
+        elif not name.startswith(SCORE_PREFIX) or name in feats:
+            raise SinkError(f"optional column {name!r}: expected {TRUSTED_LABEL!r} or a score named {SCORE_PREFIX}*")
+        else:
+            feats[name] = Value("float64")
     return Features(feats)
 
 
-def sample_schema(score_columns: Sequence[str] = ()) -> pa.Schema:
+def sample_schema(optional_columns: Sequence[str] = ()) -> pa.Schema:
     """Arrow schema with the b"huggingface" metadata that makes ``datasets`` decode Image columns."""
-    return sample_features(score_columns).arrow_schema
+    return sample_features(optional_columns).arrow_schema
 
 
 SAMPLE_SCHEMA = sample_schema()
@@ -175,33 +182,34 @@ def _augment_json(value, where: str) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _encode_row(row: Mapping[str, Any], score_columns: Sequence[str], pixels: np.ndarray) -> dict[str, Any]:
+def _encode_row(row: Mapping[str, Any], optional_columns: Sequence[str], pixels: np.ndarray) -> dict[str, Any]:
     sid = row.get("sample_id")
     where = f"sample {sid}"
     missing = [k for k in REQUIRED_COLUMNS if k not in row]
-    unknown = [k for k in row if k not in REQUIRED_COLUMNS and k != "instance" and k not in score_columns]
+    unknown = [k for k in row if k not in REQUIRED_COLUMNS and k != "instance" and k not in optional_columns]
     if missing or unknown:
         raise SinkError(f"{where}: missing columns {missing}, unexpected columns {unknown}"
-                        f" (score columns of this run: {list(score_columns)})")
+                        f" (optional columns of this run: {list(optional_columns)})")
     out: dict[str, Any] = {k: str(row[k]) for k in ("sample_id", "target_id", "exemplar_id", "model", "config_hash")}
     for col in ("image", "label"):
         if row[col] is None:
             raise SinkError(f"{where}: {col} is None")
     sizes = {}
-    for col in IMAGE_COLUMNS:
-        cell, arr, size = _image_cell(row.get(col), f"{where} {col}", col)
+    for col in (*IMAGE_COLUMNS, *(c for c in optional_columns if c == TRUSTED_LABEL)):
+        cell, arr, size = _image_cell(row.get(col), f"{where} {col}", "label" if col == TRUSTED_LABEL else col)
         out[col] = None if cell is None else {"bytes": cell["bytes"], "path": f"{sid}_{col}.png"}
         if size is not None:
             sizes[col] = tuple(size)
         if col == "label":
             pixels += _label_pixels(arr)
     if len(set(sizes.values())) > 1:
-        raise SizeMismatchError(f"{where}: image/label/instance sizes differ {sizes}")
+        raise SizeMismatchError(f"{where}: image/label/instance/{TRUSTED_LABEL} sizes differ {sizes}")
     out["seed"] = int(row["seed"])
     out["augment"] = _augment_json(row["augment"], where)
-    for name in score_columns:
-        v = row.get(name)
-        out[name] = None if v is None else float(v)
+    for name in optional_columns:
+        if name != TRUSTED_LABEL:
+            v = row.get(name)
+            out[name] = None if v is None else float(v)
     return out
 
 
@@ -250,29 +258,29 @@ def _write_parquet_atomic(table: pa.Table, path: Path | RemotePath, row_group_si
 
 
 def write_shard(rows: Iterable[Mapping[str, Any]], out_dir: str | os.PathLike, index: int, total: int | None,
-                row_group_size: int = MAX_ROW_GROUP, score_columns: Sequence[str] = ()) -> ShardStats:
+                row_group_size: int = MAX_ROW_GROUP, optional_columns: Sequence[str] = ()) -> ShardStats:
     """Write ``rows`` as shard ``index`` of ``total``; returns its stats. Rows are sorted by sample_id.
 
-    A row holds the columns of ``sample_schema(score_columns)``; image/label/instance may be arrays
+    A row holds the columns of ``sample_schema(optional_columns)``; image/label/instance may be arrays
     (HxWx3 uint8, HxW uint8 ids, HxW int instance ids), PNG bytes or HF Image structs; ``augment``
-    a dict or a JSON string; ``instance`` and scores may be missing or None. Every run must pass the
-    same ``score_columns`` to every shard so all shards share one schema.
+    a dict or a JSON string; ``instance``, ``label_trusted`` and scores may be missing or None. Every run must pass the
+    same ``optional_columns`` to every shard so all shards share one schema.
     """
     t0 = time.perf_counter()
     if index < 0 or (total is not None and index >= total):
         raise SinkError(f"shard index {index} outside 0..{(total or 0) - 1}")
     if not 1 <= row_group_size <= MAX_ROW_GROUP:
         raise SinkError(f"row_group_size must be in 1..{MAX_ROW_GROUP}, got {row_group_size}")
-    schema = sample_schema(score_columns)
+    schema = sample_schema(optional_columns)
     pixels = np.zeros(NUM_IDS, np.int64)
-    encoded = sorted((_encode_row(r, score_columns, pixels) for r in rows), key=lambda r: r["sample_id"])
+    encoded = sorted((_encode_row(r, optional_columns, pixels) for r in rows), key=lambda r: r["sample_id"])
     ids = [r["sample_id"] for r in encoded]
     if len(set(ids)) != len(ids):
         dup = sorted({i for i in ids if ids.count(i) > 1})
         raise SinkError(f"shard {index}: duplicate sample_id(s) {dup[:5]}")
     table = pa.Table.from_pylist(encoded, schema=schema)
     path = shard_path(out_dir, index, total)
-    stats_cols = [n for n in schema.names if n not in IMAGE_COLUMNS]
+    stats_cols = [n for n in schema.names if n not in (*IMAGE_COLUMNS, TRUSTED_LABEL)]
     size, sha = _write_parquet_atomic(table, path, row_group_size, stats_cols)
     row_groups = -(-len(encoded) // row_group_size)  # what the writer cut: full groups, then the rest
     return ShardStats(name=f"{DATA_DIR}/{path.name}", index=index, total=total or 0, rows=len(encoded),
@@ -335,7 +343,7 @@ class DatasetCardInfo:
     num_samples: int
     num_shards: int
     num_errors: int = 0
-    score_columns: Sequence[str] = ()
+    optional_columns: Sequence[str] = ()
     model: str = ""
     config_hash: str = ""
     sources: Sequence[str] = ()
@@ -362,7 +370,7 @@ def _card_yaml(info: DatasetCardInfo) -> str:
         configs=[{"config_name": "default",
                   "data_files": [{"split": "train", "path": f"{DATA_DIR}/train-*"}]}],
     )
-    infos = DatasetInfosDict({"default": DatasetInfo(features=sample_features(info.score_columns))})
+    infos = DatasetInfosDict({"default": DatasetInfo(features=sample_features(info.optional_columns))})
     infos.to_dataset_card_data(card)
     return card.to_yaml()
 
@@ -387,7 +395,10 @@ def write_dataset_card(out_dir: str | os.PathLike, info: DatasetCardInfo | Mappi
         if unknown:
             raise SinkError(f"dataset card info: unknown keys {unknown} (see DatasetCardInfo)")
         info = DatasetCardInfo(**info)
-    scores = ", ".join(f"`{s}`" for s in info.score_columns) or "none"
+    scores = ", ".join(f"`{s}`" for s in info.optional_columns if s != TRUSTED_LABEL) or "none"
+    trusted = ([f"- `{TRUSTED_LABEL}`: `label` with the pixels the quality gate's judge segments as another class set "
+                "to 0 (unlabeled: trainId 255, ignored in training). Train on it rather than on `label` to leave out "
+                "what the rendering failed to draw."] if TRUSTED_LABEL in info.optional_columns else [])
     body = [
         f"# {info.pretty_name}", "",
         "Semantic segmentation pairs synthesized by amgen with AM-Adapter: each "
@@ -402,6 +413,7 @@ def write_dataset_card(out_dir: str | os.PathLike, info: DatasetCardInfo | Mappi
         "## Columns", "",
         "- `image`: the synthesized RGB image (PNG).",
         "- `label`: uint8 PNG of Cityscapes label *ids* (0..33, not trainIds), the target layout after augmentation.",
+        *trusted,
         "- `instance`: uint16 PNG, `id*1000+k` for things and the plain id for stuff, or null.",
         "- `sample_id`, `target_id`, `exemplar_id`, `seed`: provenance; `sample_id` hashes the other three and `augment`.",
         "- `augment`: the applied augmentation as JSON; `model`, `config_hash`: what produced the sample.", "",

@@ -24,7 +24,8 @@ ID_COLUMNS = ("sample_id", "layout_id", "id")
 _SCALAR = (str, int, float, bool, type(None))
 
 
-def _parquet_files(path: Path) -> list[Path]:
+def parquet_files(path: Path) -> list[Path]:
+    """The Parquet files of a file, an amgen output folder (its data/) or a folder of shards."""
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -45,7 +46,7 @@ class ParquetSource(LayoutSource):
 
     def __init__(self, path_or_dir: str | os.PathLike, *, split: str = "train", image_column: str = "image",
                  label_column: str = "label", instance_column: str = "instance", name: str = "parquet"):
-        self.files = _parquet_files(Path(path_or_dir))
+        self.files = parquet_files(Path(path_or_dir))
         self.split, self.name = split, name
         self.image_column, self.label_column, self.instance_column = image_column, label_column, instance_column
         self._cache: tuple[tuple[str, int], pa.Table] | None = None

@@ -32,7 +32,7 @@ from amgen_core.image_io import CorruptImageError, decode_image_bytes
 from connectors.filtered_sink import FILTERED_DIR, FILTERED_SCHEMA, REASONS
 from connectors.parquet_sink import (
     CARD_NAME, DATA_DIR, ERROR_SCHEMA, ERRORS_DIR, IMAGE_COLUMNS, MANIFEST_NAME, MAX_ROW_GROUP, SAMPLE_SCHEMA,
-    SCORE_PREFIX, SHARD_RE, file_sha256, shard_name,
+    SCORE_PREFIX, SHARD_RE, TRUSTED_LABEL, file_sha256, shard_name,
 )
 
 MAX_ROW_PROBLEMS_PER_SHARD = 20
@@ -154,11 +154,13 @@ class _Check:
                 self.problems.append(f"{name}: column {f.name!r} is {schema.field(f.name).type}, expected {f.type}")
                 ok = False
         for n in schema.names:
-            if n not in SAMPLE_SCHEMA.names and not (n.startswith(SCORE_PREFIX) and pa.types.is_floating(schema.field(n).type)):
+            optional = ((n.startswith(SCORE_PREFIX) and pa.types.is_floating(schema.field(n).type))
+                        or (n == TRUSTED_LABEL and schema.field(n).type.equals(SAMPLE_SCHEMA.field("label").type)))
+            if n not in SAMPLE_SCHEMA.names and not optional:
                 self.problems.append(f"{name}: unexpected column {n!r} ({schema.field(n).type})")
         try:
             feats = Features.from_arrow_schema(schema)
-            not_images = [c for c in IMAGE_COLUMNS if c in feats and not isinstance(feats[c], Image)]
+            not_images = [c for c in (*IMAGE_COLUMNS, TRUSTED_LABEL) if c in feats and not isinstance(feats[c], Image)]
             if not schema.metadata or b"huggingface" not in schema.metadata or not_images:
                 self.problems.append(f"{name}: no HF features metadata decoding {list(IMAGE_COLUMNS)} as Image")
         except (ValueError, TypeError, KeyError) as e:
@@ -200,10 +202,19 @@ class _Check:
                     bad.append(f"{where}: instance {inst.shape} does not match label {label.shape}")
             except CorruptImageError as e:
                 bad.append(str(e))
+        if rec.get(TRUSTED_LABEL) is not None and label is not None:
+            try:
+                trusted = decode_image_bytes(rec[TRUSTED_LABEL].get("bytes"), f"{where} {TRUSTED_LABEL}", "label")
+                if trusted.shape != label.shape:
+                    bad.append(f"{where}: {TRUSTED_LABEL} {trusted.shape} does not match label {label.shape}")
+                elif np.any((trusted != label) & (trusted != 0)):
+                    bad.append(f"{where}: {TRUSTED_LABEL} has ids that are neither the label's nor 0 (unlabeled)")
+            except CorruptImageError as e:
+                bad.append(str(e))
         return bad
 
     def rows(self, name: str, pf: pq.ParquetFile, seen: dict[str, str]) -> None:
-        cols = [c for c in ("sample_id", *IMAGE_COLUMNS) if c in pf.schema_arrow.names]
+        cols = [c for c in ("sample_id", *IMAGE_COLUMNS, TRUSTED_LABEL) if c in pf.schema_arrow.names]
         row_problems: list[str] = []
         i = 0
         for batch in pf.iter_batches(columns=cols, batch_size=MAX_ROW_GROUP):

@@ -48,10 +48,11 @@ BASELINES = {"d_fda": "FDA", "d_histogram": "HistogramMatching", "d_pda": "Pixel
 OBJECT_CLASSES = ("car", "truck", "bus", "person", "rider")
 
 
-def gated_arm(threshold: float, metric: str = "judge_miou") -> str:
+def gated_arm(threshold: float, metric: str = "judge_miou", trusted: bool = False) -> str:
     """The name of arm (c) with the quality gate at ``threshold`` (0..1) of ``metric``
-    (stages.gate.METRICS): c_amgen_gate0.3, c_amgen_gate_thing0.3."""
-    return f"c_amgen_gate{'_thing' if metric == 'judge_thing_miou' else ''}{threshold:g}"
+    (stages.gate.METRICS), trained on ``label_trusted`` when ``trusted``: c_amgen_gate0.3,
+    c_amgen_gate_thing0.3, c_amgen_gate0.3_trusted."""
+    return f"c_amgen_gate{'_thing' if metric == 'judge_thing_miou' else ''}{threshold:g}{'_trusted' if trusted else ''}"
 
 
 def arm_order(gated_arms: Sequence[str] = (), stacked_arms: Sequence[str] = ()) -> tuple[str, ...]:

@@ -124,6 +124,9 @@ def segmenter_cmd(
     run_dir: Path = typer.Option(Path("runs/downstream"), "--run-dir", help="checkpoints; rerun to resume"),
     json_file: Optional[Path] = typer.Option(None, "--json", help="write the result here"),
     threads: int = typer.Option(1, "--threads", min=1),
+    label_column: Optional[str] = typer.Option(
+        None, "--label-column", help="the dataset's label column to train on (default: label_trusted where the "
+                                     "dataset has it, gate.label_trusted; else label)"),
 ) -> None:
     """Downstream test: a segmenter trained on real toy-town only vs real + an amgen dataset, same
     training rule and seed, both scored (mIoU) on held-out real toy-town scenes."""
@@ -139,7 +142,10 @@ def segmenter_cmd(
              "real_scenes": f"default_rng({SEGMENTER_TRAIN_SEED_BASE} + i), i < {real_n}",
              "heldout_scenes": f"default_rng({SEGMENTER_HELDOUT_SEED_BASE} + i), i < {heldout_n}"}
     try:
-        synthetic = LayoutSamples(ParquetSource(dataset), (height, width), name=str(dataset))
+        column = label_column or trained_label_column(dataset)
+        about["label_column"] = column
+        typer.echo(f"training on the dataset's {column!r} column")
+        synthetic = LayoutSamples(ParquetSource(dataset, label_column=column), (height, width), name=str(dataset))
         real = ToyTownScenes(SEGMENTER_TRAIN_SEED_BASE, height, width, limit=real_n)
         heldout = ToyTownScenes(SEGMENTER_HELDOUT_SEED_BASE, height, width)
         result = run_downstream(real, synthetic, heldout, run_dir, cfg, heldout_n=heldout_n, log=typer.echo,
@@ -156,6 +162,16 @@ def segmenter_cmd(
                f"{result['real_plus_synthetic']['training']['steps']}; checkpoints in {run_dir}")
     typer.echo(json.dumps({k: result[k] for k in ("n_real", "n_synthetic", "delta_miou")} |
                           {k: result[k]["miou"] for k in ("real_only", "real_plus_synthetic")}))
+
+
+def trained_label_column(dataset: Path) -> str:
+    """``label_trusted`` where the dataset's first shard has it (a gate.label_trusted run), else ``label``."""
+    import pyarrow.parquet as pq
+
+    from connectors.parquet_sink import TRUSTED_LABEL
+    from connectors.parquet_source import parquet_files
+
+    return TRUSTED_LABEL if TRUSTED_LABEL in pq.read_schema(parquet_files(dataset)[0]).names else "label"
 
 
 # ----------------------------------------------------------------------------- amgen eval adapt
@@ -250,11 +266,13 @@ def read_amgen_output(out: Path):
 
 
 def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], None],
-                     metric: str = "judge_miou") -> tuple[dict, dict]:
+                     metric: str = "judge_miou", label_trusted: bool = False) -> tuple[dict, dict]:
     """The gated (c) arms' data: the quality gate's own stage (``stages.gate.GateScorer``, the
     judge of ``score.segmenter``'s default) run over the (c) run's samples. A run with
     ``gate.enabled`` renders the very same images (the gate changes no sample seed) and keeps
     exactly these, so each threshold costs a judge pass, not a second rendering of every layout.
+    ``label_trusted``: each threshold also gives the arm trained on the kept samples'
+    ``label_trusted`` (``gate.label_trusted``; name ``..._trusted``).
     Returns ({gated arm: SampleList}, what the gate did at each threshold, keyed as the arm)."""
     import pyarrow.parquet as pq
 
@@ -263,8 +281,9 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
     from stages.gate import GateScorer, gate_reason
 
     # one judge pass: the score is the same at every threshold
-    scorer = GateScorer(None, 1, metric=metric, threshold=min(thresholds))
+    scorer = GateScorer(None, 1, metric=metric, threshold=min(thresholds), label_trusted=label_trusted)
     kept: dict[float, list] = {t: [] for t in thresholds}
+    trusted: dict[float, list] = {t: [] for t in thresholds}
     reasons: dict[float, dict[str, int]] = {t: {} for t in thresholds}
     for p in sorted((out / "data").glob("train-*.parquet")):
         rows = pq.read_table(p, columns=["sample_id", "image", "label"]).to_pylist()
@@ -272,22 +291,33 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
             part = rows[lo:lo + 32]
             batch = {"sample_id": [r["sample_id"] for r in part], "error": [""] * len(part),
                      "image": [r["image"]["bytes"] for r in part], "label": [r["label"]["bytes"] for r in part]}
-            scores = scorer(batch)["gate_score"]
+            scored = scorer(batch)
             for t in thresholds:
-                for r, reason in zip(part, (gate_reason(v, t) for v in scores)):
+                for j, (r, reason) in enumerate(zip(part, (gate_reason(v, t) for v in scored["gate_score"]))):
                     if reason:
                         reasons[t][reason] = reasons[t].get(reason, 0) + 1
-                    else:
-                        where = f"{p} sample {r['sample_id']}"
-                        kept[t].append((decode_png(r["image"]["bytes"], f"{where} image", "rgb"),
-                                        decode_png(r["label"]["bytes"], f"{where} label", "label")))
+                        continue
+                    where = f"{p} sample {r['sample_id']}"
+                    image = decode_png(r["image"]["bytes"], f"{where} image", "rgb")
+                    kept[t].append((image, decode_png(r["label"]["bytes"], f"{where} label", "label")))
+                    if label_trusted:
+                        trusted[t].append((image, decode_png(scored["label_trusted"][j], f"{where} label_trusted", "label")))
     sets, record = {}, {}
     what = "judge mIoU" if metric == "judge_miou" else "judge thing-class mIoU"
     for t in sorted(thresholds):
         arm = gated_arm(t, metric)
         sets[arm] = SampleList(kept[t], name=f"amgen night renderings, {what} >= {t:g}", domain="night (amgen, gated)")
+        if label_trusted:
+            sets[gated_arm(t, metric, trusted=True)] = SampleList(
+                trusted[t], name=f"amgen night renderings, {what} >= {t:g}, label_trusted",
+                domain="night (amgen, gated, trusted pixels)")
         record[arm.removeprefix("c_amgen_gate")] = {"metric": metric, "threshold": t, "kept": len(kept[t]),
                                                    "filtered_by_reason": dict(sorted(reasons[t].items()))}
+        if label_trusted and kept[t]:
+            labelled = sum(int((lab != 0).sum()) for _, lab in kept[t])
+            share = sum(int((lab != 0).sum()) for _, lab in trusted[t]) / max(1, labelled)
+            record[arm.removeprefix("c_amgen_gate")]["label_trusted_share"] = round(share, 4)
+            log(f"label_trusted at {t:g}: {100 * share:.1f}% of the kept renderings' labelled pixels")
         log(f"quality gate at {what} {t:g}: {len(kept[t])} renderings kept, "
             f"filtered {dict(sorted(reasons[t].items()))}")
     return sets, record
@@ -317,7 +347,7 @@ def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "t
 def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = DEMO_STEPS,
                        guidance: float = DEMO_GUIDANCE,
                        ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None,
-                       per_layout: int = 1, gate_metric: str = "judge_miou"):
+                       per_layout: int = 1, gate_metric: str = "judge_miou", label_trusted: bool = False):
     """Trees, the real amgen run of arm (c) (resumed if already done), what the quality gate keeps
     of it at each of ``gate_thresholds``, and everything read back: (AdaptationData, day ids,
     amgen target ids, run summary)."""
@@ -346,7 +376,7 @@ def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_
     made = {"day_ids": day_ids, "amgen_target_ids": targets, "run_summary": summary.to_dict(), "run_seconds": round(run_s, 1),
             "run_config": cfg.model_dump(mode="json")}
     if gate_thresholds:
-        data.amgen_gated, made["gate"] = gated_amgen_sets(out, list(gate_thresholds), log, gate_metric)
+        data.amgen_gated, made["gate"] = gated_amgen_sets(out, list(gate_thresholds), log, gate_metric, label_trusted)
     return data, made
 
 
@@ -369,6 +399,9 @@ def adapt_cmd(
                                      help="also arm (c) with the quality gate at this judge mIoU (repeatable)"),
     gate_metric: str = typer.Option("judge_miou", "--gate-metric",
                                     help="what --gate thresholds: judge_miou or judge_thing_miou (gate.metric)"),
+    label_trusted: bool = typer.Option(False, "--label-trusted",
+                                       help="also each --gate arm trained on label_trusted (gate.label_trusted): "
+                                            "the pixels the judge reads as another class left out; named ..._trusted"),
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
     model_steps: int = typer.Option(DEMO_STEPS, "--model-steps", min=1,
@@ -388,7 +421,8 @@ def adapt_cmd(
         result = run_adapt(work_dir, AdaptSizes(day_n, bank_n, test_n, night_real_n), train=cfg, seeds=seeds,
                            workers=workers, model=model, model_steps=model_steps, guidance=guidance, picture=picture,
                            log=typer.echo, per_layout=per_layout,
-                           arms=arms.split(",") if arms else None, gate_thresholds=list(gate), gate_metric=gate_metric)
+                           arms=arms.split(",") if arms else None, gate_thresholds=list(gate), gate_metric=gate_metric,
+                           label_trusted=label_trusted)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -420,7 +454,8 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
               workers: int = 2, model: str = "toy", model_steps: int = DEMO_STEPS, guidance: float = DEMO_GUIDANCE,
               per_layout: int = 1,
               picture: Path | None = None, log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
-              gate_thresholds: list[float] | None = None, gate_metric: str = "judge_miou") -> dict:
+              gate_thresholds: list[float] | None = None, gate_metric: str = "judge_miou",
+              label_trusted: bool = False) -> dict:
     """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
     the result of ``evaluation.adaptation.run_adaptation`` plus how the data were made and the
     wall time. ``train``: the segmenter recipe (default: ``steps`` fixed steps, or None: until
@@ -431,7 +466,8 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
     work_dir = Path(work_dir)
     data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, guidance=guidance,
                                     ray_cpus=max(1, workers), per_layout=per_layout,
-                                    log=log, gate_thresholds=gate_thresholds, gate_metric=gate_metric)
+                                    log=log, gate_thresholds=gate_thresholds, gate_metric=gate_metric,
+                                    label_trusted=label_trusted)
     cfg = train or downstream_train_config(steps, 3000, 100, 0.02, batch_size)
     # A plateau run has its own folders: its checkpoints must not resume a fixed-step run's.
     seg_dir = work_dir / ("segmenters-plateau" if cfg.until_plateau else "segmenters")

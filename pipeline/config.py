@@ -185,6 +185,9 @@ class GateConfig(_Strict):
     # A sample scoring below this is filtered. Real toy-town night scenes score 0.33..0.71 (median
     # 0.55), the bundled model's night renderings 0.08..0.30 (median 0.21): docs/adaptation.md.
     threshold: float = Field(0.2, ge=0.0, le=1.0)
+    # Also write label_trusted: each kept sample's label with the pixels the judge segments as
+    # another class set to 0 (unlabeled, ignored in training). Off, it is left out of the hash.
+    label_trusted: bool = False
 
 
 class OutputConfig(_Strict):
@@ -246,7 +249,8 @@ _NOT_HASHED = {
 
 
 # Keys added after runs were made, left out of the hash at their default so those runs still resume.
-_HASH_NEUTRAL_DEFAULTS = {"model": {"channels_last": None, "compile": "off", "exemplar_guidance_end": 1.0}}
+_HASH_NEUTRAL_DEFAULTS = {"model": {"channels_last": None, "compile": "off", "exemplar_guidance_end": 1.0},
+                          "gate": {"label_trusted": False}}
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -261,7 +265,7 @@ def config_hash(cfg: RunConfig) -> str:
                 data[key].pop(k, None)
     for key, defaults in _HASH_NEUTRAL_DEFAULTS.items():
         for k, default in defaults.items():
-            if data[key].get(k, default) == default:
+            if key in data and data[key].get(k, default) == default:
                 data[key].pop(k, None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()

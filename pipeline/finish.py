@@ -103,7 +103,8 @@ def gate_card_line(cfg: RunConfig, summary: RunSummary) -> dict[str, str]:
         return {}
     by = ", ".join(f"{k}: {v}" for k, v in summary.filtered_by_reason.items()) or "none"
     return {"quality gate": f"{cfg.gate.metric} >= {cfg.gate.threshold:g} kept; {summary.filtered} sample(s) "
-                            f"filtered ({by}), kept with their scores in `filtered/`"}
+                            f"filtered ({by}), kept with their scores in `filtered/`"
+                            + ("; `label_trusted` masks the pixels the judge disagrees with" if cfg.gate.label_trusted else "")}
 
 
 class ManifestLog:
@@ -198,7 +199,7 @@ def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSum
     from connectors.storage import as_path
 
     out = as_path(out)
-    from stages.score import SCORE_COLUMNS
+    from pipeline.scoring_actors import optional_columns
     from stages.write import make_preview, preview_samples, write_preview
 
     pixels = np.sum([s.label_pixels for s in stats.values() if s.label_pixels], axis=0) if stats else None
@@ -207,7 +208,7 @@ def write_derived_outputs(cfg: RunConfig, plan: Plan, out: Path, summary: RunSum
         sources.append(f"exemplars {cfg.exemplars.source.kind}:{cfg.exemplars.source.root}")
     write_dataset_card(out, DatasetCardInfo(
         num_samples=summary.written, num_shards=plan.num_shards, num_errors=summary.quarantined,
-        score_columns=SCORE_COLUMNS if cfg.score.enabled else (), model=summary.model or "",
+        optional_columns=optional_columns(cfg), model=summary.model or "",
         config_hash=summary.config_hash, sources=sources,
         label_pixels=None if pixels is None else [int(x) for x in pixels], license=cfg.output.license,
         extra={"exemplars per target": cfg.exemplars.k, "sampling": f"{cfg.model.steps} steps, guidance "

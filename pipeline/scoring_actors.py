@@ -36,9 +36,19 @@ def start_scoring_actors(cfg: RunConfig, workers: Workers) -> list:
         return []
     import ray
 
-    gate = {"metric": cfg.gate.metric, "threshold": cfg.gate.threshold} if cfg.gate.enabled else {}
+    gate = ({"metric": cfg.gate.metric, "threshold": cfg.gate.threshold, "label_trusted": cfg.gate.label_trusted}
+            if cfg.gate.enabled else {})
     cls = ray.remote(num_cpus=SCORE_CPUS, **restart_policy(cfg))(ScoringActor)
     return [cls.remote(cfg.score.segmenter, gate) for _ in range(workers.score_actors)]
+
+
+def optional_columns(cfg: RunConfig) -> tuple[str, ...]:
+    """The sample columns this run adds to every shard: the scores, and the gate's trusted label."""
+    from connectors.parquet_sink import TRUSTED_LABEL
+    from stages.score import SCORE_COLUMNS
+
+    return ((SCORE_COLUMNS if cfg.score.enabled else ())
+            + ((TRUSTED_LABEL,) if cfg.gate.enabled and cfg.gate.label_trusted else ()))
 
 
 def score_batch(batch: dict[str, Any], actors: list) -> dict[str, Any]:

@@ -31,8 +31,8 @@ class ShardWriterActor:
     """One writer (a Ray actor): the shards ``expected`` names, written into ``out`` (path or URI)."""
 
     def __init__(self, out: str, expected: dict[int, list[str]], num_shards: int | dict, config_hash: str,
-                 score_columns: Sequence[str], expected_model: str | None, stop_after: int | None = None):
-        self.writer = ShardWriter(out, expected, num_shards, config_hash, score_columns, expected_model=expected_model)
+                 optional_columns: Sequence[str], expected_model: str | None, stop_after: int | None = None):
+        self.writer = ShardWriter(out, expected, num_shards, config_hash, optional_columns, expected_model=expected_model)
         self.stop_after = stop_after
 
     def add(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -64,7 +64,7 @@ class ShardWriterActor:
 
 
 def start_writers(out: str, expected: dict[int, list[str]], num_shards: int | dict, config_hash: str,
-                  score_columns: Sequence[str], expected_model: str | None, count: int,
+                  optional_columns: Sequence[str], expected_model: str | None, count: int,
                   stop_after: int | None = None) -> list:
     """``count`` writer actors, shard s owned by writer ``s % count`` (spread over the cluster)."""
     import ray
@@ -72,7 +72,7 @@ def start_writers(out: str, expected: dict[int, list[str]], num_shards: int | di
     cls = ray.remote(num_cpus=WRITER_CPUS, max_restarts=0, scheduling_strategy="SPREAD")(ShardWriterActor)
     count = max(1, min(count, len(expected) or 1))
     owned = [{s: ids for s, ids in expected.items() if s % count == i} for i in range(count)]
-    return [cls.remote(out, mine, num_shards, config_hash, tuple(score_columns), expected_model, stop_after)
+    return [cls.remote(out, mine, num_shards, config_hash, tuple(optional_columns), expected_model, stop_after)
             for mine in owned]
 
 

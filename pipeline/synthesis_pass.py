@@ -20,7 +20,7 @@ from pipeline.console import Reporter
 from pipeline.finish import ManifestLog, RunSummary, finish_run
 from pipeline.plan import Plan
 from pipeline.shard_writers import PassTally, deliver_batch, raise_problem, start_writers
-from pipeline.scoring_actors import start_scoring_actors
+from pipeline.scoring_actors import optional_columns, start_scoring_actors
 from pipeline.synthesis_actors import start_synthesis_actors
 from connectors.parquet_sink import ShardStats
 from connectors.storage import location_str
@@ -92,7 +92,6 @@ def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set
     records their stats. Returns the seconds it took. ``actors``: model actors already started
     for ``workers`` (pipeline/run.py starts them during an inline plan); this pass ends them."""
     import ray
-    from stages.score import SCORE_COLUMNS
 
     pending_rows = [r for s in pending for r in plan.shard_rows(s)]
     t_synth = time.perf_counter()
@@ -110,7 +109,7 @@ def synthesize_pending(cfg: RunConfig, plan: Plan, pending: list[int], done: set
     # One writer per model actor (a crash test wants exactly N shards: one writer then).
     count = 1 if ledger.fail_after_shards is not None else workers.actors
     writers = start_writers(location_str(log.out), expected, plan.shard_totals(), log.summary.config_hash,
-                            SCORE_COLUMNS if cfg.score.enabled else (), log.summary.model, count,
+                            optional_columns(cfg), log.summary.model, count,
                             stop_after=ledger.fail_after_shards)
     actors = actors or start_synthesis_actors(cfg, workers)
     scorers = start_scoring_actors(cfg, workers)

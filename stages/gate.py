@@ -15,6 +15,13 @@ buildings but not the layout's objects, which the all-class mean dilutes with th
 A sample under ``gate.threshold``, or one the judge cannot score, is marked with its reason; the
 shard writer (stages/write.py) sends marked rows to ``filtered/`` instead of the shard. The stage
 replaces the score stage when both are on (it adds ``score_miou`` too), so the judge runs once.
+
+``gate.label_trusted`` goes below the sample: a kept rendering usually draws most of its layout
+and misses a few things (a bus drawn as road). ``label_trusted`` is the label with the pixels the
+judge segments as another class set to 0 (unlabeled: trainId 255, which segmentation losses
+ignore), so a segmenter trained on it never learns that a night bus looks like road. FreeMask
+filters synthetic pixels the same way, by a segmenter's disagreement (docs/adaptation.md measures
+it, with this judge and with one trained on the run's own real data only).
 """
 from __future__ import annotations
 
@@ -22,7 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, THING_IDS
+from amgen_core.image_io import encode_png
+from amgen_core.labels import ID_TO_TRAIN_ID, IGNORE_TRAIN_ID, THING_IDS, to_train_ids
+from connectors.parquet_sink import TRUSTED_LABEL
 from stages.score import Scorer
 
 GATE_ROW_COLUMNS = ("gate_score", "gate_metric", "gate_threshold", "gate_reason")
@@ -41,6 +50,15 @@ def thing_miou(cm: np.ndarray) -> float:
     return float(present.mean()) if present.size else mean_iou(cm)
 
 
+def trusted_label(label: np.ndarray, pred_train_ids: np.ndarray) -> np.ndarray:
+    """``label`` (ids) with every pixel whose class the judge's prediction (trainIds) disagrees with
+    set to 0 (unlabeled). Pixels already ignored stay as they are."""
+    train = to_train_ids(label)
+    out = label.copy()
+    out[(pred_train_ids != train) & (train != IGNORE_TRAIN_ID)] = 0
+    return out
+
+
 def gate_reason(score: float, threshold: float) -> str:
     """'' to keep the sample, else why it leaves (connectors.filtered_sink.REASONS)."""
     if not np.isfinite(score):
@@ -53,11 +71,12 @@ class GateScorer(Scorer):
     (quarantined rows pass untouched: they go to errors/, not through the gate)."""
 
     def __init__(self, segmenter: str | None = None, torch_threads: int | None = None,
-                 restart_on_device_error: bool = False, metric: str = "judge_miou", threshold: float = 0.3):
+                 restart_on_device_error: bool = False, metric: str = "judge_miou", threshold: float = 0.3,
+                 label_trusted: bool = False):
         super().__init__(segmenter, torch_threads, restart_on_device_error)
         if metric not in METRICS:
             raise ValueError(f"gate.metric: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
-        self.metric, self.threshold = metric, float(threshold)
+        self.metric, self.threshold, self.label_trusted = metric, float(threshold), bool(label_trusted)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         out = super().__call__(batch)
@@ -69,8 +88,12 @@ class GateScorer(Scorer):
                                        for i in range(n)], dtype=object)
         return out
 
-    def _columns(self, cms: dict[int, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        out = super()._columns(cms, n)
+    def _columns(self, cms: dict[int, np.ndarray], n: int, preds: dict[int, np.ndarray],
+                 labels: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super()._columns(cms, n, preds, labels)
+        if self.label_trusted:  # PNG bytes; b"" where unscored (such a row never reaches a shard)
+            out[TRUSTED_LABEL] = np.array([encode_png(trusted_label(labels[i], preds[i]), "label_trusted")
+                                           if i in preds else b"" for i in range(n)], dtype=object)
         if self.metric == "judge_miou":
             out["gate_score"] = out["score_miou"]
         else:

@@ -84,6 +84,7 @@ class Scorer:
     def _scored(self, batch: dict[str, Any]) -> dict[str, Any]:
         n = len(batch["sample_id"])
         cms: dict[int, np.ndarray] = {}
+        preds: dict[int, np.ndarray] = {}
         ok = [i for i in range(n) if not batch["error"][i]]
         by_shape: dict[tuple, list[int]] = {}
         images, labels = {}, {}
@@ -93,17 +94,20 @@ class Scorer:
             by_shape.setdefault(images[i].shape, []).append(i)
         for idx in by_shape.values():
             try:
-                preds = split_once_on_oom(lambda part: self.model.predict(np.stack([images[i] for i in part])), idx)
+                predicted = split_once_on_oom(lambda part: self.model.predict(np.stack([images[i] for i in part])), idx)
             except ValueError:  # a size the segmenter cannot take: leave those unscored
                 continue
             for j, i in enumerate(idx):
-                cms[i] = sample_confusion(preds[j], labels[i])
+                preds[i] = predicted[j]
+                cms[i] = sample_confusion(predicted[j], labels[i])
         out = dict(batch)
-        out.update(self._columns(cms, n))
+        out.update(self._columns(cms, n, preds, labels))
         return out
 
-    def _columns(self, cms: dict[int, np.ndarray], n: int) -> dict[str, np.ndarray]:
-        """The columns this stage adds, from each scored row's confusion matrix (NaN if unscored)."""
+    def _columns(self, cms: dict[int, np.ndarray], n: int, preds: dict[int, np.ndarray],
+                 labels: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+        """The columns this stage adds, from each scored row's confusion matrix (NaN if unscored);
+        ``preds`` (trainIds) and ``labels`` (ids) of the scored rows, for a subclass."""
         from evaluation.metrics import mean_iou
 
         scores = np.full(n, np.nan, np.float64)

@@ -20,7 +20,7 @@ from PIL import Image
 from amgen_core.labels import colorize
 from amgen_core.image_io import decode_png, encode_png
 from connectors.filtered_sink import sync_filtered
-from connectors.parquet_sink import ShardStats, read_parquet, write_errors, write_shard
+from connectors.parquet_sink import TRUSTED_LABEL, ShardStats, read_parquet, write_errors, write_shard
 from connectors.storage import RemotePath, as_path, write_bytes_atomic
 
 ERROR_FIELDS = ("input_id", "source", "stage", "reason", "path")
@@ -41,12 +41,12 @@ class ShardWriter:
     ``train-K`` name of an increment's shard)."""
 
     def __init__(self, out_dir: str | os.PathLike, expected: dict[int, Sequence[str]], num_shards: int | dict,
-                 config_hash: str, score_columns: Sequence[str] = (), expected_model: str | None = None,
+                 config_hash: str, optional_columns: Sequence[str] = (), expected_model: str | None = None,
                  on_shard: Callable[[ShardStats, int], None] | None = None):
         self.out = as_path(out_dir)
         self.expected = {s: set(ids) for s, ids in expected.items()}
         self.num_shards, self.config_hash = num_shards, config_hash
-        self.score_columns = tuple(score_columns)
+        self.optional_columns = tuple(optional_columns)
         self.model = expected_model
         self.on_shard = on_shard
         self.rows: dict[int, list[dict]] = defaultdict(list)
@@ -72,7 +72,7 @@ class ShardWriter:
         else:
             self._check_model(str(row["model"]))
             if row.get("gate_reason"):
-                self.filtered[shard].append({**self._sink_row(row, scores=False), "gate_score": row["gate_score"],
+                self.filtered[shard].append({**self._sink_row(row, optional=False), "gate_score": row["gate_score"],
                                              "gate_metric": row["gate_metric"], "gate_threshold": row["gate_threshold"],
                                              "reason": row["gate_reason"]})
             else:
@@ -93,15 +93,18 @@ class ShardWriter:
                 f"{self.out}: samples of model {model} would join a dataset made with {self.model}; "
                 "the model weights changed since this folder was started (use another --out or --overwrite)")
 
-    def _sink_row(self, row: dict[str, Any], scores: bool = True) -> dict[str, Any]:
+    def _sink_row(self, row: dict[str, Any], optional: bool = True) -> dict[str, Any]:
         out = {"sample_id": str(row["sample_id"]), "target_id": str(row["target_id"]),
                "exemplar_id": str(row["exemplar_id"]), "image": bytes(row["image"]), "label": bytes(row["label"]),
                "instance": bytes(row["instance"]) if len(row["instance"]) else None,
                "seed": int(row["seed"]), "augment": str(row["augment"]), "model": str(row["model"]),
                "config_hash": self.config_hash}
-        for c in self.score_columns if scores else ():
+        for c in self.optional_columns if optional else ():
             v = row.get(c)
-            out[c] = None if v is None or not np.isfinite(v) else float(v)
+            if c == TRUSTED_LABEL:
+                out[c] = bytes(v) if v is not None and len(v) else None
+            else:
+                out[c] = None if v is None or not np.isfinite(v) else float(v)
         return out
 
     def _flush(self, shard: int) -> ShardStats:
@@ -110,7 +113,7 @@ class ShardWriter:
         sync_filtered(self.filtered.pop(shard, []), self.out, shard)
         total = self.num_shards.get(shard) if isinstance(self.num_shards, dict) else self.num_shards
         stats = write_shard(self.rows.pop(shard, []), self.out, shard, total,
-                            score_columns=self.score_columns)
+                            optional_columns=self.optional_columns)
         self.written[shard] = stats
         if self.on_shard is not None:
             self.on_shard(stats, shard)

@@ -27,7 +27,7 @@ def adapt_run(tmp_path_factory):
     args = ["eval", "adapt", "--work-dir", str(work), "--day-n", str(DAY), "--bank-n", str(BANK), "--test-n", str(TEST),
             "--night-real-n", str(NIGHT_REAL), "--steps", "2", "--batch-size", "4", "--seeds", "2", "--workers", "2",
             "--model", str(model), "--model-steps", "2", "--guidance", "1.5", "--json", str(rows), "--result", str(result),
-            "--picture", str(picture), "--gate", "0.05", "--per-layout", "2"]
+            "--picture", str(picture), "--gate", "0.05", "--per-layout", "2", "--label-trusted"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output + repr(res.exception)
     return {"work": work, "rows": json.loads(rows.read_text()), "result": json.loads(result.read_text()),
@@ -53,13 +53,18 @@ def test_arms_are_made_as_specified(adapt_run):
     assert arms["c_amgen_gate0.05"] == [day, bank, {"name": "amgen night renderings, judge mIoU >= 0.05",
                                                     "domain": "night (amgen, gated)", "samples": gate["kept"]}]
     assert gate["kept"] + sum(gate["filtered_by_reason"].values()) == 2 * DAY
+    # --label-trusted: the same kept renderings, on their label_trusted (stages.gate.trusted_label).
+    assert arms["c_amgen_gate0.05_trusted"] == [day, bank, {
+        "name": "amgen night renderings, judge mIoU >= 0.05, label_trusted",
+        "domain": "night (amgen, gated, trusted pixels)", "samples": gate["kept"]}]
+    assert 0 <= gate["label_trusted_share"] <= 1
 
 
 def test_rows_json_and_summary(adapt_run):
     from evaluation.adaptation import ARMS
 
     rows = adapt_run["rows"]
-    arms = ARMS[:3] + ("c_amgen_gate0.05",) + ARMS[3:]
+    arms = ARMS[:3] + ("c_amgen_gate0.05", "c_amgen_gate0.05_trusted") + ARMS[3:]
     assert [(r["arm"], r["seed"]) for r in rows] == [(a, s) for a in arms for s in (0, 1)]
     assert all(set(r) == {"arm", "seed", "night_miou", "day_miou"} for r in rows)
     s = adapt_run["result"]["summary"]

@@ -26,6 +26,10 @@ def test_gate_off_keeps_the_config_hash_of_every_older_run():
     assert config_hash(config_from_dict(tree)) == golden
     assert config_hash(config_from_dict({**tree, "gate": {"enabled": False, "threshold": 0.9}})) == golden
     assert config_hash(config_from_dict({**tree, "gate": {"enabled": True}})) != golden
+    # A gate without label_trusted keeps the hash it had before that key (commit b3bef11).
+    gated = "a087959b8c91d6aba8ca08af4ad8c0dbff02ba1e6041e8650c44e734f6332311"
+    assert config_hash(config_from_dict({**tree, "gate": {"enabled": True, "label_trusted": False}})) == gated
+    assert config_hash(config_from_dict({**tree, "gate": {"enabled": True, "label_trusted": True}})) != gated
 
 
 def test_gate_reason_and_config_errors():
@@ -59,11 +63,51 @@ def test_thing_metric_scores_the_objects_and_falls_back_to_all_classes():
     assert thing_miou(road_only) == mean_iou(road_only) == 1.0
     gate = object.__new__(GateScorer)  # the columns only: no judge loaded
     gate.metric = "judge_thing_miou"
-    cols = gate._columns({0: cm, 2: drawn}, 3)
+    gate.label_trusted = False
+    cols = gate._columns({0: cm, 2: drawn}, 3, {}, {})
     assert cols["gate_score"][0] == 0.0 and cols["gate_score"][2] == 1.0 and np.isnan(cols["gate_score"][1])
     assert cols["score_miou"][0] == mean_iou(cm)  # the score stage's column is unchanged
     with pytest.raises(ValueError, match="judge_thing_miou"):
         GateScorer(None, 1, metric="psnr")
+
+
+def test_trusted_label_leaves_out_the_pixels_the_judge_reads_as_another_class():
+    """A car the rendering did not draw (the judge sees road there) leaves label_trusted; the road
+    the judge agrees with stays, and pixels the label already ignores stay as they were."""
+    from amgen_core.image_io import decode_png
+    from amgen_core.labels import NAME_TO_ID
+    from stages.gate import GateScorer, trusted_label
+    from stages.score import sample_confusion
+
+    road, car = NAME_TO_ID["road"], NAME_TO_ID["car"]
+    label = np.full((4, 8), road, np.uint8)
+    label[1:3, 2:5] = car
+    label[0, 0] = NAME_TO_ID["ego vehicle"]  # trainId 255 in the label itself
+    pred = np.zeros((4, 8), np.uint8)  # trainId 0 (road) everywhere
+    pred[3, 7] = 8  # vegetation where the label says road
+    want = label.copy()
+    want[1:3, 2:5] = 0
+    want[3, 7] = 0
+    assert np.array_equal(trusted_label(label, pred), want)
+    gate = object.__new__(GateScorer)
+    gate.metric, gate.label_trusted = "judge_miou", True
+    cols = gate._columns({0: sample_confusion(pred, label)}, 2, {0: pred}, {0: label})
+    assert np.array_equal(decode_png(cols["label_trusted"][0], "t", "label"), want)
+    assert cols["label_trusted"][1] == b""  # unscored: the gate filters it, no shard gets it
+
+
+def test_eval_segmenter_trains_on_label_trusted_where_the_dataset_has_it(tmp_path):
+    from connectors.parquet_source import ParquetSource
+    from pipeline.cli_eval import trained_label_column
+    from test_sink_fixtures import write_small_dataset
+
+    write_small_dataset(tmp_path / "plain", n_shards=1, rows_per_shard=2)
+    write_small_dataset(tmp_path / "trusted", n_shards=1, rows_per_shard=2, trusted=True)
+    assert trained_label_column(tmp_path / "plain") == "label"
+    assert trained_label_column(tmp_path / "trusted") == "label_trusted"
+    src = ParquetSource(tmp_path / "trusted", label_column="label_trusted")
+    layout = src.read_item(src.list_items()[0])
+    assert (layout.label[:, :layout.label.shape[1] // 3] == 0).all()  # what the fixture left out
 
 
 def test_writer_sends_marked_rows_to_filtered_and_clears_a_stale_table(tmp_path):
@@ -181,6 +225,34 @@ def test_gate_filters_exactly_the_low_scores_and_counts_them(world, scored):
     table = pq.read_table(victim)
     pq.write_table(table.slice(0, table.num_rows - 1), victim)
     assert any("counts.filtered" in p for p in verify_dataset(copy).problems)
+
+
+def test_label_trusted_is_the_label_where_the_judge_agrees_and_datasets_loads_it(world, scored):
+    """The road judge sees road everywhere: each kept sample's label_trusted is its label's road
+    (and its already-ignored pixels), 0 elsewhere; the column is an Image to HF datasets, the card
+    names it, and verify checks it."""
+    import datasets
+
+    from amgen_core.image_io import decode_png
+    from amgen_core.labels import IGNORE_TRAIN_ID, NAME_TO_ID, to_train_ids
+    from connectors.verify import verify_dataset
+
+    out = world["base"] / "trusted"
+    s = run(world, out, gate={"enabled": True, "threshold": 0.0, "label_trusted": True})
+    assert s.written == N_TARGETS and s.filtered == 0
+    rows = [r for p in sorted((out / "data").glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+    assert len(rows) == N_TARGETS
+    for r in rows:
+        label = decode_png(r["label"]["bytes"], "label", "label")
+        trusted = decode_png(r["label_trusted"]["bytes"], "label_trusted", "label")
+        keep = (label == NAME_TO_ID["road"]) | (to_train_ids(label) == IGNORE_TRAIN_ID)
+        assert np.array_equal(trusted, np.where(keep, label, 0))
+    assert any((decode_png(r["label_trusted"]["bytes"], "t", "label") == 0).any() for r in rows)
+    ds = datasets.load_dataset("parquet", data_dir=str(out / "data"), split="train")
+    assert isinstance(ds.features["label_trusted"], datasets.Image)
+    assert "`label_trusted`" in (out / "README.md").read_text()
+    report = verify_dataset(out)
+    assert report.ok, report.summary()
 
 
 def test_gate_off_writes_no_filtered_table_and_no_gate_counts(world, scored):

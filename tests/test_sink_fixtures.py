@@ -9,7 +9,7 @@ H, W = 16, 32
 CLASSES = np.array([7, 8, 11, 21, 23, 24, 26], np.uint8)  # road sidewalk building vegetation sky person car
 
 
-def make_rows(n, seed=0, start=0, scores=False):
+def make_rows(n, seed=0, start=0, scores=False, trusted=False):
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
@@ -23,20 +23,23 @@ def make_rows(n, seed=0, start=0, scores=False):
                    augment={"hflip": bool(i % 2), "scale": 1.0}, model="toy@0123abcd", config_hash="cfg42")
         if scores:
             row["score_miou"] = None if i == 0 else 0.25 * (i % 4)
+        if trusted:  # the label with its left third left out
+            row["label_trusted"] = label.copy()
+            row["label_trusted"][:, : W // 3] = 0
         rows.append(row)
     return rows
 
 
-def write_small_dataset(out, n_shards=2, rows_per_shard=3, scores=False):
-    score_cols = ["score_miou"] if scores else []
-    stats = [write_shard(make_rows(rows_per_shard, seed=k, start=k * rows_per_shard, scores=scores),
-                         out, k, n_shards, row_group_size=2, score_columns=score_cols)
+def write_small_dataset(out, n_shards=2, rows_per_shard=3, scores=False, trusted=False):
+    optional_cols = (["score_miou"] if scores else []) + (["label_trusted"] if trusted else [])
+    stats = [write_shard(make_rows(rows_per_shard, seed=k, start=k * rows_per_shard, scores=scores, trusted=trusted),
+                         out, k, n_shards, row_group_size=2, optional_columns=optional_cols)
              for k in range(n_shards)]
     write_errors([error_row("bad/item", "read", ValueError("x.png: cannot decode"), source="toy", path="x.png")],
                  out, "read")
     pixels = np.sum([s.label_pixels for s in stats], axis=0).tolist()
     write_dataset_card(out, DatasetCardInfo(num_samples=n_shards * rows_per_shard, num_shards=n_shards,
-                                            num_errors=1, score_columns=score_cols, label_pixels=pixels,
+                                            num_errors=1, optional_columns=optional_cols, label_pixels=pixels,
                                             model="toy@0123abcd", config_hash="cfg42", sources=["toy-town"]))
     write_manifest(out, {"shards": stats, "counts": {"samples": n_shards * rows_per_shard, "errors": 1},
                          "model": "toy@0123abcd"})

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from amgen_core.image_io import encode_png
+from amgen_core.image_io import decode_png, encode_png
 from connectors.parquet_sink import MANIFEST_NAME, file_sha256, write_shard
 from connectors.verify import verify_dataset
 from test_sink_fixtures import H, W, make_rows, write_small_dataset
@@ -45,6 +45,21 @@ def test_good_output_passes(out):
     assert "OK" in rep.summary()
 
 
+def test_label_trusted_must_be_the_label_or_unlabeled(tmp_path):
+    out = tmp_path / "trusted"
+    write_small_dataset(out, n_shards=2, rows_per_shard=3, scores=True, trusted=True)
+    rep = verify_dataset(out)
+    assert rep.ok, rep.summary()
+    t = pq.read_table(out / S0)
+    label = decode_png(t.column("label")[2].as_py()["bytes"], "label", "label")
+    foreign = np.where(label == 7, 8, 7).astype(np.uint8)  # an id the label does not have there
+    _replace_cell(out / S0, "label_trusted", 2, encode_png(foreign))
+    _fix_manifest_sha(out, S0)
+    rep = verify_dataset(out)
+    sid = t.column("sample_id")[2].as_py()
+    assert rep.problems == [f"{S0} row 2 (sample_id {sid}): label_trusted has ids that are neither the label's nor 0 (unlabeled)"]
+
+
 def test_tampered_checksum_is_named(out):
     man = json.loads((out / MANIFEST_NAME).read_text())
     man["shards"][1]["sha256"] = "0" * 64
@@ -56,7 +71,7 @@ def test_tampered_checksum_is_named(out):
 
 
 def test_rewritten_shard_fails_its_checksum(out):
-    write_shard(make_rows(3, seed=99, scores=True), out, 0, 2, score_columns=["score_miou"])  # other content
+    write_shard(make_rows(3, seed=99, scores=True), out, 0, 2, optional_columns=["score_miou"])  # other content
     rep = verify_dataset(out)
     assert [p for p in rep.problems if "sha256" in p] and all(S0 in p for p in rep.problems), rep.problems
 
