@@ -90,10 +90,13 @@ def run_downstream(
     heldout_n: int = 300,
     log: Callable[[str], None] = print,
     about: dict[str, Any] | None = None,
+    save_real_only: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train both arms and score them. ``real`` and ``synthetic`` are finite, ``heldout`` may be
     endless (its first ``heldout_n`` samples are scored); each is a sample source, a map-style
-    dataset or an iterable of (image, label) pairs. ``about`` (how the sets were made) heads the result."""
+    dataset or an iterable of (image, label) pairs. ``about`` (how the sets were made) heads the result.
+    ``save_real_only``: also save the real-only segmenter there (a ``score.segmenter`` folder: a
+    judge that has seen only the real data, for the gate's ``label_trusted``)."""
     run_dir = Path(run_dir)
     real, synthetic, heldout = as_samples(real), as_samples(synthetic), as_samples(heldout)
     for name, part in (("real", real), ("synthetic", synthetic)):
@@ -108,6 +111,9 @@ def run_downstream(
         t0 = time.time()
         model = train_segmenter(source, run_dir / name, cfg, log=log)
         acc = evaluate_segmenter(model, heldout, heldout_n)
+        if name == "real_only" and save_real_only is not None:
+            model.save_pretrained(save_real_only)
+            log(f"real_only segmenter saved to {save_real_only}")
         result[name] = {"miou": round(100 * acc.miou(), 2), "iou_per_class": per_class_table(acc.per_class()),
                         "train_samples": {"real": real.size, "synthetic": n_synthetic},
                         "draws": draws(source.size, real.size, cfg, model.training_record["steps"]),

@@ -127,6 +127,9 @@ def segmenter_cmd(
     label_column: Optional[str] = typer.Option(
         None, "--label-column", help="the dataset's label column to train on (default: label_trusted where the "
                                      "dataset has it, gate.label_trusted; else label)"),
+    save_real_judge: Optional[Path] = typer.Option(
+        None, "--save-real-judge", help="also save the real-only segmenter here, as a score.segmenter folder "
+                                        "(a judge that has seen only the real data)"),
 ) -> None:
     """Downstream test: a segmenter trained on real toy-town only vs real + an amgen dataset, same
     training rule and seed, both scored (mIoU) on held-out real toy-town scenes."""
@@ -149,7 +152,7 @@ def segmenter_cmd(
         real = ToyTownScenes(SEGMENTER_TRAIN_SEED_BASE, height, width, limit=real_n)
         heldout = ToyTownScenes(SEGMENTER_HELDOUT_SEED_BASE, height, width)
         result = run_downstream(real, synthetic, heldout, run_dir, cfg, heldout_n=heldout_n, log=typer.echo,
-                                about=about)
+                                about=about, save_real_only=save_real_judge)
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)

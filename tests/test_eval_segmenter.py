@@ -170,6 +170,23 @@ def _downstream(tmp_path, name, synthetic, real=None):
     return result, heldout
 
 
+def test_downstream_saves_the_real_only_segmenter_as_a_judge(tmp_path):
+    """--save-real-judge: the real-only arm's model as a score.segmenter folder; it reloads and
+    predicts as the trained model does."""
+    from evaluation.downstream import run_downstream
+    from evaluation.segmenter import Segmenter
+    from evaluation.segmenter_train import train_segmenter
+
+    cfg = SegmenterTrainConfig(steps=2, batch_size=2, lr=1e-2, warmup_steps=1, checkpoint_every=2, log_every=2, threads=1)
+    real, heldout = _scenes(50_000_000, 2), _scenes(60_000_000, 2)
+    run_downstream(real, _synthetic(1), heldout, tmp_path / "run", cfg, heldout_n=2, log=lambda *_: None,
+                   save_real_only=tmp_path / "judge")
+    judge = Segmenter.from_pretrained(tmp_path / "judge")
+    trained = train_segmenter(real, tmp_path / "run" / "real_only", cfg, log=lambda *_: None)  # resumes: done
+    images = np.stack([im for im, _ in heldout])
+    assert np.array_equal(judge.predict(images), trained.predict(images))
+
+
 def test_downstream_runs_both_arms(tmp_path):
     from amgen_core.labels import to_train_ids
     from evaluation.downstream import pixels_per_class
