@@ -269,13 +269,15 @@ def read_amgen_output(out: Path):
 
 
 def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], None],
-                     metric: str = "judge_miou", label_trusted: bool = False) -> tuple[dict, dict]:
+                     metric: str = "judge_miou", label_trusted: bool = False,
+                     judge: Path | None = None) -> tuple[dict, dict]:
     """The gated (c) arms' data: the quality gate's own stage (``stages.gate.GateScorer``, the
     judge of ``score.segmenter``'s default) run over the (c) run's samples. A run with
     ``gate.enabled`` renders the very same images (the gate changes no sample seed) and keeps
     exactly these, so each threshold costs a judge pass, not a second rendering of every layout.
     ``label_trusted``: each threshold also gives the arm trained on the kept samples'
-    ``label_trusted`` (``gate.label_trusted``; name ``..._trusted``).
+    ``label_trusted`` (``gate.label_trusted``; name ``..._trusted``). ``judge``: another judge
+    segmenter folder (``score.segmenter``), e.g. one ``amgen eval segmenter --save-real-judge`` made.
     Returns ({gated arm: SampleList}, what the gate did at each threshold, keyed as the arm)."""
     import pyarrow.parquet as pq
 
@@ -284,7 +286,8 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
     from stages.gate import GateScorer, gate_reason
 
     # one judge pass: the score is the same at every threshold
-    scorer = GateScorer(None, 1, metric=metric, threshold=min(thresholds), label_trusted=label_trusted)
+    scorer = GateScorer(str(judge) if judge else None, 1, metric=metric, threshold=min(thresholds),
+                        label_trusted=label_trusted)
     kept: dict[float, list] = {t: [] for t in thresholds}
     trusted: dict[float, list] = {t: [] for t in thresholds}
     reasons: dict[float, dict[str, int]] = {t: {} for t in thresholds}
@@ -315,7 +318,8 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
                 trusted[t], name=f"amgen night renderings, {what} >= {t:g}, label_trusted",
                 domain="night (amgen, gated, trusted pixels)")
         record[arm.removeprefix("c_amgen_gate")] = {"metric": metric, "threshold": t, "kept": len(kept[t]),
-                                                   "filtered_by_reason": dict(sorted(reasons[t].items()))}
+                                                   "filtered_by_reason": dict(sorted(reasons[t].items())),
+                                                   "judge": str(judge) if judge else "bundled"}
         if label_trusted and kept[t]:
             labelled = sum(int((lab != 0).sum()) for _, lab in kept[t])
             share = sum(int((lab != 0).sum()) for _, lab in trusted[t]) / max(1, labelled)
@@ -326,18 +330,22 @@ def gated_amgen_sets(out: Path, thresholds: list[float], log: Callable[[str], No
     return sets, record
 
 
-def model_tag(model: str) -> str:
-    """"_m" and 8 hex digits of the model's weights and configs (names and bytes): runs of two
-    models never share a folder, and a retrained model in the same path (the bundled one
-    included) gets a new one. Model cards and previews do not count."""
-    from amadapter.bundled import toy_model_dir
-
-    root = toy_model_dir() if model == "toy" else Path(model)
+def folder_hash(root: Path) -> str:
+    """8 hex digits of a model folder's weights and configs (names and bytes); cards and
+    previews do not count."""
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json")):
         h.update(f.relative_to(root).as_posix().encode())
         h.update(f.read_bytes())
-    return f"_m{h.hexdigest()[:8]}"
+    return h.hexdigest()[:8]
+
+
+def model_tag(model: str) -> str:
+    """"_m" and the model folder's hash: runs of two models never share a folder, and a
+    retrained model in the same path (the bundled one included) gets a new one."""
+    from amadapter.bundled import toy_model_dir
+
+    return f"_m{folder_hash(toy_model_dir() if model == 'toy' else Path(model))}"
 
 
 def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "toy", per_layout: int = 1) -> Path:
@@ -350,7 +358,8 @@ def amgen_run_dir(work: Path, model_steps: int, guidance: float, model: str = "t
 def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_steps: int = DEMO_STEPS,
                        guidance: float = DEMO_GUIDANCE,
                        ray_cpus: int = 2, log: Callable[[str], None] = print, gate_thresholds: list[float] | None = None,
-                       per_layout: int = 1, gate_metric: str = "judge_miou", label_trusted: bool = False):
+                       per_layout: int = 1, gate_metric: str = "judge_miou", label_trusted: bool = False,
+                       judge: Path | None = None):
     """Trees, the real amgen run of arm (c) (resumed if already done), what the quality gate keeps
     of it at each of ``gate_thresholds``, and everything read back: (AdaptationData, day ids,
     amgen target ids, run summary)."""
@@ -379,7 +388,8 @@ def prepare_adaptation(work: Path, sizes: AdaptSizes, model: str = "toy", model_
     made = {"day_ids": day_ids, "amgen_target_ids": targets, "run_summary": summary.to_dict(), "run_seconds": round(run_s, 1),
             "run_config": cfg.model_dump(mode="json")}
     if gate_thresholds:
-        data.amgen_gated, made["gate"] = gated_amgen_sets(out, list(gate_thresholds), log, gate_metric, label_trusted)
+        data.amgen_gated, made["gate"] = gated_amgen_sets(out, list(gate_thresholds), log, gate_metric, label_trusted,
+                                                          judge)
     return data, made
 
 
@@ -405,6 +415,8 @@ def adapt_cmd(
     label_trusted: bool = typer.Option(False, "--label-trusted",
                                        help="also each --gate arm trained on label_trusted (gate.label_trusted): "
                                             "the pixels the judge reads as another class left out; named ..._trusted"),
+    judge: Optional[Path] = typer.Option(None, "--judge", help="the gate's judge: a segmenter folder "
+                                         "(score.segmenter; default the bundled one), e.g. from eval segmenter --save-real-judge"),
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
     model_steps: int = typer.Option(DEMO_STEPS, "--model-steps", min=1,
@@ -425,7 +437,7 @@ def adapt_cmd(
                            workers=workers, model=model, model_steps=model_steps, guidance=guidance, picture=picture,
                            log=typer.echo, per_layout=per_layout,
                            arms=arms.split(",") if arms else None, gate_thresholds=list(gate), gate_metric=gate_metric,
-                           label_trusted=label_trusted)
+                           label_trusted=label_trusted, judge=judge)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -458,7 +470,7 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
               per_layout: int = 1,
               picture: Path | None = None, log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
               gate_thresholds: list[float] | None = None, gate_metric: str = "judge_miou",
-              label_trusted: bool = False) -> dict:
+              label_trusted: bool = False, judge: Path | None = None) -> dict:
     """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
     the result of ``evaluation.adaptation.run_adaptation`` plus how the data were made and the
     wall time. ``train``: the segmenter recipe (default: ``steps`` fixed steps, or None: until
@@ -470,13 +482,15 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
     data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, guidance=guidance,
                                     ray_cpus=max(1, workers), per_layout=per_layout,
                                     log=log, gate_thresholds=gate_thresholds, gate_metric=gate_metric,
-                                    label_trusted=label_trusted)
+                                    label_trusted=label_trusted, judge=judge)
     cfg = train or downstream_train_config(steps, 3000, 100, 0.02, batch_size)
     # A plateau run has its own folders: its checkpoints must not resume a fixed-step run's.
     seg_dir = work_dir / ("segmenters-plateau" if cfg.until_plateau else "segmenters")
     run_name = Path(made["run_config"]["output"]["dir"]).name  # amgen_run_dir's: the model hashed once
+    # Another judge gates other samples: its arms get folders of their own.
+    judge_tag = f"_j{folder_hash(Path(judge))}" if judge else ""
     result = run_adaptation(data, cfg, list(range(seeds)), seg_dir, workers=workers, log=log, arms=arms,
-                            amgen_tag=run_name.removeprefix("amgen_night"))
+                            amgen_tag=run_name.removeprefix("amgen_night") + judge_tag)
     if picture is not None:
         from amgen_core.image_io import write_bytes_atomic, encode_png
         from evaluation.adaptation import comparison_picture

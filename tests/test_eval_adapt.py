@@ -60,6 +60,22 @@ def test_arms_are_made_as_specified(adapt_run):
     assert 0 <= gate["label_trusted_share"] <= 1
 
 
+def test_another_judge_gates_and_masks(adapt_run, tmp_path):
+    """--judge: the gate and label_trusted come from that segmenter. A judge that sees road
+    everywhere keeps only the labels' road (and their ignored pixels)."""
+    from amgen_core.labels import IGNORE_TRAIN_ID, NAME_TO_ID, to_train_ids
+    from pipeline.cli_eval import gated_amgen_sets
+    from test_gate import road_judge
+
+    out = next(p for p in adapt_run["work"].iterdir() if p.name.startswith("amgen_night"))
+    sets, record = gated_amgen_sets(out, [0.0], lambda *_: None, label_trusted=True, judge=road_judge(tmp_path / "seg"))
+    assert record["0"]["judge"] == str(tmp_path / "seg") and record["0"]["kept"] == 2 * DAY
+    plain, trusted = sets["c_amgen_gate0"], sets["c_amgen_gate0_trusted"]
+    for (_, label), (_, kept) in zip(plain.pairs, trusted.pairs):
+        keep = (label == NAME_TO_ID["road"]) | (to_train_ids(label) == IGNORE_TRAIN_ID)
+        assert np.array_equal(kept, np.where(keep, label, 0))
+
+
 def test_rows_json_and_summary(adapt_run):
     from evaluation.adaptation import ARMS
 
