@@ -91,13 +91,14 @@ class GateScorer(Scorer):
     def _columns(self, cms: dict[int, np.ndarray], n: int, preds: dict[int, np.ndarray],
                  labels: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
         out = super()._columns(cms, n, preds, labels)
-        if self.label_trusted:  # PNG bytes; b"" where unscored (such a row never reaches a shard)
-            out[TRUSTED_LABEL] = np.array([encode_png(trusted_label(labels[i], preds[i]), "label_trusted")
-                                           if i in preds else b"" for i in range(n)], dtype=object)
         if self.metric == "judge_miou":
             out["gate_score"] = out["score_miou"]
         else:
             out["gate_score"] = np.full(n, np.nan, np.float64)
             for i, cm in cms.items():
                 out["gate_score"][i] = thing_miou(cm)
+        if self.label_trusted:  # PNG bytes for the rows the gate keeps; b"" for the rest (never in a shard)
+            keep = [i in preds and not gate_reason(out["gate_score"][i], self.threshold) for i in range(n)]
+            out[TRUSTED_LABEL] = np.array([encode_png(trusted_label(labels[i], preds[i]), "label_trusted")
+                                           if keep[i] else b"" for i in range(n)], dtype=object)
         return out

@@ -90,10 +90,12 @@ def test_trusted_label_leaves_out_the_pixels_the_judge_reads_as_another_class():
     want[3, 7] = 0
     assert np.array_equal(trusted_label(label, pred), want)
     gate = object.__new__(GateScorer)
-    gate.metric, gate.label_trusted = "judge_miou", True
+    gate.metric, gate.label_trusted, gate.threshold = "judge_miou", True, 0.0
     cols = gate._columns({0: sample_confusion(pred, label)}, 2, {0: pred}, {0: label})
     assert np.array_equal(decode_png(cols["label_trusted"][0], "t", "label"), want)
     assert cols["label_trusted"][1] == b""  # unscored: the gate filters it, no shard gets it
+    gate.threshold = 1.0  # the sample scores under it: filtered, so no label_trusted is encoded
+    assert gate._columns({0: sample_confusion(pred, label)}, 1, {0: pred}, {0: label})["label_trusted"][0] == b""
 
 
 def test_eval_segmenter_trains_on_label_trusted_where_the_dataset_has_it(tmp_path):
