@@ -9,7 +9,8 @@ line is one JSON object: per-arm mean night/day mIoU, ``gain_vs_b`` ((c) - (b), 
 
 Usage: python bench/domain_adaptation.py [--work-dir runs/adapt] [--day-n 500] [--bank-n 10]
        [--test-n 300] [--night-real-n 500] [--steps S | --max-steps 3000 --plateau-window 100]
-       [--seeds 3] [--workers 2] [--arms b_day_bank,c_amgen,...] [--gate 0.2] [--model toy] [--guidance 1.0] [--tiny]
+       [--seeds 3] [--workers 2] [--arms b_day_bank,c_amgen,...] [--gate 0.35 [--label-trusted] [--judge DIR]]
+       [--per-layout 5] [--model toy] [--guidance 1.0] [--tiny]
        [--json rows.json] [--result result.json] [--picture docs/adaptation.png]
 """
 from __future__ import annotations
@@ -41,6 +42,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--plateau-min-improvement", type=float, default=0.02)
     ap.add_argument("--arms", default=None, help="comma-separated arms (default: all)")
     ap.add_argument("--gate", type=float, action="append", default=[], help="arm (c) gated at this judge mIoU")
+    ap.add_argument("--gate-metric", default="judge_miou", help="the gate's score (gate.metric)")
+    ap.add_argument("--label-trusted", action="store_true",
+                    help="also a gated arm trained on label_trusted (pixels the judge disagrees with set to unlabeled)")
+    ap.add_argument("--judge", type=Path, default=None, help="the gate's judge: a segmenter folder (default: the bundled)")
+    ap.add_argument("--per-layout", type=int, default=1, help="renderings per day layout, each with its own exemplar")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -69,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = run_adapt(a.work_dir, sizes, train=train, seeds=a.seeds, workers=a.workers, model=a.model,
                        model_steps=a.model_steps, guidance=a.guidance,
                        picture=a.picture, log=lambda m: print(m, file=sys.stderr, flush=True),
-                       arms=a.arms.split(",") if a.arms else None, gate_thresholds=a.gate)
+                       arms=a.arms.split(",") if a.arms else None, gate_thresholds=a.gate, gate_metric=a.gate_metric,
+                       label_trusted=a.label_trusted, judge=a.judge, per_layout=a.per_layout)
     if a.json is not None:
         write_json(a.json, [{k: r[k] for k in ("arm", "seed", "night_miou", "day_miou")} for r in result["rows"]])
     if a.result is not None:

@@ -160,9 +160,13 @@ class _Check:
                 self.problems.append(f"{name}: unexpected column {n!r} ({schema.field(n).type})")
         try:
             feats = Features.from_arrow_schema(schema)
-            not_images = [c for c in (*IMAGE_COLUMNS, TRUSTED_LABEL) if c in feats and not isinstance(feats[c], Image)]
-            if not schema.metadata or b"huggingface" not in schema.metadata or not_images:
-                self.problems.append(f"{name}: no HF features metadata decoding {list(IMAGE_COLUMNS)} as Image")
+            images = [c for c in (*IMAGE_COLUMNS, TRUSTED_LABEL) if c in schema.names]
+            if not schema.metadata or b"huggingface" not in schema.metadata:
+                self.problems.append(f"{name}: no HF features metadata (needed to decode {images} as Image)")
+            else:
+                not_images = [c for c in images if not isinstance(feats.get(c), Image)]
+                if not_images:
+                    self.problems.append(f"{name}: HF features metadata does not decode {not_images} as Image")
         except (ValueError, TypeError, KeyError) as e:
             self.problems.append(f"{name}: unreadable HF features metadata ({e})")
         if self.schemas and not schema.equals(self.schemas[0], check_metadata=False):

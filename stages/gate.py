@@ -25,8 +25,6 @@ it, with this judge and with one trained on the run's own real data only).
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from amgen_core.image_io import encode_png
@@ -78,16 +76,6 @@ class GateScorer(Scorer):
             raise ValueError(f"gate.metric: unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
         self.metric, self.threshold, self.label_trusted = metric, float(threshold), bool(label_trusted)
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        out = super().__call__(batch)
-        scores = np.asarray(out["gate_score"], np.float64)
-        n = len(scores)
-        out["gate_metric"] = np.array([self.metric] * n, dtype=object)
-        out["gate_threshold"] = np.full(n, self.threshold, np.float64)
-        out["gate_reason"] = np.array(["" if batch["error"][i] else gate_reason(scores[i], self.threshold)
-                                       for i in range(n)], dtype=object)
-        return out
-
     def _columns(self, cms: dict[int, np.ndarray], n: int, preds: dict[int, np.ndarray],
                  labels: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
         out = super()._columns(cms, n, preds, labels)
@@ -97,8 +85,12 @@ class GateScorer(Scorer):
             out["gate_score"] = np.full(n, np.nan, np.float64)
             for i, cm in cms.items():
                 out["gate_score"][i] = thing_miou(cm)
+        out["gate_metric"] = np.array([self.metric] * n, dtype=object)
+        out["gate_threshold"] = np.full(n, self.threshold, np.float64)
+        # ``labels`` holds the rows that reached the judge: a quarantined one has none and passes untouched
+        reasons = ["" if i not in labels else gate_reason(out["gate_score"][i], self.threshold) for i in range(n)]
+        out["gate_reason"] = np.array(reasons, dtype=object)
         if self.label_trusted:  # PNG bytes for the rows the gate keeps; b"" for the rest (never in a shard)
-            keep = [i in preds and not gate_reason(out["gate_score"][i], self.threshold) for i in range(n)]
             out[TRUSTED_LABEL] = np.array([encode_png(trusted_label(labels[i], preds[i]), "label_trusted")
-                                           if keep[i] else b"" for i in range(n)], dtype=object)
+                                           if i in labels and not reasons[i] else b"" for i in range(n)], dtype=object)
         return out

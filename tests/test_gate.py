@@ -63,9 +63,10 @@ def test_thing_metric_scores_the_objects_and_falls_back_to_all_classes():
     assert thing_miou(road_only) == mean_iou(road_only) == 1.0
     gate = object.__new__(GateScorer)  # the columns only: no judge loaded
     gate.metric = "judge_thing_miou"
-    gate.label_trusted = False
-    cols = gate._columns({0: cm, 2: drawn}, 3, {}, {})
+    gate.label_trusted, gate.threshold = False, 0.5
+    cols = gate._columns({0: cm, 2: drawn}, 3, {}, {0: label, 2: label})  # row 1: quarantined, not judged
     assert cols["gate_score"][0] == 0.0 and cols["gate_score"][2] == 1.0 and np.isnan(cols["gate_score"][1])
+    assert list(cols["gate_reason"]) == ["below_threshold", "", ""]  # the quarantined row passes to errors/
     assert cols["score_miou"][0] == mean_iou(cm)  # the score stage's column is unchanged
     with pytest.raises(ValueError, match="judge_thing_miou"):
         GateScorer(None, 1, metric="psnr")

@@ -104,6 +104,20 @@ def test_missing_shard(out):
     assert rep.counts["shards"] == 1
 
 
+def test_label_trusted_must_decode_as_image(tmp_path):
+    out = tmp_path / "trusted"
+    write_small_dataset(out, n_shards=2, rows_per_shard=3, scores=True, trusted=True)
+    t = pq.read_table(out / S0)
+    hf = json.loads(t.schema.metadata[b"huggingface"])
+    assert hf["info"]["features"]["label_trusted"] == {"_type": "Image"}
+    hf["info"]["features"]["label_trusted"] = {"bytes": {"dtype": "binary", "_type": "Value"},
+                                               "path": {"dtype": "string", "_type": "Value"}}
+    pq.write_table(t.replace_schema_metadata({**t.schema.metadata, b"huggingface": json.dumps(hf).encode()}), out / S0)
+    _fix_manifest_sha(out, S0)
+    probs = verify_dataset(out).problems
+    assert f"{S0}: HF features metadata does not decode ['label_trusted'] as Image" in probs, probs
+
+
 def test_missing_manifest_card_and_bad_errors_and_strays(out):
     (out / MANIFEST_NAME).unlink()
     (out / "README.md").unlink()
