@@ -46,6 +46,28 @@ def test_pairs_are_deterministic_by_seed_step_rank():
     assert a["target_image"].shape == (3, 3, 32, 64) and a["target_label"].shape == (3, 32, 64)
 
 
+def test_domain_weights_draw_only_the_lights_asked_for():
+    """data.domain_weights weighs the toy-town lights; the default keeps the old stream."""
+    from pydantic import ValidationError
+
+    from toytown import sample_appearance
+    from training.loop import DataConfig
+    from training.sources import ToyTownPairs
+
+    src = ToyTownPairs(DataConfig(height=32, width=64, domain_weights={"night": 3, "fog": 1}))
+    assert src.domain_p == (0.0, 0.0, 0.75, 0.25)  # DOMAINS order: day, dusk, night, fog
+    lights = [src._look(np.random.default_rng(i)).domain for i in range(200)]
+    assert set(lights) == {"night", "fog"} and 120 < lights.count("night") < 180
+    plain = ToyTownPairs(DataConfig(height=32, width=64))
+    assert all(plain._look(np.random.default_rng(i)).domain == sample_appearance(np.random.default_rng(i)).domain
+               for i in range(20))
+    for bad, match in (({"dawn": 1}, "dawn"), ({"night": 0}, "positive sum")):
+        with pytest.raises(ValidationError, match=match):
+            DataConfig(domain_weights=bad)
+    with pytest.raises(ValidationError, match="domain unset"):
+        DataConfig(domain="night", domain_weights={"night": 1})
+
+
 def test_crop_pairs_keep_ids_exact():
     """Two crops resized back: labels stay valid ids, instances keep their ids across crops."""
     from training.loop import DataConfig

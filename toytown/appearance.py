@@ -138,10 +138,12 @@ def _light(rng: np.random.Generator, domain: str) -> dict[str, Any]:
                 lit_windows=0.0, fog_colour=fog_colour)
 
 
-def sample_appearance(rng: np.random.Generator, domain: str | None = None) -> Appearance:
-    """Draw one appearance. ``domain=None`` draws the domain too (weights DOMAIN_P)."""
+def sample_appearance(rng: np.random.Generator, domain: str | None = None,
+                      domain_p: tuple[float, ...] | None = None) -> Appearance:
+    """Draw one appearance. ``domain=None`` draws the domain too, with weights ``domain_p``
+    (one per DOMAINS entry, summing to 1; default DOMAIN_P)."""
     if domain is None:
-        domain = DOMAINS[int(rng.choice(len(DOMAINS), p=DOMAIN_P))]
+        domain = DOMAINS[int(rng.choice(len(DOMAINS), p=DOMAIN_P if domain_p is None else domain_p))]
     if domain not in DOMAINS:
         raise ValueError(f"unknown toy-town domain {domain!r}; expected one of {', '.join(DOMAINS)}")
     palette = np.zeros((256, 3), np.float32)

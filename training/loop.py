@@ -46,6 +46,10 @@ class DataConfig(BaseModel):
     height: int = 64
     width: int = 128
     domain: str | None = None                # toy-town light; None draws one per scene
+    # toy-town only, with domain None: how often each light is drawn ({"night": 0.35, ...}; the
+    # lights left out get nothing; default toytown.DOMAIN_P). Weighs training towards the lights
+    # the model renders worst.
+    domain_weights: dict[str, float] | None = None
     p_shared_appearance: float = Field(0.5, ge=0.0, le=1.0)  # toy-town only: one palette, two layouts
     crop_scale: tuple[float, float] = (0.5, 1.0)               # release-style pairs: two crops
     flip: bool = True
@@ -54,6 +58,15 @@ class DataConfig(BaseModel):
     def _check(self) -> "DataConfig":
         if self.source == "cityscapes" and not self.root:
             raise ValueError("data.source=cityscapes needs data.root (a Cityscapes-format tree)")
+        if self.domain_weights is not None:
+            from amgen_core.domains import DOMAINS
+
+            unknown = sorted(set(self.domain_weights) - set(DOMAINS))
+            if unknown or self.domain is not None:
+                raise ValueError(f"data.domain_weights: unknown light(s) {unknown}; expected some of {', '.join(DOMAINS)}"
+                                 if unknown else "data.domain_weights needs data.domain unset (null)")
+            if any(w < 0 for w in self.domain_weights.values()) or sum(self.domain_weights.values()) <= 0:
+                raise ValueError(f"data.domain_weights: {self.domain_weights} must be >= 0 with a positive sum")
         lo, hi = self.crop_scale
         if not 0.0 < lo <= hi <= 1.0:
             raise ValueError(f"data.crop_scale must satisfy 0 < lo <= hi <= 1, got {self.crop_scale}")

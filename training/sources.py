@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from amgen_core.domains import DOMAINS
 from toytown import render, sample_appearance, sample_layout
 from training.data import LayoutPairs, Pair, PairData, crop_pair
 from training.loop import DataConfig
@@ -24,12 +25,15 @@ class ToyTownPairs:
 
     def __init__(self, config: DataConfig):
         self.config = config
+        weights = config.domain_weights
+        self.domain_p = None if weights is None else tuple(
+            weights.get(d, 0.0) / sum(weights.values()) for d in DOMAINS)
 
     def scene(self, rng: np.random.Generator):
         return sample_layout(rng, height=self.config.height, width=self.config.width)
 
     def _look(self, rng: np.random.Generator):
-        return sample_appearance(rng, domain=self.config.domain)
+        return sample_appearance(rng, domain=self.config.domain, domain_p=self.domain_p)
 
     def image(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One rendered scene: image, label, instance (the VAE's data)."""
