@@ -159,11 +159,11 @@ class _Check:
             if n not in SAMPLE_SCHEMA.names and not optional:
                 self.problems.append(f"{name}: unexpected column {n!r} ({schema.field(n).type})")
         try:
-            feats = Features.from_arrow_schema(schema)
             images = [c for c in (*IMAGE_COLUMNS, TRUSTED_LABEL) if c in schema.names]
             if not schema.metadata or b"huggingface" not in schema.metadata:
                 self.problems.append(f"{name}: no HF features metadata (needed to decode {images} as Image)")
             else:
+                feats = Features.from_arrow_schema(schema)
                 not_images = [c for c in images if not isinstance(feats.get(c), Image)]
                 if not_images:
                     self.problems.append(f"{name}: HF features metadata does not decode {not_images} as Image")

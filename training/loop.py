@@ -62,9 +62,10 @@ class DataConfig(BaseModel):
             from amgen_core.domains import DOMAINS
 
             unknown = sorted(set(self.domain_weights) - set(DOMAINS))
-            if unknown or self.domain is not None:
-                raise ValueError(f"data.domain_weights: unknown light(s) {unknown}; expected some of {', '.join(DOMAINS)}"
-                                 if unknown else "data.domain_weights needs data.domain unset (null)")
+            if unknown:
+                raise ValueError(f"data.domain_weights: unknown light(s) {unknown}; expected some of {', '.join(DOMAINS)}")
+            if self.domain is not None:
+                raise ValueError("data.domain_weights needs data.domain unset (null)")
             if any(w < 0 for w in self.domain_weights.values()) or sum(self.domain_weights.values()) <= 0:
                 raise ValueError(f"data.domain_weights: {self.domain_weights} must be >= 0 with a positive sum")
         lo, hi = self.crop_scale
