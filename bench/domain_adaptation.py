@@ -10,7 +10,7 @@ line is one JSON object: per-arm mean night/day mIoU, ``gain_vs_b`` ((c) - (b), 
 Usage: python bench/domain_adaptation.py [--work-dir runs/adapt] [--day-n 500] [--bank-n 10]
        [--test-n 300] [--night-real-n 500] [--steps S | --max-steps 3000 --plateau-window 100]
        [--seeds 3] [--workers 2] [--arms b_day_bank,c_amgen,...] [--gate 0.35 [--label-trusted] [--judge DIR]]
-       [--per-layout 5] [--model toy] [--guidance 1.0] [--tiny]
+       [--per-layout 5] [--mix uniform|balanced] [--model toy] [--guidance 1.0] [--tiny]
        [--json rows.json] [--result result.json] [--picture docs/adaptation.png]
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from evaluation.adaptation import table  # noqa: E402
+from evaluation.adaptation import figure_lines, table  # noqa: E402
 from evaluation.quality import QualitySettings  # noqa: E402
 from pipeline.cli_eval import AdaptSizes, downstream_train_config, run_adapt, write_json  # noqa: E402
 
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also a gated arm trained on label_trusted (pixels the judge disagrees with set to unlabeled)")
     ap.add_argument("--judge", type=Path, default=None, help="the gate's judge: a segmenter folder (default: the bundled)")
     ap.add_argument("--per-layout", type=int, default=1, help="renderings per day layout, each with its own exemplar")
+    ap.add_argument("--mix", default="uniform", help="uniform, or balanced: the day scenes weigh as much as an "
+                    "arm's other parts together, as in (b)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--workers", type=int, default=2)
@@ -76,19 +78,21 @@ def main(argv: list[str] | None = None) -> dict:
                        model_steps=a.model_steps, guidance=a.guidance,
                        picture=a.picture, log=lambda m: print(m, file=sys.stderr, flush=True),
                        arms=a.arms.split(",") if a.arms else None, gate_thresholds=a.gate, gate_metric=a.gate_metric,
-                       label_trusted=a.label_trusted, judge=a.judge, per_layout=a.per_layout)
+                       label_trusted=a.label_trusted, judge=a.judge, per_layout=a.per_layout, mix=a.mix)
     if a.json is not None:
         write_json(a.json, [{k: r[k] for k in ("arm", "seed", "night_miou", "day_miou")} for r in result["rows"]])
     if a.result is not None:
         write_json(a.result, result)
     s = result["summary"]
     print(table(s))
+    for figures in figure_lines(s):
+        print(figures)
     line = {"arms": {arm: {"night_miou": v["night"]["mean"], "night_std": v["night"]["std"], "day_miou": v["day"]["mean"],
                            "day_std": v["day"]["std"]} for arm, v in s["arms"].items()},
             **{k: s[k] for k in ("gain_vs_b", "gain_vs_best_baseline", "best_baseline", "day_drop", "day_drop_vs_b",
-                                 "gap_to_e", "verdicts", "gated") if k in s},
+                                 "gap_to_e", "verdicts", "paired", "gated") if k in s},
             "arm_steps": {arm: v["steps"] for arm, v in s["arms"].items()}, "gate": result.get("gate"),
-            "sizes": result["sizes"], "steps": a.steps or f"until plateau, at most {a.max_steps}", "seeds": a.seeds,
+            "sizes": result["sizes"], "mix": a.mix, "steps": a.steps or f"until plateau, at most {a.max_steps}", "seeds": a.seeds,
             "amgen_run_s": result["amgen_run"]["run_seconds"], "wall_s": result["wall_seconds"]}
     print(json.dumps(line))
     return line

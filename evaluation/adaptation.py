@@ -14,7 +14,10 @@ of the judge's architecture, the same steps and settings for every arm, are trai
 - ``<amgen arm>+<d arm>`` (asked for by name, e.g. ``c_amgen_gate0.35+d_pda``): an amgen arm with
   a baseline's restyled day images on top, the classical trick and amgen stacked as a user would,
 
-and scored (mIoU) on held-out night and day scenes. The caller passes every set in
+and scored (mIoU) on held-out night and day scenes. ``mix``: ``uniform`` (every sample of an arm
+drawn alike, so each added set lowers the day scenes' share) or ``balanced`` ((b)'s rule for every
+arm: the day scenes weigh as much as all the other parts together, repeated as needed), which
+tells what added samples do from what a smaller day share does. The caller passes every set in
 (:class:`AdaptationData`); this module only composes the arms, trains and scores.
 """
 from __future__ import annotations
@@ -42,6 +45,7 @@ ADAPT_TREE_SEEDS = {
     "night_real": 11_000_005,  # real labelled night scenes of the upper bound (e)
 }
 
+MIXES = ("uniform", "balanced")
 ARMS = ("a_day", "b_day_bank", "c_amgen", "d_fda", "d_histogram", "d_pda", "e_night_real")
 BASELINES = {"d_fda": "FDA", "d_histogram": "HistogramMatching", "d_pda": "PixelDistributionAdaptation"}
 # The classes of the layout's objects (issue 21): reported one by one beside the bars; the rest as one mean.
@@ -74,13 +78,16 @@ class SampleList:
 
 
 class Repeated:
-    """A small sample source repeated ``times`` times (the bank, oversampled to the day set's weight)."""
+    """A sample source repeated ``times`` times, or cycled to ``size`` draws (then the first
+    ``size % base.size`` samples come once more): the bank oversampled to the day set's weight,
+    the day set to the weight of an arm's other parts."""
 
-    def __init__(self, base: SampleList, times: int):
-        if times < 1 or not base.size:
+    def __init__(self, base: SampleList, times: int = 1, size: int | None = None):
+        size = base.size * times if size is None else size
+        if not base.size or size < base.size:
             raise ValueError(f"Repeated: {base.name} must be non-empty and repeated at least once")
-        self.base, self.times = base, times
-        self.size = base.size * times
+        self.base, self.size = base, size
+        self.times = size // base.size if size % base.size == 0 else round(size / base.size, 2)
         self.name, self.domain = base.name, base.domain
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,9 +151,19 @@ def baseline_sets(data: AdaptationData, seed: int = 0) -> dict[str, SampleList]:
     return out
 
 
-def arm_parts(data: AdaptationData, baselines: dict[str, SampleList], only: Sequence[str] | None = None) -> dict[str, list]:
+def balance(parts: list) -> list:
+    """(b)'s rule for any arm: the day scenes (the first part) weigh at least as much as the
+    other parts together, repeated to their size where they weigh less."""
+    rest = sum(p.size for p in parts[1:])
+    return [Repeated(parts[0], size=rest), *parts[1:]] if rest > parts[0].size else parts
+
+
+def arm_parts(data: AdaptationData, baselines: dict[str, SampleList], only: Sequence[str] | None = None,
+              mix: str = "uniform") -> dict[str, list]:
     """Each arm's training parts, in order (sample sources with ``name``, ``domain``, ``size``);
-    ``only``: these arms (report order kept), else all."""
+    ``only``: these arms (report order kept), else all; ``mix``: one of MIXES (module doc)."""
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; the mixes are {', '.join(MIXES)}")
     times = max(1, round(data.day.size / max(1, data.bank.size)))
     bank = Repeated(data.bank, times)
     b = [data.day, bank]
@@ -169,7 +186,8 @@ def arm_parts(data: AdaptationData, baselines: dict[str, SampleList], only: Sequ
     unknown = sorted(set(only or ()) - set(order))
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; the arms are {', '.join(order)}")
-    return {arm: parts[arm] for arm in order if only is None or arm in only}
+    chosen = {arm: parts[arm] for arm in order if only is None or arm in only}
+    return {arm: balance(p) for arm, p in chosen.items()} if mix == "balanced" else chosen
 
 
 def describe(parts: list) -> list[dict[str, Any]]:
@@ -196,6 +214,8 @@ def _train_one(job: tuple[str, int]) -> dict[str, Any]:
     # An amgen arm's folder names its amgen run's setting: a work dir with runs of several
     # settings never resumes one setting's segmenter on another's data.
     tag = _SHARED.get("amgen_tag", "") if arm.startswith("c_") else ""
+    # A balanced arm whose day scenes were repeated is another training set: a folder of its own.
+    tag += "_balanced" if isinstance(parts[0], Repeated) else ""
     model = train_segmenter(ConcatSource(*parts), Path(run_dir) / f"{arm}{tag}-seed{seed}", cfg, log=lambda _: None)
     night = evaluate_segmenter(model, _SHARED["night_test"], test_n["night"])
     day = evaluate_segmenter(model, _SHARED["day_test"], test_n["day"])
@@ -241,6 +261,30 @@ def _figures(night: dict[str, float], day: dict[str, float], arm: str) -> dict[s
     return out
 
 
+def paired(rows: list[dict[str, Any]], arm: str, other: str, key: str) -> dict[str, Any] | None:
+    """``arm`` minus ``other`` on ``key`` (night_miou, day_miou), seed by seed where both ran:
+    mean, standard error of the mean (n > 1), min, max and the seeds. Arms share a seed's
+    initialisation and batch order, so the paired differences are what tells arms apart."""
+    mine = {r["seed"]: r[key] for r in rows if r["arm"] == arm}
+    theirs = {r["seed"]: r[key] for r in rows if r["arm"] == other}
+    seeds = sorted(mine.keys() & theirs.keys())
+    if not seeds:
+        return None
+    d = np.array([mine[s] - theirs[s] for s in seeds], float)
+    se = round(float(d.std(ddof=1) / np.sqrt(len(d))), 2) if len(d) > 1 else None
+    return {"mean": round(float(d.mean()), 2), "se": se, "min": round(float(d.min()), 2),
+            "max": round(float(d.max()), 2), "seeds": seeds}
+
+
+def _paired_figures(rows: list[dict[str, Any]], arm: str, f: dict[str, Any]) -> dict[str, Any]:
+    """The bars' comparisons seed by seed: night and day against (b), night against the best baseline."""
+    pairs = {"night_vs_b": ("b_day_bank", "night_miou"), "day_vs_b": ("b_day_bank", "day_miou")}
+    if "best_baseline" in f:
+        pairs["night_vs_best_baseline"] = (f["best_baseline"], "night_miou")
+    out = {name: paired(rows, arm, other, key) for name, (other, key) in pairs.items()}
+    return {name: v for name, v in out.items() if v is not None}
+
+
 def _verdicts(f: dict[str, Any]) -> dict[str, bool]:
     """Issue 21's bars: (c) >= (b) + 10 and >= the best baseline + 3 night mIoU, at most 2 day mIoU below (b)."""
     bars = {"c_ge_b_plus_10": ("gain_vs_b", lambda v: v >= 10), "c_ge_best_d_plus_3": ("gain_vs_best_baseline", lambda v: v >= 3),
@@ -265,30 +309,34 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     night = {a: v["night"]["mean"] for a, v in arms.items()}
     day = {a: v["day"]["mean"] for a, v in arms.items()}
     out: dict[str, Any] = {"arms": arms}
+    def judged(arm: str) -> dict[str, Any]:
+        f = _figures(night, day, arm)
+        return {**f, "verdicts": _verdicts(f), "paired": _paired_figures(rows, arm, f)}
+
     if "c_amgen" in arms:
-        figures = _figures(night, day, "c_amgen")
-        out.update(figures, verdicts=_verdicts(figures))
+        out.update(judged("c_amgen"))
     for key, mine in (("gated", [a for a in arms if a.startswith("c_amgen_gate") and "+" not in a]),
                       ("stacked", [a for a in arms if "+" in a])):
         if mine:
-            out[key] = {a: {**_figures(night, day, a), "verdicts": _verdicts(_figures(night, day, a))} for a in mine}
+            out[key] = {a: judged(a) for a in mine}
     return out
 
 
 def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Sequence[int], run_dir: str | Path,
                    test_n: dict[str, int] | None = None, workers: int = 1, baseline_seed: int = 0,
                    log: Callable[[str], None] = print, arms: Sequence[str] | None = None,
-                   amgen_tag: str = "") -> dict[str, Any]:
+                   amgen_tag: str = "", mix: str = "uniform") -> dict[str, Any]:
     """Train every arm (or those of ``arms``) with every seed (``workers`` processes) and score
     it. Returns the rows ({arm, seed, night_miou, day_miou, ...}), each arm's training parts and
-    the summary. ``amgen_tag``: added to the amgen arms' folder names (their run's setting)."""
+    the summary. ``amgen_tag``: added to the amgen arms' folder names (their run's setting);
+    ``mix``: how an arm's parts are weighed (MIXES)."""
     check_exemplars(data.amgen_exemplar_ids, data.bank_ids)
     test_n = test_n or {"night": data.night_test.size, "day": data.day_test.size}
     t0 = time.time()
     baselines = baseline_sets(data, baseline_seed)
     log(f"baselines: {data.day.size} day images restyled by {', '.join(BASELINES.values())} "
         f"({time.time() - t0:.1f} s)")
-    parts = arm_parts(data, baselines, arms)
+    parts = arm_parts(data, baselines, arms, mix)
     _SHARED.update(parts=parts, cfg=cfg, run_dir=str(run_dir), amgen_tag=amgen_tag, test_n=test_n,
                    night_test=data.night_test, day_test=data.day_test)
     jobs = [(arm, seed) for arm in parts for seed in seeds]
@@ -315,7 +363,7 @@ def run_adaptation(data: AdaptationData, cfg: SegmenterTrainConfig, seeds: Seque
         _SHARED.clear()
     order = list(parts)
     rows.sort(key=lambda r: (order.index(r["arm"]), r["seed"]))
-    return {"rows": rows, "arms": {arm: describe(p) for arm, p in parts.items()}, "summary": summarize(rows),
+    return {"rows": rows, "arms": {arm: describe(p) for arm, p in parts.items()}, "mix": mix, "summary": summarize(rows),
             "train_config": asdict(cfg), "test_n": test_n, "train_seconds": round(time.time() - t0, 1)}
 
 
@@ -331,6 +379,29 @@ def table(summary: dict[str, Any]) -> str:
         steps = ", ".join(str(n) for n in v.get("steps", []) if n is not None) or "-"
         lines.append(f"| {arm} | {cell(v['night'])} | {cell(v['day'])} | " + " | ".join(per) + f" | {steps} |")
     return "\n".join(lines)
+
+
+FIGURE_NAMES = {"gain_vs_b": "gain vs (b)", "gain_vs_best_baseline": "vs best baseline", "day_drop_vs_b": "day drop vs (b)",
+                "gain_vs_own_baseline": "vs its own baseline", "day_drop_vs_own_baseline": "day drop vs it",
+                "day_drop": "day drop vs (a)", "gap_to_e": "gap to (e)"}
+# The figures whose seed-by-seed standard error is in ``paired``.
+_PAIRED_KEY = {"gain_vs_b": "night_vs_b", "day_drop_vs_b": "day_vs_b", "gain_vs_best_baseline": "night_vs_best_baseline"}
+
+
+def figure_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per amgen arm: its figures against the other arms, with the paired standard error."""
+    lines = []
+    for arm, f in [("c_amgen", summary), *summary.get("gated", {}).items(), *summary.get("stacked", {}).items()]:
+        parts = []
+        for key, label in FIGURE_NAMES.items():
+            if key not in f:
+                continue
+            text = f"{label} {f[key]:+.2f}" + (f" ({f['best_baseline']})" if key == "gain_vs_best_baseline" else "")
+            p = f.get("paired", {}).get(_PAIRED_KEY.get(key, ""))
+            parts.append(text + (f" (paired SE {p['se']:.2f}, {len(p['seeds'])} seeds)" if p and p["se"] is not None else ""))
+        if parts:
+            lines.append(f"{arm}: " + " | ".join(parts))
+    return lines
 
 
 def comparison_picture(data: AdaptationData, day_ids: Sequence[str], amgen_target_ids: Sequence[str], rows: int = 4,

@@ -417,6 +417,8 @@ def adapt_cmd(
                                             "the pixels the judge reads as another class left out; named ..._trusted"),
     judge: Optional[Path] = typer.Option(None, "--judge", help="the gate's judge: a segmenter folder "
                                          "(score.segmenter; default the bundled one), e.g. from eval segmenter --save-real-judge"),
+    mix: str = typer.Option("uniform", "--mix", help="uniform: every sample of an arm drawn alike; balanced: the "
+                            "day scenes weigh as much as the arm's other parts together, as in (b)"),
     workers: int = typer.Option(2, "--workers", min=1, help="segmenters trained at once (one core each)"),
     model: str = typer.Option("toy", "--model", help="amgen model of the run (toy = the bundled one)"),
     model_steps: int = typer.Option(DEMO_STEPS, "--model-steps", min=1,
@@ -437,7 +439,7 @@ def adapt_cmd(
                            workers=workers, model=model, model_steps=model_steps, guidance=guidance, picture=picture,
                            log=typer.echo, per_layout=per_layout,
                            arms=arms.split(",") if arms else None, gate_thresholds=list(gate), gate_metric=gate_metric,
-                           label_trusted=label_trusted, judge=judge)
+                           label_trusted=label_trusted, judge=judge, mix=mix)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
@@ -445,18 +447,12 @@ def adapt_cmd(
         write_json(json_file, [{k: r[k] for k in ("arm", "seed", "night_miou", "day_miou")} for r in result["rows"]])
     if result_file is not None:
         write_json(result_file, result)
-    from evaluation.adaptation import table
+    from evaluation.adaptation import figure_lines, table
 
     s = result["summary"]
     typer.echo(table(s))
-    for arm, f in [("c_amgen", s), *s.get("gated", {}).items(), *s.get("stacked", {}).items()]:
-        names = {"gain_vs_b": "gain vs (b)", "gain_vs_best_baseline": "vs best baseline", "day_drop_vs_b": "day drop vs (b)",
-                 "gain_vs_own_baseline": "vs its own baseline", "day_drop_vs_own_baseline": "day drop vs it",
-                 "day_drop": "day drop vs (a)", "gap_to_e": "gap to (e)"}
-        parts = [f"{label} {f[k]:+.2f}" + (f" ({f['best_baseline']})" if k == "gain_vs_best_baseline" else "")
-                 for k, label in names.items() if k in f]
-        if parts:
-            typer.echo(f"{arm}: " + " | ".join(parts))
+    for line in figure_lines(s):
+        typer.echo(line)
     typer.echo(f"wall {result['wall_seconds']:.0f} s")
 
 
@@ -470,13 +466,17 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
               per_layout: int = 1,
               picture: Path | None = None, log: Callable[[str], None] = print, train=None, arms: list[str] | None = None,
               gate_thresholds: list[float] | None = None, gate_metric: str = "judge_miou",
-              label_trusted: bool = False, judge: Path | None = None) -> dict:
+              label_trusted: bool = False, judge: Path | None = None, mix: str = "uniform") -> dict:
     """The whole experiment: data, the amgen run (and its gated sets), every arm (or ``arms``);
     the result of ``evaluation.adaptation.run_adaptation`` plus how the data were made and the
     wall time. ``train``: the segmenter recipe (default: ``steps`` fixed steps, or None: until
-    the loss plateaus), the same for every arm."""
+    the loss plateaus), the same for every arm; ``mix``: how each arm's parts are weighed
+    (``evaluation.adaptation.MIXES``)."""
+    from evaluation.adaptation import MIXES
     from evaluation.adaptation import run_adaptation
 
+    if mix not in MIXES:  # before the amgen run, not after it
+        raise ValueError(f"unknown mix {mix!r}; the mixes are {', '.join(MIXES)}")
     t0 = time.time()
     work_dir = Path(work_dir)
     data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, guidance=guidance,
@@ -490,7 +490,7 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
     # Another judge gates other samples: its arms get folders of their own.
     judge_tag = f"_j{folder_hash(Path(judge))}" if judge else ""
     result = run_adaptation(data, cfg, list(range(seeds)), seg_dir, workers=workers, log=log, arms=arms,
-                            amgen_tag=run_name.removeprefix("amgen_night") + judge_tag)
+                            amgen_tag=run_name.removeprefix("amgen_night") + judge_tag, mix=mix)
     if picture is not None:
         from amgen_core.image_io import write_bytes_atomic, encode_png
         from evaluation.adaptation import comparison_picture

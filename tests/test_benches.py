@@ -149,6 +149,8 @@ def check_domain_adaptation(r, _):
     # --gate 0 keeps every rendering; --label-trusted adds the arm trained on the masked labels
     assert {"c_amgen_gate0", "c_amgen_gate0_trusted"} <= r["arms"].keys()
     assert r["gate"]["0"]["kept"] > 0 and r["gate"]["0"]["judge"] == "bundled"
+    # --mix balanced; one seed gives paired differences without a standard error
+    assert r["mix"] == "balanced" and r["paired"]["night_vs_b"]["seeds"] == [0] and r["paired"]["night_vs_b"]["se"] is None
 
 
 def check_retrieval(r, _):
@@ -186,7 +188,7 @@ CASES = [
                                "--per-target-cap", "1", "--reps", "1", "--sd15-width", "32,32,64,64",
                                "--sd15-size", "64x64"], check_exemplar_reuse),
     case("sd15_memory.py", ["--tiny", "--dtypes", "fp32", "--steps", "2", "--cuda", "off"], check_sd15_memory),
-    case("domain_adaptation.py", ["--tiny", "--gate", "0", "--label-trusted"], check_domain_adaptation),
+    case("domain_adaptation.py", ["--tiny", "--gate", "0", "--label-trusted", "--mix", "balanced"], check_domain_adaptation),
     case("dag_parts.py", ["--n", "8", "--reps", "1"], check_dag_parts),
     case("am_step_cpu.py", ["--batches", "1", "--repeats", "1", "--steps", "1"], check_am_step_cpu),
     case("retrieval.py", ["--n", "5000", "--queries", "50", "--quality-pool", "200", "--retriever-queries", "20",

@@ -90,6 +90,7 @@ def test_rows_json_and_summary(adapt_run):
     assert s["gated"]["c_amgen_gate0.05"]["gain_vs_b"] == pytest.approx(night["c_amgen_gate0.05"] - night["b_day_bank"],
                                                                          abs=0.011)
     assert "| c_amgen |" in adapt_run["output"] and "c_amgen: gain vs (b)" in adapt_run["output"]
+    assert "(paired SE " in adapt_run["output"] and "2 seeds)" in adapt_run["output"]
     assert "| arm | night mIoU | day mIoU | night car | night truck | night bus | night person | night rider | night rest |" \
         in adapt_run["output"]
     assert all(r["training"] == {"steps": 2, "stopped": "steps", "plateau_lr_drops_at": [], "final_ema_loss": None}
@@ -219,3 +220,51 @@ def test_a_baseline_stacks_on_an_amgen_arm():
     f = s["stacked"]["c_amgen_gate0.3+d_pda"]
     assert (f["gain_vs_own_baseline"], f["day_drop_vs_own_baseline"], f["gain_vs_best_baseline"]) == (4, 1, 4)
     assert "gated" not in s
+
+
+def test_the_balanced_mix_gives_the_day_scenes_half_of_every_arm():
+    from evaluation.adaptation import AdaptationData, Repeated, SampleList, arm_parts, describe
+
+    def pairs(n, value):  # each sample tells its set by its label value
+        return [(np.zeros((2, 2, 3), np.uint8), np.full((2, 2), value, np.uint8))] * n
+
+    sets = {n: SampleList(pairs(k, v), name=n, domain=n) for n, k, v in
+            (("day", 6, 1), ("bank", 2, 2), ("amgen", 5, 3), ("night_real", 6, 4), ("test", 1, 0))}
+    data = AdaptationData(day=sets["day"], bank=sets["bank"], amgen=sets["amgen"], night_real=sets["night_real"],
+                          night_test=sets["test"], day_test=sets["test"])
+    restyled = SampleList(pairs(6, 5), name="pda", domain="restyled")
+    baselines = {"d_fda": restyled, "d_histogram": restyled, "d_pda": restyled}
+    uniform = arm_parts(data, baselines)
+    balanced = arm_parts(data, baselines, mix="balanced")
+    # (a), (b) and (e) already give the day scenes half or all: the same parts under both mixes.
+    for arm in ("a_day", "b_day_bank", "e_night_real"):
+        assert describe(balanced[arm]) == describe(uniform[arm])
+        assert not isinstance(balanced[arm][0], Repeated)
+    # (c): 6 day against 6 bank draws + 5 renderings -> the day scenes cycled to 11 draws.
+    c = balanced["c_amgen"]
+    assert [p["samples"] for p in describe(c)] == [11, 6, 5]
+    assert describe(c)[0]["repeats"] == 1.83 and describe(balanced["d_pda"])[0]["repeats"] == 2
+    day_draws = [c[0][i][1][0, 0] for i in range(c[0].size)]
+    assert day_draws == [1] * 11 and [c[0].base[i] is c[0][i] for i in range(6)] == [True] * 6
+    assert [p["samples"] for p in describe(uniform["c_amgen"])] == [6, 6, 5]
+    with pytest.raises(ValueError, match="unknown mix 'even'"):
+        arm_parts(data, baselines, mix="even")
+
+
+def test_paired_differences_per_seed_with_their_standard_error():
+    from evaluation.adaptation import paired, summarize
+
+    def row(arm, seed, night, day):
+        return {"arm": arm, "seed": seed, "night_miou": night, "day_miou": day, "night_iou_per_class": {},
+                "training": {}}
+
+    rows = [row("b_day_bank", 0, 50, 70), row("b_day_bank", 1, 52, 72), row("b_day_bank", 2, 40, 60),
+            row("d_pda", 0, 51, 66), row("d_pda", 1, 54, 68),
+            row("c_amgen", 0, 55, 69), row("c_amgen", 1, 59, 69)]  # (c) has no seed 2
+    p = paired(rows, "c_amgen", "b_day_bank", "night_miou")
+    assert p == {"mean": 6.0, "se": 1.0, "min": 5.0, "max": 7.0, "seeds": [0, 1]}
+    assert paired(rows, "c_amgen", "e_night_real", "night_miou") is None
+    s = summarize(rows)
+    assert s["paired"]["day_vs_b"] == {"mean": -2.0, "se": 1.0, "min": -3.0, "max": -1.0, "seeds": [0, 1]}
+    assert s["paired"]["night_vs_best_baseline"]["mean"] == 4.5 and s["best_baseline"] == "d_pda"
+    assert paired(rows[:1] + rows[5:6], "c_amgen", "b_day_bank", "night_miou")["se"] is None  # one seed: no error
