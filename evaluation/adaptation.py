@@ -151,6 +151,11 @@ def baseline_sets(data: AdaptationData, seed: int = 0) -> dict[str, SampleList]:
     return out
 
 
+def check_mix(mix: str) -> None:
+    if mix not in MIXES:
+        raise ValueError(f"unknown mix {mix!r}; the mixes are {', '.join(MIXES)}")
+
+
 def balance(parts: list) -> list:
     """(b)'s rule for any arm: the day scenes (the first part) weigh at least as much as the
     other parts together, repeated to their size where they weigh less."""
@@ -162,8 +167,7 @@ def arm_parts(data: AdaptationData, baselines: dict[str, SampleList], only: Sequ
               mix: str = "uniform") -> dict[str, list]:
     """Each arm's training parts, in order (sample sources with ``name``, ``domain``, ``size``);
     ``only``: these arms (report order kept), else all; ``mix``: one of MIXES (module doc)."""
-    if mix not in MIXES:
-        raise ValueError(f"unknown mix {mix!r}; the mixes are {', '.join(MIXES)}")
+    check_mix(mix)
     times = max(1, round(data.day.size / max(1, data.bank.size)))
     bank = Repeated(data.bank, times)
     b = [data.day, bank]
@@ -309,6 +313,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     night = {a: v["night"]["mean"] for a, v in arms.items()}
     day = {a: v["day"]["mean"] for a, v in arms.items()}
     out: dict[str, Any] = {"arms": arms}
+
     def judged(arm: str) -> dict[str, Any]:
         f = _figures(night, day, arm)
         return {**f, "verdicts": _verdicts(f), "paired": _paired_figures(rows, arm, f)}

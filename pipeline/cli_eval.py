@@ -472,11 +472,9 @@ def run_adapt(work_dir: Path, sizes: AdaptSizes, *, steps: int | None = 300, bat
     wall time. ``train``: the segmenter recipe (default: ``steps`` fixed steps, or None: until
     the loss plateaus), the same for every arm; ``mix``: how each arm's parts are weighed
     (``evaluation.adaptation.MIXES``)."""
-    from evaluation.adaptation import MIXES
-    from evaluation.adaptation import run_adaptation
+    from evaluation.adaptation import check_mix, run_adaptation
 
-    if mix not in MIXES:  # before the amgen run, not after it
-        raise ValueError(f"unknown mix {mix!r}; the mixes are {', '.join(MIXES)}")
+    check_mix(mix)  # before the amgen run, not after it
     t0 = time.time()
     work_dir = Path(work_dir)
     data, made = prepare_adaptation(work_dir, sizes, model=model, model_steps=model_steps, guidance=guidance,

@@ -268,3 +268,12 @@ def test_paired_differences_per_seed_with_their_standard_error():
     assert s["paired"]["day_vs_b"] == {"mean": -2.0, "se": 1.0, "min": -3.0, "max": -1.0, "seeds": [0, 1]}
     assert s["paired"]["night_vs_best_baseline"]["mean"] == 4.5 and s["best_baseline"] == "d_pda"
     assert paired(rows[:1] + rows[5:6], "c_amgen", "b_day_bank", "night_miou")["se"] is None  # one seed: no error
+
+
+def test_an_unknown_mix_is_refused_before_any_work(tmp_path):
+    from pipeline.cli import app
+
+    work = tmp_path / "work"
+    res = CliRunner().invoke(app, ["eval", "adapt", "--work-dir", str(work), "--mix", "even"])
+    assert res.exit_code == 2 and "unknown mix 'even'; the mixes are uniform, balanced" in res.output
+    assert not work.exists()  # no trees, no amgen run
